@@ -1,0 +1,13 @@
+"""kiln: an open inference optimizer. Parse a network, optimize it, build an engine, run it."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .builder import BuilderConfig, build
+from .engine.bindings import Binding
+from .engine.runtime import Engine, load
+from .errors import BindingError, BuildError, EngineFileError, KilnError, ParseError, PrecisionError, ResourceError
+from .plugins import plugin
+
+__all__ = ["Binding", "BindingError", "BuildError", "BuilderConfig", "Engine", "EngineFileError", "KilnError",
+           "ParseError", "PrecisionError", "ResourceError", "build", "load", "plugin", "__version__"]

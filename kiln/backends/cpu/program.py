@@ -1,0 +1,79 @@
+"""The CPU program: a graph lowered to a flat list of steps that run torch kernels over named tensors,
+releasing every intermediate after its last use."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import BindingError
+from ...ir import Graph, subgraphs
+from .kernels import bind_kernel, wants_env
+
+
+@dataclass
+class Step:
+    name: str
+    op: str
+    run: Callable
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    release: tuple[str, ...] = ()
+    wants_env: bool = False
+
+
+class CpuProgram:
+    def __init__(self, graph: Graph, kernel_for: Callable | None = None):
+        from ...tensors import numpy_to_torch
+
+        self.graph = graph
+        self.constants = {name: numpy_to_torch(array) for name, array in graph.initializers.items()}
+        kernel_for = kernel_for or (lambda node: bind_kernel(node, graph.opsets.get(node.domain, graph.opset)))
+        self.steps = [Step(node.name, node.op_key, kernel_for(node), node.inputs, node.outputs,
+                           wants_env=wants_env(node, graph.opsets.get(node.domain, graph.opset)))
+                      for node in graph.nodes]
+        self._plan_releases()
+
+    def _plan_releases(self) -> None:
+        keep = set(self.graph.output_names()) | set(self.constants)
+        last_use: dict[str, int] = {}
+        for index, (step, node) in enumerate(zip(self.steps, self.graph.nodes)):
+            for name in step.inputs:
+                if name:
+                    last_use[name] = index
+            for sub in subgraphs(node):
+                for name in sub.outer_references():
+                    last_use[name] = index
+        for index, step in enumerate(self.steps):
+            for name in step.outputs:
+                if name and name not in last_use:
+                    last_use[name] = index
+        by_step: dict[int, list[str]] = {}
+        for name, index in last_use.items():
+            if name not in keep:
+                by_step.setdefault(index, []).append(name)
+        for index, step in enumerate(self.steps):
+            step.release = tuple(by_step.get(index, ()))
+
+    def execute(self, feed: dict, on_step: Callable | None = None) -> dict:
+        """Run every step; `feed` maps input names to torch tensors. Returns the graph outputs."""
+        env = dict(self.constants)
+        env.update(feed)
+        for step in self.steps:
+            args = [env[name] if name else None for name in step.inputs]
+            try:
+                result = step.run(*args, _env=env) if step.wants_env else step.run(*args)
+            except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
+                shapes = ", ".join(f"{n}: {tuple(a.shape)}" if hasattr(a, "shape") else f"{n}: -" for n, a in zip(step.inputs, args))
+                raise BindingError(f"layer {step.name!r} ({step.op}) failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                                   code="KILN-E407", where=f"{step.name} with inputs {shapes}",
+                                   hint="the inputs' values or shapes are inconsistent with the model; "
+                                        "run `kiln compare` to check the model itself") from None
+            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            for name, value in zip(step.outputs, outputs):
+                if name:
+                    env[name] = value
+            if on_step is not None:
+                on_step(step)
+            for name in step.release:
+                env.pop(name, None)
+        return {name: env[name] for name in self.graph.output_names()}

@@ -1,0 +1,110 @@
+"""Building an engine: parse, optimize, choose precisions and tactics, and lower to a plan."""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import log
+from .errors import BuildError, PrecisionError
+from .progress import Progress
+
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class BuilderConfig:
+    """How to build: target device and precisions (trtexec's flags by the same names)."""
+
+    device: str = "cpu"
+    fp16: bool = False
+    bf16: bool = False
+    tf32: bool = False
+    int8: bool = False
+    fp8: bool = False
+    best: bool = False
+    optimize: bool = True  # run the optimization passes beyond folding and dead-code removal
+    profiles: list = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # options later features read (calibration, timing cache)
+
+    def validate(self) -> None:
+        if self.device not in DEVICES:
+            raise BuildError(f"unknown device {self.device!r}", code="KILN-E203", hint=f"choose one of: {', '.join(DEVICES)}")
+        if self.device == "cpu":
+            cpu_only = {"fp16": self.fp16, "tf32": self.tf32, "fp8": self.fp8}
+            asked = [name for name, on in cpu_only.items() if on]
+            if asked:
+                raise PrecisionError(f"{', '.join(asked)} is a GPU precision; kiln's CPU engines run fp32, bf16 and int8",
+                                     code="KILN-E301", hint="build with --device cuda for it, or use --bf16 on a CPU with AVX512-BF16/AMX")
+        if self.device == "cuda":
+            from .engine.target import cuda_available
+
+            if not cuda_available():
+                raise BuildError("--device cuda was asked for, but no CUDA GPU is visible to torch", code="KILN-E203",
+                                 hint="build on a machine with an NVIDIA GPU, or build for the CPU (the default)")
+
+    def precisions(self) -> list[str]:
+        chosen = ["fp32"]
+        for name in ("tf32", "fp16", "bf16", "int8", "fp8"):
+            if getattr(self, name):
+                chosen.append(name)
+        return chosen
+
+
+def build_info(device: str) -> dict[str, Any]:
+    import onnx
+    import torch
+
+    from . import __version__
+
+    return {"kiln": __version__, "torch": torch.__version__, "onnx": onnx.__version__, "python": platform.python_version(),
+            "host": platform.node(), "device": device, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def build(model, config: BuilderConfig | None = None, **options):
+    """Build an Engine from an ONNX path or ModelProto (or a torch module, see kiln.frontend.torch)."""
+    from .engine.plan import Plan
+    from .engine.runtime import Engine
+    from .frontend import parse_any
+    from .passes.context import PassContext
+    from .passes.pipeline import optimize
+    from .plugins import plugins_used
+
+    config = config or BuilderConfig()
+    config.validate()
+    started = time.perf_counter()
+    with Progress("kiln build", total=3) as bar:
+        graph = parse_any(model, config, **options)
+        bar.advance("parsed")
+        ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
+        optimize(graph, ctx, config=config)
+        bar.advance("optimized")
+        plan = Plan(graph=graph, target=_target(config), build_info=build_info(config.device),
+                    config=_config_record(config), plugins=plugins_used(graph))
+        plan.layers = {node.name: {"op": node.op_key, "precision": "fp32", "tactic": "torch", "origin": list(node.origin)}
+                       for node in graph.nodes}
+        plan.build_info["counters"] = dict(ctx.counters)
+        engine = Engine(plan)
+        engine.program  # lower now, so a build that cannot run fails here and not at the first run  # noqa: B018
+        bar.advance("lowered")
+    plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
+    log.verbose("built %s engine with %d layers in %.2f s", config.device, len(graph.nodes), plan.build_info["build_seconds"])
+    return engine
+
+
+def _target(config: BuilderConfig) -> dict[str, Any]:
+    from .engine.target import cpu_target
+
+    if config.device == "cpu":
+        return cpu_target(["avx512_bf16"] if config.bf16 else [])
+    import torch
+
+    return {"device": "cuda", "name": torch.cuda.get_device_name(), "capability": "%d.%d" % torch.cuda.get_device_capability()}
+
+
+def _config_record(config: BuilderConfig) -> dict[str, Any]:
+    record = asdict(config)
+    record["extra"] = {k: v for k, v in config.extra.items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return record

@@ -1,0 +1,46 @@
+"""Argument groups shared by subcommands, so `build`, `bench` and `compare` spell each option the same way."""
+from __future__ import annotations
+
+import argparse
+
+
+def logging_group() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("logging")
+    group.add_argument("--verbose", "-v", action="store_true", help="log every stage: parsing, each pass, lowering, steps")
+    group.add_argument("--debug", action="store_true", help="show the Python traceback of a KilnError")
+    return parent
+
+
+def add_build_arguments(parser: argparse.ArgumentParser) -> None:
+    """Device and precision flags, named as trtexec names them."""
+    group = parser.add_argument_group("build")
+    group.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="target device (default: cpu)")
+    group.add_argument("--fp16", action="store_true", help="allow fp16 layers (GPU)")
+    group.add_argument("--bf16", action="store_true", help="allow bf16 layers (CPUs with AVX512-BF16/AMX, GPUs)")
+    group.add_argument("--tf32", action="store_true", help="allow tf32 matrix math (GPU; off unless asked, as in TensorRT)")
+    group.add_argument("--int8", action="store_true", help="allow int8 layers (needs --calib or a QDQ model)")
+    group.add_argument("--fp8", action="store_true", help="allow fp8 e4m3 layers (GPU, compute capability 8.9+)")
+    group.add_argument("--best", action="store_true", help="let the builder choose the fastest precision per layer")
+    group.add_argument("--noOptimize", action="store_true", help="run only constant folding and dead-code removal")
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..builder import BuilderConfig
+
+    return BuilderConfig(device=args.device, fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, int8=args.int8,
+                         fp8=args.fp8, best=args.best, optimize=not args.noOptimize)
+
+
+def parse_named_files(items: list[str] | None, what: str = "--input") -> dict[str, str]:
+    """`name=path` pairs to a dict; input names may contain ':' or '/' but not '='."""
+    from ..errors import BindingError
+
+    named = {}
+    for item in items or []:
+        name, sep, path = item.rpartition("=")
+        if not sep or not name:
+            raise BindingError(f"{what} {item!r} is not of the form name=file.npy", code="KILN-E402",
+                               hint=f"write {what} input_name=path/to/array.npy")
+        named[name] = path
+    return named

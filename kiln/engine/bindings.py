@@ -1,0 +1,111 @@
+"""Input and output bindings, and the checks that feeds match them before anything runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..errors import BindingError
+from ..ir import DType, Value
+from ..ir.dtypes import from_numpy, from_torch
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One engine input or output: its name, dtype and shape (ints, or symbol names for dynamic dims)."""
+
+    name: str
+    dtype: DType
+    shape: tuple
+
+    @staticmethod
+    def of(value: Value) -> "Binding":
+        return Binding(value.name, value.dtype, tuple(value.shape) if value.shape is not None else None)
+
+    def __str__(self) -> str:
+        shape = "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
+        return f"{self.name}: {self.dtype.name if self.dtype else '?'}[{shape}]"
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "dtype") and hasattr(x, "shape")
+
+
+def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
+    """Validate `feed` against `inputs`; return torch tensors by name and whether the caller used torch."""
+    from ..tensors import numpy_to_torch
+
+    if not isinstance(feed, Mapping):
+        raise BindingError(f"Engine.run takes a dict of input name to array, got {type(feed).__name__}",
+                           code="KILN-E402", hint="engine.run({" + ", ".join(f"'{b.name}': array" for b in inputs) + "})")
+    expected = {b.name: b for b in inputs}
+    unknown = [name for name in feed if name not in expected]
+    if unknown:
+        raise BindingError(f"unknown input(s) {', '.join(map(repr, unknown))}; the engine's inputs are: "
+                           f"{', '.join(str(b) for b in inputs)}", code="KILN-E402", where=", ".join(unknown),
+                           hint="use the input names that `kiln inspect` shows")
+    missing = [name for name in expected if name not in feed]
+    if missing:
+        raise BindingError(f"missing input(s): {', '.join(str(expected[n]) for n in missing)}", code="KILN-E401",
+                           where=", ".join(missing), hint="give a value for every input listed by engine.inputs")
+    tensors, uses_torch = {}, False
+    symbols: dict[str, tuple[int, str]] = {}
+    for name, value in feed.items():
+        binding = expected[name]
+        if _is_torch(value):
+            uses_torch = True
+            dtype = from_torch(value.dtype)
+        elif isinstance(value, np.ndarray) or np.isscalar(value):
+            value = np.asarray(value)
+            try:
+                dtype = from_numpy(value.dtype)
+            except Exception:  # noqa: BLE001 (any dtype without a kiln equivalent)
+                dtype = None
+        else:
+            raise BindingError(f"input {name!r} is a {type(value).__name__}; expected a numpy array or torch tensor "
+                               f"of {binding}", code="KILN-E403", where=name, hint="convert it with np.asarray(...)")
+        if dtype != binding.dtype:
+            got = dtype.name if dtype else str(value.dtype)
+            raise BindingError(f"input {name!r} has dtype {got}; the engine expects {binding.dtype.name} ({binding})",
+                               code="KILN-E403", where=name,
+                               hint=f"convert it first, e.g. x.astype(np.{binding.dtype.name})" if binding.dtype.name in np.sctypeDict
+                               else f"convert it to {binding.dtype.name} first")
+        shape = tuple(value.shape)
+        _check_shape(binding, shape, symbols)
+        tensors[name] = value if _is_torch(value) else numpy_to_torch_view(value)
+    return tensors, uses_torch
+
+
+def numpy_to_torch_view(array: np.ndarray):
+    """Share the caller's memory where possible; copy only when numpy's layout needs it."""
+    import torch
+
+    if array.dtype.kind in "fiub" and array.dtype.isnative and array.flags.writeable and array.dtype.name in (
+            "float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"):
+        return torch.from_numpy(array)
+    from ..tensors import numpy_to_torch
+
+    return numpy_to_torch(array)
+
+
+def _check_shape(binding: Binding, shape: tuple, symbols: dict) -> None:
+    if binding.shape is None:
+        return
+    if len(shape) != len(binding.shape):
+        raise BindingError(f"input {binding.name!r} has rank {len(shape)} (shape {list(shape)}); the engine expects rank "
+                           f"{len(binding.shape)} ({binding})", code="KILN-E404", where=binding.name,
+                           hint="reshape the input; kiln never broadcasts inputs silently")
+    for axis, (got, want) in enumerate(zip(shape, binding.shape)):
+        if isinstance(want, int) and got != want:
+            raise BindingError(f"input {binding.name!r} has shape {list(shape)}; dimension {axis} must be {want} ({binding})",
+                               code="KILN-E405", where=f"{binding.name}[{axis}]",
+                               hint="rebuild the engine with a profile that allows this shape (--minShapes/--optShapes/--maxShapes)"
+                               " or feed the shape it was built for")
+        if isinstance(want, str):
+            if want in symbols and symbols[want][0] != got:
+                first, where = symbols[want]
+                raise BindingError(f"dimension {want!r} is {first} in {where} but {got} in {binding.name}[{axis}]",
+                                   code="KILN-E405", where=f"{binding.name}[{axis}]",
+                                   hint=f"inputs that share the dimension {want!r} must agree on its size")
+            symbols.setdefault(want, (got, f"{binding.name}[{axis}]"))

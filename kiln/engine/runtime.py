@@ -1,0 +1,89 @@
+"""Engine: a built plan that runs. `Engine.run(feed)` checks the feed against the bindings, runs the
+backend program, and returns outputs of the kind it was given (numpy in, numpy out; torch in, torch out)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..errors import EngineFileError
+from . import fileformat
+from .bindings import Binding, check_feed
+from .plan import Plan
+from .target import check_target
+
+
+class Engine:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._program = None
+
+    # -- description ---------------------------------------------------------------------------
+    @property
+    def inputs(self) -> list[Binding]:
+        return [Binding.of(self.plan.graph.value(v.name)) for v in self.plan.graph.inputs]
+
+    @property
+    def outputs(self) -> list[Binding]:
+        return [Binding.of(self.plan.graph.value(v.name)) for v in self.plan.graph.outputs]
+
+    @property
+    def device(self) -> str:
+        return self.plan.target["device"]
+
+    def __repr__(self) -> str:
+        ins = ", ".join(str(b) for b in self.inputs)
+        outs = ", ".join(str(b) for b in self.outputs)
+        return f"<kiln.Engine {self.device} ({ins}) -> ({outs}), {len(self.plan.graph.nodes)} layers>"
+
+    # -- running -------------------------------------------------------------------------------
+    @property
+    def program(self):
+        """The backend program, lowered on first use (kernels bound, weights on the device)."""
+        if self._program is None:
+            from ..backends import lower
+
+            self._program = lower(self.plan)
+        return self._program
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        tensors, uses_torch = check_feed(feed, self.inputs)
+        with torch.inference_mode():
+            results = self.program.execute(tensors)
+        return {name: _deliver(value, uses_torch, name in self.plan.graph.initializers or name in tensors)
+                for name, value in results.items()}
+
+    # -- files ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        fileformat.save(self.plan, path)
+
+    def serialize(self) -> bytes:
+        return fileformat.serialize(self.plan)
+
+
+def _deliver(value, as_torch: bool, aliased: bool):
+    """Hand an output to the caller: a fresh tensor or array it owns."""
+    if aliased:
+        value = value.clone()
+    if as_torch:
+        return value
+    from ..tensors import tensor_to_numpy
+
+    return tensor_to_numpy(value)
+
+
+def load(source: str | os.PathLike | bytes) -> Engine:
+    """Load an engine file (or its bytes), checking it is whole, readable and built for this machine."""
+    from ..plugins import check_plugins
+
+    if isinstance(source, (bytes, bytearray)):
+        blob, name = bytes(source), "engine"
+    else:
+        blob, name = fileformat.load_bytes(source), str(source)
+    plan = fileformat.deserialize(blob, name)
+    check_target(plan.target, name)
+    check_plugins(plan.plugins, name)
+    if not plan.graph.inputs and not plan.graph.outputs:
+        raise EngineFileError(f"{name} holds no bindings", code="KILN-E503", hint="rebuild the engine")
+    return Engine(plan)

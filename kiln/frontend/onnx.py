@@ -1,0 +1,252 @@
+"""The ONNX frontend: read a model (with external data), bring it to kiln's canonical opset, infer
+shapes, expand functions, and translate it into kiln's IR, reporting every unsupported node at once."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+
+from .. import log
+from ..errors import ParseError
+from ..ir import DType, Graph, Node, Value
+from ..ir.dtypes import from_numpy
+from .functions import expand_schema_functions, inline_local_functions
+from .unsupported import describe_unsupported
+
+# Models below this opset are converted up to it; models between it and the newest opset the
+# installed onnx knows run as they are, each node with the newest kernel version not above the model's opset.
+CANONICAL_OPSET = 18
+
+_FOREIGN_FORMATS = {
+    ".uff": ("UFF is TensorRT's obsolete TensorFlow exchange format (TensorRT itself removed it)",
+             "convert the TensorFlow model instead: kiln build saved_model_dir/ (pip install kiln[tensorflow]) "
+             "or export it to ONNX with tf2onnx"),
+    ".pt": ("pickled PyTorch files are never loaded: unpickling can execute arbitrary code",
+            "give kiln an entry point that builds the model instead: kiln build my_package.models:make_model, "
+            "where make_model() returns (module, example_inputs); or export to ONNX with torch.onnx.export"),
+    ".pth": None, ".pkl": None, ".caffemodel": ("Caffe models are not read directly", "convert to ONNX first"),
+    ".engine": ("this looks like a TensorRT engine, which only TensorRT can run", "build from the ONNX model instead"),
+    ".plan": None,
+}
+_FOREIGN_FORMATS[".pth"] = _FOREIGN_FORMATS[".pt"]
+_FOREIGN_FORMATS[".pkl"] = _FOREIGN_FORMATS[".pt"]
+_FOREIGN_FORMATS[".plan"] = _FOREIGN_FORMATS[".engine"]
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read an ONNX model from a path (external data next to it) or take a ModelProto as is."""
+    if isinstance(source, onnx.ModelProto):
+        return source
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in _FOREIGN_FORMATS:
+        what, hint = _FOREIGN_FORMATS[suffix]
+        raise ParseError(f"{path.name}: {what}", code="KILN-E106", hint=hint)
+    if not path.exists():
+        raise ParseError(f"model file {str(path)!r} does not exist", code="KILN-E104",
+                         hint="check the path; kiln build accepts .onnx files")
+    if path.is_dir():
+        raise ParseError(f"{str(path)!r} is a directory, not an ONNX file", code="KILN-E104",
+                         hint="a TensorFlow SavedModel directory needs the tensorflow extra: pip install kiln[tensorflow]")
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as error:
+        raise ParseError(f"{path.name} refers to external data that is missing: {error.filename or error}",
+                         code="KILN-E104", hint="keep the external data files next to the .onnx file, "
+                         "with the names the model records") from None
+    except Exception as error:  # noqa: BLE001 (protobuf raises several unrelated types for damaged files)
+        raise ParseError(f"{path.name} is not a readable ONNX model ({type(error).__name__}: {error})",
+                         code="KILN-E104", hint="check that the file is complete and really ONNX (onnx.checker.check_model)") from None
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    opset = model_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ParseError(f"model uses ONNX opset {opset}, newer than this kiln supports (opset {newest}, onnx {onnx.__version__})",
+                         code="KILN-E103", hint=f"re-export the model with opset {newest} or lower, or upgrade kiln and onnx")
+    if opset >= CANONICAL_OPSET:
+        return model
+    from onnx import version_converter
+
+    log.verbose("converting model from opset %d to kiln's canonical opset %d", opset, CANONICAL_OPSET)
+    try:
+        return version_converter.convert_version(model, CANONICAL_OPSET)
+    except Exception as error:  # noqa: BLE001 (the converter raises RuntimeError/ConvertError with its reason)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ParseError(f"cannot convert the model from opset {opset} to opset {CANONICAL_OPSET}: {reason}",
+                         code="KILN-E102", hint=f"re-export the model from its framework at opset {CANONICAL_OPSET} or newer") from None
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        if model.ByteSize() > 1_900_000_000:
+            return model  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
+        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as error:  # noqa: BLE001
+        log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
+        return model
+
+
+def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    types = {}
+    for info in list(graph.input) + list(graph.output) + list(graph.value_info):
+        types[info.name] = info.type
+    return types
+
+
+def _dims(tensor_type) -> tuple | None:
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(int(dim.dim_value))
+        elif dim.HasField("dim_param") and dim.dim_param:
+            dims.append(dim.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
+def _value(name: str, type_proto: onnx.TypeProto | None) -> Value:
+    if type_proto is None or not type_proto.HasField("tensor_type"):
+        return Value(name)
+    tensor = type_proto.tensor_type
+    dtype = DType.from_onnx(tensor.elem_type) if tensor.elem_type else None
+    return Value(name, dtype, _dims(tensor))
+
+
+def _attribute(attribute: onnx.AttributeProto, opsets: dict[str, int]) -> Any:
+    kind = attribute.type
+    if kind == onnx.AttributeProto.GRAPH:
+        return _graph(attribute.g, opsets, {})
+    if kind == onnx.AttributeProto.GRAPHS:
+        return [_graph(g, opsets, {}) for g in attribute.graphs]
+    if kind == onnx.AttributeProto.TENSOR:
+        return onnx.numpy_helper.to_array(attribute.t)
+    if kind == onnx.AttributeProto.TENSORS:
+        return [onnx.numpy_helper.to_array(t) for t in attribute.tensors]
+    if kind == onnx.AttributeProto.STRING:
+        return attribute.s.decode("utf-8", errors="replace")
+    if kind == onnx.AttributeProto.STRINGS:
+        return [s.decode("utf-8", errors="replace") for s in attribute.strings]
+    if kind == onnx.AttributeProto.INTS:
+        return [int(v) for v in attribute.ints]
+    if kind == onnx.AttributeProto.FLOATS:
+        return [float(v) for v in attribute.floats]
+    if kind == onnx.AttributeProto.SPARSE_TENSOR:
+        return _dense(attribute.sparse_tensor)
+    if kind == onnx.AttributeProto.TYPE_PROTO:
+        return attribute.tp.tensor_type.elem_type
+    return onnx.helper.get_attribute_value(attribute)
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
+
+
+def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str, onnx.TypeProto]) -> Graph:
+    types = {**extra_types, **_value_types(proto)}
+    initializers = {}
+    for tensor in proto.initializer:
+        initializers[tensor.name] = onnx.numpy_helper.to_array(tensor)
+    for sparse in proto.sparse_initializer:
+        initializers[sparse.values.name] = _dense(sparse)
+    overridable = [i.name for i in proto.input if i.name in initializers]
+    if overridable:
+        log.verbose("%d graph input(s) have initializers and are treated as weights", len(overridable))
+    inputs = [_value(i.name, i.type) for i in proto.input if i.name not in initializers]
+    outputs = [_value(o.name, o.type) for o in proto.output]
+    values = {name: _value(name, t) for name, t in types.items()}
+    nodes = []
+    taken = set()
+    for index, node_proto in enumerate(proto.node):
+        name = node_proto.name or f"{node_proto.op_type}_{index}"
+        while name in taken:
+            name = f"{name}_{index}"
+        taken.add(name)
+        attrs = {a.name: _attribute(a, opsets) for a in node_proto.attribute}
+        domain = "" if node_proto.domain == "ai.onnx" else node_proto.domain
+        nodes.append(Node(node_proto.op_type, tuple(node_proto.input), tuple(node_proto.output), attrs, name,
+                          domain, origin=(name,)))
+    return Graph(nodes, inputs, outputs, values=values, initializers=initializers, opsets=opsets,
+                 name=proto.name or "graph")
+
+
+def to_ir(model: onnx.ModelProto) -> Graph:
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+    opsets.setdefault("", model_opset(model))
+    return _graph(model.graph, opsets, {})
+
+
+def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
+    """Read an ONNX model into kiln's IR, or raise ParseError saying precisely why not."""
+    from ..ops import registry
+
+    model = load_model(source)
+    if not model.graph.node and not model.graph.output:
+        raise ParseError("the model has an empty graph", code="KILN-E104", hint="check that the export wrote the network")
+    model = normalize_opset(model)
+    model = inline_local_functions(model)
+    model = infer_shapes(model)
+    opset = model_opset(model)
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+
+    def lacks_kernel(node: onnx.NodeProto) -> bool:
+        return registry.lookup(node.op_type, node.domain, opsets.get(node.domain, opset)) is None
+
+    model, expanded = expand_schema_functions(model, lacks_kernel, _value_types(model.graph))
+    if expanded:
+        model = infer_shapes(model)
+    graph = to_ir(model)
+    _check_supported(graph)
+    _check_bindings(graph)
+    log.verbose("parsed %s: opset %d, %d nodes, %d weights, inputs %s", graph.name, graph.opset, len(graph.nodes),
+                len(graph.initializers), ", ".join(graph.value(v.name).describe() for v in graph.inputs))
+    return graph
+
+
+def _check_supported(graph: Graph) -> None:
+    from ..ops import registry
+
+    problems = []
+    for owner, node in graph.walk():
+        opset = owner.opsets.get(node.domain, graph.opsets.get(node.domain, 1))
+        reason = registry.why_unsupported(node, owner, opset)
+        if reason is not None:
+            problems.append((node, opset, reason))
+    if problems:
+        raise describe_unsupported(problems, graph)
+
+
+def _check_bindings(graph: Graph) -> None:
+    for value in graph.inputs + graph.outputs:
+        if value.dtype is not None and value.dtype not in _bindable():
+            raise ParseError(f"binding {value.name!r} has element type {value.dtype.name}, which kiln cannot bind",
+                             code="KILN-E101", where=value.name,
+                             hint="cast it inside the model to a numeric type (float32, int64, ...)")
+
+
+def _bindable():
+    from ..ir.dtypes import BINDABLE
+
+    return BINDABLE
+
+
+__all__ = ["CANONICAL_OPSET", "from_numpy", "load_model", "parse", "to_ir"]

@@ -1,0 +1,35 @@
+"""Moving tensors between numpy (including ml_dtypes' bfloat16 and float8) and torch without loss."""
+from __future__ import annotations
+
+import numpy as np
+
+from .ir.dtypes import DType, from_numpy, from_torch, to_numpy, to_torch
+
+_BIT_VIEWS = {DType.bfloat16: np.uint16, DType.float8e4m3fn: np.uint8, DType.float8e5m2: np.uint8,
+              DType.float8e4m3fnuz: np.uint8, DType.float8e5m2fnuz: np.uint8}
+
+
+def numpy_to_torch(array: np.ndarray):
+    """A torch tensor holding a copy of `array`."""
+    import torch
+
+    array = np.asarray(array)
+    dtype = from_numpy(array.dtype)
+    if dtype in _BIT_VIEWS:
+        bits = np.ascontiguousarray(array).view(_BIT_VIEWS[dtype])
+        return torch.from_numpy(bits.copy()).view(to_torch(dtype))
+    if dtype in (DType.int4, DType.uint4, DType.float4e2m1):
+        raise TypeError(f"{dtype.name} tensors have no torch type")
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def tensor_to_numpy(tensor) -> np.ndarray:
+    """A numpy array holding `tensor`'s values (sharing memory where the dtype allows)."""
+    tensor = tensor.detach().cpu()
+    dtype = from_torch(tensor.dtype)
+    if dtype in _BIT_VIEWS:
+        import torch
+
+        bits = tensor.contiguous().view(torch.uint16 if dtype == DType.bfloat16 else torch.uint8).numpy()
+        return bits.view(to_numpy(dtype))
+    return tensor.numpy()

@@ -1,0 +1,1 @@
+"""The tools around the engine: inputs, inspect, bench, compare, doctor, report."""

@@ -1,0 +1,121 @@
+"""What is in a model or an engine: opsets, operators, bindings, unsupported nodes, layers, build info."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def inspect_model(path: str) -> dict[str, Any]:
+    from .. import errors
+    from ..frontend import onnx as frontend
+    from ..ops import registry
+
+    model = frontend.load_model(path)
+    report: dict[str, Any] = {
+        "kind": "onnx", "path": str(path), "ir_version": model.ir_version, "producer": f"{model.producer_name} {model.producer_version}".strip(),
+        "opset": frontend.model_opset(model),
+        "opsets": {(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        "op_histogram": dict(Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+                                     for n in model.graph.node).most_common()),
+        "nodes": len(model.graph.node),
+        "weights": len(model.graph.initializer),
+    }
+    try:
+        prepared = frontend.infer_shapes(frontend.inline_local_functions(frontend.normalize_opset(model)))
+        report["conversion"] = None if report["opset"] >= frontend.CANONICAL_OPSET else f"converts to opset {frontend.CANONICAL_OPSET}"
+    except errors.KilnError as error:
+        prepared, report["conversion"] = model, str(error)
+    graph = frontend.to_ir(prepared)
+    report["inputs"] = [_binding(graph.value(v.name)) for v in graph.inputs]
+    report["outputs"] = [_binding(graph.value(v.name)) for v in graph.outputs]
+    unsupported = []
+    for owner, node in graph.walk():
+        opset = owner.opsets.get(node.domain, graph.opsets.get(node.domain, 1))
+        reason = registry.why_unsupported(node, owner, opset)
+        if reason is not None:
+            unsupported.append({"node": node.name, "op": node.op, "domain": node.domain or "ai.onnx", "opset": opset, "reason": reason})
+    report["unsupported"] = unsupported
+    return report
+
+
+def _binding(value) -> dict[str, Any]:
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype else None,
+            "shape": list(value.shape) if value.shape is not None else None,
+            "dynamic": value.shape is None or not all(isinstance(d, int) for d in value.shape)}
+
+
+def inspect_engine(path: str) -> dict[str, Any]:
+    from ..engine import fileformat
+
+    blob = fileformat.load_bytes(path)
+    header, start, end = fileformat.read_header(blob, str(path))
+    graph = header["graph"]
+    return {
+        "kind": "engine", "path": str(path), "size_bytes": len(blob), "weights_bytes": end - start,
+        "target": header["target"], "build_info": header.get("build_info", {}), "config": header.get("config", {}),
+        "inputs": [dict(v, dynamic=v["shape"] is None or not all(isinstance(d, int) for d in v["shape"])) for v in graph["inputs"]],
+        "outputs": [dict(v, dynamic=v["shape"] is None or not all(isinstance(d, int) for d in v["shape"])) for v in graph["outputs"]],
+        "layers": [{"name": n["name"], "op": (f"{n['domain']}::" if n["domain"] else "") + n["op"],
+                    "origin": n["origin"], **{k: v for k, v in header.get("layers", {}).get(n["name"], {}).items() if k not in ("op", "origin")},
+                    "inputs": n["inputs"], "outputs": n["outputs"]} for n in graph["nodes"]],
+        "profiles": header.get("profiles", []), "plugins": header.get("plugins", []), "memory": header.get("memory", {}),
+    }
+
+
+def inspect_path(path: str) -> dict[str, Any]:
+    from ..engine.fileformat import MAGIC
+
+    with open(path, "rb") if Path(path).is_file() else _nothing() as f:
+        head = f.read(len(MAGIC)) if f else b""
+    return inspect_engine(path) if head == MAGIC or str(path).endswith(".kiln") else inspect_model(path)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _shape(entry: dict) -> str:
+    if entry["shape"] is None:
+        return "?"
+    return "x".join("?" if d is None else str(d) for d in entry["shape"]) or "scalar"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = []
+    if report["kind"] == "onnx":
+        lines.append(f"model {report['path']}")
+        lines.append(f"  ONNX IR v{report['ir_version']}, opset {report['opset']}"
+                     f"{' (' + report['conversion'] + ')' if report.get('conversion') else ''}, producer {report['producer'] or '?'}")
+        lines.append(f"  {report['nodes']} nodes, {report['weights']} weights")
+    else:
+        info, target = report["build_info"], report["target"]
+        lines.append(f"engine {report['path']} ({report['size_bytes'] / 1e6:.1f} MB, weights {report['weights_bytes'] / 1e6:.1f} MB)")
+        where = target["device"] + (f" {target.get('name')} sm{target.get('capability')}" if target["device"] == "cuda" else
+                                    f" {target.get('machine', '')} {' '.join(target.get('cpu_features', []))}".rstrip())
+        lines.append(f"  target {where}; built by kiln {info.get('kiln')} / torch {info.get('torch')} / onnx {info.get('onnx')}"
+                     f" in {info.get('build_seconds', '?')} s")
+    lines.append("  inputs:")
+    lines += [f"    {b['name']}: {b['dtype']}[{_shape(b)}]{'  (dynamic)' if b['dynamic'] else ''}" for b in report["inputs"]]
+    lines.append("  outputs:")
+    lines += [f"    {b['name']}: {b['dtype']}[{_shape(b)}]{'  (dynamic)' if b['dynamic'] else ''}" for b in report["outputs"]]
+    if report["kind"] == "onnx":
+        lines.append("  operators:")
+        lines += [f"    {count:5d}  {op}" for op, count in report["op_histogram"].items()]
+        if report["unsupported"]:
+            lines.append(f"  unsupported nodes ({len(report['unsupported'])}):")
+            lines += [f"    {u['node']}: {u['op']} ({u['domain']}, opset {u['opset']}): {u['reason']}" for u in report["unsupported"]]
+        else:
+            lines.append("  every node is supported")
+    else:
+        lines.append(f"  layers ({len(report['layers'])}):")
+        for layer in report["layers"]:
+            origin = ", ".join(layer["origin"][:4]) + (" ..." if len(layer["origin"]) > 4 else "")
+            lines.append(f"    {layer['name']:<40} {layer['op']:<24} {layer.get('precision', ''):<5} {layer.get('tactic', ''):<12} from {origin}")
+        if report["memory"]:
+            lines.append("  memory: " + ", ".join(f"{k} {v}" for k, v in report["memory"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Shared test helpers: small ONNX models, references from onnxruntime, and closeness checks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
+LIGHT_MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
+                "vgg19", "zfnet512"]
+
+_ELEM = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("float16"): TensorProto.FLOAT16,
+         np.dtype("float64"): TensorProto.DOUBLE, np.dtype("int64"): TensorProto.INT64, np.dtype("int32"): TensorProto.INT32,
+         np.dtype("int8"): TensorProto.INT8, np.dtype("uint8"): TensorProto.UINT8, np.dtype("bool"): TensorProto.BOOL}
+
+
+def make_model(nodes, inputs: dict[str, np.ndarray | tuple], outputs: list[str], initializers: dict[str, np.ndarray] | None = None,
+               opset: int = 18, output_types: dict | None = None) -> onnx.ModelProto:
+    """A one-graph model. `inputs` maps names to example arrays (or (dtype, shape) with symbolic dims)."""
+    graph_inputs = []
+    for name, example in inputs.items():
+        if isinstance(example, tuple):
+            dtype, shape = example
+            graph_inputs.append(helper.make_tensor_value_info(name, _ELEM[np.dtype(dtype)], shape))
+        else:
+            graph_inputs.append(helper.make_tensor_value_info(name, _ELEM[example.dtype], example.shape))
+    graph_outputs = [helper.make_tensor_value_info(name, (output_types or {}).get(name, TensorProto.UNDEFINED), None)
+                     for name in outputs]
+    inits = [onnx.numpy_helper.from_array(array, name) for name, array in (initializers or {}).items()]
+    graph = helper.make_graph(nodes, "test", graph_inputs, graph_outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def run_onnxruntime(model: onnx.ModelProto | str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def light_input(model_name: str) -> tuple[str, np.ndarray]:
+    """The input ONNX's own test runner feeds the light models: arange(n) / n, float32."""
+    model = onnx.load(str(LIGHT / f"light_{model_name}.onnx"))
+    weights = {t.name for t in model.graph.initializer}
+    value = next(i for i in model.graph.input if i.name not in weights)
+    shape = tuple(d.dim_value if d.HasField("dim_value") else 1 for d in value.type.tensor_type.shape.dim)
+    n = int(np.prod(shape))
+    return value.name, (np.arange(n).reshape(shape) / n).astype(np.float32)
+
+
+def light_reference(model_name: str) -> np.ndarray:
+    return onnx.numpy_helper.to_array(onnx.load_tensor(str(LIGHT / f"light_{model_name}_output_0.pb")))
+
+
+def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> None:
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                               rtol=rtol, atol=atol, err_msg=what)
