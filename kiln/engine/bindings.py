@@ -28,6 +28,12 @@ class Binding:
         return f"{self.name}: {self.dtype.name if self.dtype else '?'}[{shape}]"
 
 
+def _listing(items: list, limit: int = 8) -> str:
+    """At most `limit` items, comma-separated, then how many more."""
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "dtype") and hasattr(x, "shape")
 
@@ -42,13 +48,13 @@ def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
     expected = {b.name: b for b in inputs}
     unknown = [name for name in feed if name not in expected]
     if unknown:
-        raise BindingError(f"unknown input(s) {', '.join(map(repr, unknown))}; the engine's inputs are: "
-                           f"{', '.join(str(b) for b in inputs)}", code="KILN-E402", where=", ".join(unknown),
+        raise BindingError(f"unknown input(s) {_listing([repr(u) for u in unknown])}; the engine's inputs are: "
+                           f"{_listing(inputs)}", code="KILN-E402", where=_listing(unknown),
                            hint="use the input names that `kiln inspect` shows")
     missing = [name for name in expected if name not in feed]
     if missing:
-        raise BindingError(f"missing input(s): {', '.join(str(expected[n]) for n in missing)}", code="KILN-E401",
-                           where=", ".join(missing), hint="give a value for every input listed by engine.inputs")
+        raise BindingError(f"missing input(s): {_listing([expected[n] for n in missing])}", code="KILN-E401",
+                           where=_listing(missing), hint="give a value for every input listed by engine.inputs")
     tensors, uses_torch = {}, False
     symbols: dict[str, tuple[int, str]] = {}
     for name, value in feed.items():

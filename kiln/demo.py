@@ -1,0 +1,140 @@
+"""`make demo`: build a real network into an engine, load it in a fresh process, check it against
+onnxruntime and time both. The network is ResNet-50 from ONNX's own test data (onnx/backend/test/data/light),
+with its placeholder weights replaced by fixed-seed random ones so the outputs mean something."""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEMO_DIR = Path("build/demo")
+SEED = 0
+
+
+def demo_model(path: Path) -> str:
+    """Write light_resnet50 with random He-initialised weights to `path`; return its input name."""
+    import onnx
+    from onnx import numpy_helper
+
+    source = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(SEED)
+    shapes = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights, kept = [], []
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
+            shape = tuple(int(d) for d in shapes[node.input[0]])
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            if len(shape) == 1:  # batch-norm statistics and biases
+                array = (1.0 + 0.1 * rng.standard_normal(shape)) if node.output[0].endswith(("_s_0", "_riv_0")) else 0.1 * rng.standard_normal(shape)
+                array = np.abs(array) if node.output[0].endswith("_riv_0") else array
+            else:
+                array = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+            weights.append(numpy_helper.from_array(array.astype(np.float32), node.output[0]))
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    initializers = [t for t in model.graph.initializer if t.name in used] + weights
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    names = {t.name for t in initializers}
+    inputs = [i for i in model.graph.input if i.name in used and i.name not in names]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    model.ir_version = 7  # weights are initializers only, no longer graph inputs (IR v3 needed both)
+    _calibrate_logits(model, rng)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return model.graph.input[0].name
+
+
+def _calibrate_logits(model, rng: np.random.Generator, spread: float = 2.0) -> None:
+    """Scale the classifier so its logits have standard deviation `spread`: random weights otherwise
+    saturate the softmax into a one-hot vector, and a one-hot output checks nothing."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    classifier = next(node for node in model.graph.node if node.op_type == "Gemm")
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(classifier.output[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    logits = session.run([classifier.output[0]], {model.graph.input[0].name: x})[0]
+    scale = spread / max(float(logits.std()), 1e-12)
+    for tensor in model.graph.initializer:
+        if tensor.name in classifier.input[1:]:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(scale), tensor.name))
+
+
+def median_ms(fn, runs: int = 15, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def check_engine(engine_path: Path, model_path: Path) -> None:
+    """Run in a fresh process: load the engine, compare with onnxruntime, time both."""
+    import onnxruntime as ort
+    import torch
+
+    import kiln
+
+    engine = kiln.load(engine_path)
+    binding = engine.inputs[0]
+    x = np.random.default_rng(SEED).standard_normal(binding.shape).astype(np.float32)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    output_name = engine.outputs[0].name
+    ours = engine.run({binding.name: x})[output_name]
+    reference = session.run([output_name], {binding.name: x})[0]
+    error = np.abs(ours.astype(np.float64) - reference).max()
+    relative = error / max(np.abs(reference).max(), 1e-30)
+    top1 = int(np.argmax(ours)) == int(np.argmax(reference))
+    kiln_ms = median_ms(lambda: engine.run({binding.name: x}))
+    ort_ms = median_ms(lambda: session.run([output_name], {binding.name: x}))
+    print(f"loaded {engine_path} in a fresh process: {engine}")
+    print(f"accuracy vs onnxruntime: max abs error {error:.3g}, max rel error {relative:.3g}, top-1 {'agrees' if top1 else 'DIFFERS'}")
+    print(f"{'runtime':<14}{'median latency':>16}   (batch 1, {torch.get_num_threads()} threads, 15 runs after warm-up)")
+    print(f"{'kiln':<14}{kiln_ms:>13.2f} ms")
+    print(f"{'onnxruntime':<14}{ort_ms:>13.2f} ms   kiln/onnxruntime = {kiln_ms / ort_ms:.2f}x")
+    if not (relative < 1e-3 and top1):
+        sys.exit("demo FAILED: kiln's result differs from onnxruntime's beyond fp32 tolerance")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", nargs=2, metavar=("ENGINE", "MODEL"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.check:
+        check_engine(Path(args.check[0]), Path(args.check[1]))
+        return 0
+    import kiln
+
+    model_path, engine_path = DEMO_DIR / "resnet50.onnx", DEMO_DIR / "resnet50.kiln"
+    demo_model(model_path)
+    print(f"model: ResNet-50 (onnx test data, fixed-seed random weights) -> {model_path}")
+    start = time.perf_counter()
+    engine = kiln.build(str(model_path))
+    engine.save(engine_path)
+    print(f"built {engine_path} in {time.perf_counter() - start:.1f} s: {len(engine.plan.graph.nodes)} layers, "
+          f"{engine_path.stat().st_size / 1e6:.0f} MB")
+    return subprocess.call([sys.executable, "-m", "kiln.demo", "--check", str(engine_path), str(model_path)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
