@@ -26,8 +26,8 @@ def make_model(nodes, inputs: dict[str, np.ndarray | tuple], outputs: list[str],
             graph_inputs.append(helper.make_tensor_value_info(name, _ELEM[np.dtype(dtype)], shape))
         else:
             graph_inputs.append(helper.make_tensor_value_info(name, _ELEM[example.dtype], example.shape))
-    graph_outputs = [helper.make_tensor_value_info(name, (output_types or {}).get(name, TensorProto.UNDEFINED), None)
-                     for name in outputs]
+    graph_outputs = [helper.make_tensor_value_info(name, output_types[name], None) if name in (output_types or {})
+                     else helper.make_empty_tensor_value_info(name) for name in outputs]
     inits = [onnx.numpy_helper.from_array(array, name) for name, array in (initializers or {}).items()]
     graph = helper.make_graph(nodes, "test", graph_inputs, graph_outputs, inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])

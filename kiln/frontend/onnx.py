@@ -53,14 +53,31 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ParseError(f"{str(path)!r} is a directory, not an ONNX file", code="KILN-E104",
                          hint="a TensorFlow SavedModel directory needs the tensorflow extra: pip install kiln[tensorflow]")
     try:
-        return onnx.load(str(path), load_external_data=True)
-    except FileNotFoundError as error:
-        raise ParseError(f"{path.name} refers to external data that is missing: {error.filename or error}",
-                         code="KILN-E104", hint="keep the external data files next to the .onnx file, "
-                         "with the names the model records") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 (protobuf raises several unrelated types for damaged files)
         raise ParseError(f"{path.name} is not a readable ONNX model ({type(error).__name__}: {error})",
                          code="KILN-E104", hint="check that the file is complete and really ONNX (onnx.checker.check_model)") from None
+    _load_external_data(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    from onnx import external_data_helper
+
+    tensors = [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+    if not tensors:
+        return
+    locations = {entry.value for t in tensors for entry in t.external_data if entry.key == "location"}
+    missing = sorted(loc for loc in locations if not (path.parent / loc).is_file())
+    if missing:
+        raise ParseError(f"{path.name} keeps weights in external data file(s) that are missing: {', '.join(missing)}",
+                         code="KILN-E104", where=str(path.parent),
+                         hint="keep the external data files next to the .onnx file, with the names the model records")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except Exception as error:  # noqa: BLE001
+        raise ParseError(f"{path.name}: its external data cannot be read ({error})", code="KILN-E104",
+                         hint="the external data file is shorter than the model says, or unreadable; re-save the model") from None
 
 
 def model_opset(model: onnx.ModelProto) -> int:
