@@ -27,18 +27,18 @@ def schema_function(node: onnx.NodeProto, opset: int, input_types: list[onnx.Typ
     except onnx.defs.SchemaError:
         return None
     body = None
-    if schema.has_function:
-        body = schema.get_function_with_opset_version(schema.since_version) if hasattr(
-            schema, "get_function_with_opset_version") else schema.function_body
-        if isinstance(body, bytes):
-            body = onnx.FunctionProto.FromString(body)
-    elif schema.has_context_dependent_function and all(t is not None for t in input_types):
-        try:
-            raw = schema.get_context_dependent_function_with_opset_version(
-                schema.since_version, node.SerializeToString(), [t.SerializeToString() for t in input_types])
-        except Exception:  # noqa: BLE001 (onnx raises plain errors for types its builder cannot handle)
-            return None
-        body = onnx.FunctionProto.FromString(raw) if isinstance(raw, bytes) else raw
+    plain = [v for v in schema.function_opset_versions if v <= opset]
+    contextual = [v for v in schema.context_dependent_function_opset_versions if v <= opset]
+    try:
+        if plain:
+            body = schema.get_function_with_opset_version(max(plain))
+        elif contextual and all(t is not None for t in input_types):
+            body = schema.get_context_dependent_function_with_opset_version(
+                max(contextual), node.SerializeToString(), [t.SerializeToString() for t in input_types])
+    except Exception:  # noqa: BLE001 (onnx raises plain errors for types its function builder cannot handle)
+        return None
+    if isinstance(body, bytes):
+        body = onnx.FunctionProto.FromString(body) if body else None
     if body is None or not body.node:
         return None
     function = onnx.FunctionProto()
@@ -96,7 +96,7 @@ def expand_schema_functions(model: onnx.ModelProto, needs_expansion: Callable[[o
     model_copy.opset_import.add(domain=_EXPAND_DOMAIN, version=1)
     from onnx import inliner
 
-    inlined = inliner.inline_local_functions(model_copy)
+    inlined = inliner.inline_local_functions(model_copy, convert_version=True)
     kept = [o for o in inlined.opset_import if o.domain != _EXPAND_DOMAIN]
     del inlined.opset_import[:]
     inlined.opset_import.extend(kept)
