@@ -55,7 +55,10 @@ class CpuProgram:
             step.release = tuple(by_step.get(index, ()))
 
     def execute(self, feed: dict, on_step: Callable | None = None) -> dict:
-        """Run every step; `feed` maps input names to torch tensors. Returns the graph outputs."""
+        """Run every step; `feed` maps input names to torch tensors. Returns the graph outputs.
+
+        `on_step(step, env)`, when given, is called after each step with the values in scope (read them,
+        never change them): `kiln bench` times layers with it and `kiln compare --layerwise` reads intermediates."""
         env = dict(self.constants)
         env.update(feed)
         for step in self.steps:
@@ -73,7 +76,7 @@ class CpuProgram:
                 if name:
                     env[name] = value
             if on_step is not None:
-                on_step(step)
+                on_step(step, env)
             for name in step.release:
                 env.pop(name, None)
         return {name: env[name] for name in self.graph.output_names()}
