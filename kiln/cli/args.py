@@ -44,3 +44,20 @@ def parse_named_files(items: list[str] | None, what: str = "--input") -> dict[st
                                hint=f"write {what} input_name=path/to/array.npy")
         named[name] = path
     return named
+
+
+def parse_shape_list(text: str | None, option: str = "--shapes") -> dict[str, tuple[int, ...]]:
+    """trtexec's shape syntax, `name:1x3x224x224,other:1x128`, to {name: shape}; input names may contain ':'."""
+    from ..errors import BindingError
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in filter(None, (text or "").split(",")):
+        name, sep, dims = item.strip().rpartition(":")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name.strip("'\"")] = tuple(int(d) for d in dims.split("x")) if dims.strip() else ()
+        except ValueError:
+            raise BindingError(f"{option} {item!r} is not of the form name:1x3x224x224", code="KILN-E405",
+                               hint=f"write {option} input:1x3x224x224[,other:1x128]") from None
+    return shapes
