@@ -18,14 +18,16 @@ class Binding:
     name: str
     dtype: DType
     shape: tuple
+    kind: str = "tensor"  # or "sequence" (a list of tensors), "optional" (a tensor or None), "optional_sequence"
 
     @staticmethod
     def of(value: Value) -> "Binding":
-        return Binding(value.name, value.dtype, tuple(value.shape) if value.shape is not None else None)
+        return Binding(value.name, value.dtype, tuple(value.shape) if value.shape is not None else None, value.kind)
 
     def __str__(self) -> str:
         shape = "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
-        return f"{self.name}: {self.dtype.name if self.dtype else '?'}[{shape}]"
+        text = f"{self.dtype.name if self.dtype else '?'}[{shape}]"
+        return f"{self.name}: {text}" if self.kind == "tensor" else f"{self.name}: {self.kind}<{text}>"
 
 
 def _listing(items: list, limit: int = 8) -> str:
@@ -59,6 +61,10 @@ def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
     symbols: dict[str, tuple[int, str]] = {}
     for name, value in feed.items():
         binding = expected[name]
+        if binding.kind != "tensor":
+            tensors[name], used = _check_container(binding, value, symbols)
+            uses_torch = uses_torch or used
+            continue
         if _is_torch(value):
             uses_torch = True
             dtype = from_torch(value.dtype)
@@ -81,6 +87,26 @@ def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
         _check_shape(binding, shape, symbols)
         tensors[name] = value if _is_torch(value) else numpy_to_torch_view(value)
     return tensors, uses_torch
+
+
+def _check_container(binding: Binding, value: Any, symbols: dict):
+    """A sequence binding takes a list of tensors; an optional one also takes None (empty)."""
+    if value is None and binding.kind.startswith("optional"):
+        return None, False
+    if binding.kind.endswith("sequence"):
+        if not isinstance(value, (list, tuple)):
+            raise BindingError(f"input {binding.name!r} is a sequence; expected a list of arrays, got {type(value).__name__}",
+                               code="KILN-E403", where=binding.name, hint="pass a Python list of numpy arrays or torch tensors")
+        checked = [_check_element(binding, item, None, {}) for item in value]
+        return [tensor for tensor, _ in checked], any(used for _, used in checked)
+    return _check_element(binding, value, binding.shape, symbols)
+
+
+def _check_element(binding: Binding, value: Any, shape, symbols: dict):
+    if binding.dtype is None:  # element type unknown to the model: take what the caller gives
+        binding = Binding(binding.name, from_torch(value.dtype) if _is_torch(value) else from_numpy(np.asarray(value).dtype), shape)
+    checked, used = check_feed({binding.name: value}, [Binding(binding.name, binding.dtype, shape)])
+    return checked[binding.name], used
 
 
 def numpy_to_torch_view(array: np.ndarray):

@@ -28,13 +28,16 @@ class Plan:
 
 
 def _value_to_data(value: Value) -> dict:
-    return {"name": value.name, "dtype": value.dtype.name if value.dtype else None,
+    data = {"name": value.name, "dtype": value.dtype.name if value.dtype else None,
             "shape": list(value.shape) if value.shape is not None else None}
+    if value.kind != "tensor":
+        data["kind"] = value.kind
+    return data
 
 
 def _value_from_data(data: dict) -> Value:
     shape = tuple(data["shape"]) if data["shape"] is not None else None
-    return Value(data["name"], DType[data["dtype"]] if data["dtype"] else None, shape)
+    return Value(data["name"], DType[data["dtype"]] if data["dtype"] else None, shape, data.get("kind", "tensor"))
 
 
 class _WeightTable:

@@ -63,7 +63,11 @@ class Engine:
 
 
 def _deliver(value, as_torch: bool, aliased: bool):
-    """Hand an output to the caller: a fresh tensor or array it owns."""
+    """Hand an output to the caller: a fresh tensor or array it owns (a list for a sequence, None for an empty optional)."""
+    if value is None:
+        return None
+    if isinstance(value, list):  # a sequence's tensors may be inputs or weights themselves: always copy
+        return [_deliver(item, as_torch, True) for item in value]
     if aliased:
         value = value.clone()
     if as_torch:

@@ -135,11 +135,18 @@ def _dims(tensor_type) -> tuple | None:
 
 
 def _value(name: str, type_proto: onnx.TypeProto | None) -> Value:
-    if type_proto is None or not type_proto.HasField("tensor_type"):
+    if type_proto is None:
         return Value(name)
+    kind = "tensor"
+    if type_proto.HasField("optional_type"):
+        kind, type_proto = "optional", type_proto.optional_type.elem_type
+    if type_proto.HasField("sequence_type"):
+        kind, type_proto = ("optional_sequence" if kind == "optional" else "sequence"), type_proto.sequence_type.elem_type
+    if not type_proto.HasField("tensor_type"):
+        return Value(name, kind=kind)
     tensor = type_proto.tensor_type
     dtype = DType.from_onnx(tensor.elem_type) if tensor.elem_type else None
-    return Value(name, dtype, _dims(tensor))
+    return Value(name, dtype, _dims(tensor), kind)
 
 
 def _attribute(attribute: onnx.AttributeProto, opsets: dict[str, int]) -> Any:

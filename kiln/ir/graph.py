@@ -25,6 +25,9 @@ class Value:
     name: str
     dtype: DType | None = None
     shape: Shape | None = None  # None: rank unknown
+    # What the name holds: "tensor"; "sequence" (a list of tensors); "optional" (a tensor or nothing);
+    # "optional_sequence". For the others, dtype and shape describe the tensors inside.
+    kind: str = "tensor"
 
     @property
     def rank(self) -> int | None:
@@ -32,12 +35,15 @@ class Value:
 
     @property
     def is_static(self) -> bool:
-        return self.shape is not None and all(isinstance(d, int) for d in self.shape)
+        return self.kind == "tensor" and self.shape is not None and all(isinstance(d, int) for d in self.shape)
 
     def describe(self) -> str:
         dtype = self.dtype.name if self.dtype else "?"
         shape = "?" if self.shape is None else "x".join("?" if d is None else str(d) for d in self.shape) or "scalar"
-        return f"{self.name}: {dtype}[{shape}]"
+        text = f"{dtype}[{shape}]"
+        if self.kind != "tensor":
+            text = f"{self.kind}<{text}>"
+        return f"{self.name}: {text}"
 
 
 @dataclass(frozen=True)

@@ -33,5 +33,7 @@ def is_foldable(node: Node, graph: Graph) -> bool:
 
     if subgraphs(node):
         return False
+    if any(graph.value(name).kind != "tensor" for name in node.inputs + node.outputs if name):
+        return False  # sequences and optionals are not weights
     definition = registry.lookup(node.op, node.domain, graph.opsets.get(node.domain, graph.opset))
     return definition is not None and not definition.nondeterministic and definition.plugin is None

@@ -19,6 +19,11 @@ class Step:
     outputs: tuple[str, ...]
     release: tuple[str, ...] = ()
     wants_env: bool = False
+    returns_sequence: bool = False  # its one output is a sequence: a list result is that output, not several
+
+
+def _returns_sequence(node, graph: Graph) -> bool:
+    return len(node.outputs) == 1 and graph.value(node.outputs[0]).kind in ("sequence", "optional_sequence")
 
 
 class CpuProgram:
@@ -29,7 +34,8 @@ class CpuProgram:
         self.constants = {name: numpy_to_torch(array) for name, array in graph.initializers.items()}
         kernel_for = kernel_for or (lambda node: bind_kernel(node, graph.opsets.get(node.domain, graph.opset)))
         self.steps = [Step(node.name, node.op_key, kernel_for(node), node.inputs, node.outputs,
-                           wants_env=wants_env(node, graph.opsets.get(node.domain, graph.opset)))
+                           wants_env=wants_env(node, graph.opsets.get(node.domain, graph.opset)),
+                           returns_sequence=_returns_sequence(node, graph))
                       for node in graph.nodes]
         self._plan_releases()
 
@@ -71,7 +77,8 @@ class CpuProgram:
                                    code="KILN-E407", where=f"{step.name} with inputs {shapes}",
                                    hint="the inputs' values or shapes are inconsistent with the model; "
                                         "run `kiln compare` to check the model itself") from None
-            outputs = result if isinstance(result, (tuple, list)) else (result,)
+            several = isinstance(result, tuple) or (isinstance(result, list) and not step.returns_sequence)
+            outputs = result if several else (result,)
             for name, value in zip(step.outputs, outputs):
                 if name:
                     env[name] = value
