@@ -82,6 +82,7 @@ CODES = {
     "KILN-E405": "input dimension does not match the binding",
     "KILN-E406": "input shape is outside every optimization profile",
     "KILN-E407": "a layer failed while running (bad values or inconsistent shapes)",
+    "KILN-E408": "the reference (onnxruntime) cannot run the model, or the backend cannot expose what a check needs",
     "KILN-E501": "file is not a kiln engine (wrong magic)",
     "KILN-E502": "engine file is truncated",
     "KILN-E503": "engine file is corrupted (checksum mismatch)",
