@@ -1,0 +1,192 @@
+"""If, Loop and Scan: bodies that read outer-scope values, carried values that change shape, nesting,
+engine files that keep their subgraphs; checked against onnxruntime and ONNX's own node test cases."""
+from __future__ import annotations
+
+import functools
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import kiln
+from helpers import assert_close, run_onnxruntime
+
+F = TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, opset=18):
+    graph = helper.make_graph(nodes, "control", inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _check(model, feed, tmp_path=None, rtol=1e-6, atol=1e-6):
+    """kiln's outputs equal onnxruntime's; with tmp_path, also after a save/load round trip."""
+    engine = kiln.build(model)
+    expected = run_onnxruntime(model, feed)
+    engines = [engine]
+    if tmp_path is not None:
+        engine.save(tmp_path / "m.kiln")
+        engines.append(kiln.load(tmp_path / "m.kiln"))
+    for current in engines:
+        got = current.run(feed)
+        for name, value in expected.items():
+            assert got[name].shape == value.shape, name
+            assert_close(got[name], value, rtol=rtol, atol=atol, what=name)
+    return engine
+
+
+def _if_model():
+    # Both branches read x and bias from the outer graph; they have no inputs of their own.
+    then_branch = helper.make_graph([helper.make_node("Add", ["x", "bias"], ["then_out"])], "then", [],
+                                    [helper.make_tensor_value_info("then_out", F, [2, 3])])
+    else_branch = helper.make_graph([helper.make_node("Mul", ["x", "x"], ["squared"]),
+                                     helper.make_node("Sub", ["squared", "bias"], ["else_out"])], "else", [],
+                                    [helper.make_tensor_value_info("else_out", F, [2, 3])])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+             helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", F, [], [0.0])),
+             helper.make_node("Greater", ["total", "zero"], ["positive"]),
+             helper.make_node("If", ["positive"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    return _model(nodes, [helper.make_tensor_value_info("x", F, [2, 3]), helper.make_tensor_value_info("bias", F, [3])],
+                  [helper.make_tensor_value_info("y", F, [2, 3])])
+
+
+def test_if_branches_read_outer_values_and_survive_save_load(tmp_path):
+    rng = np.random.default_rng(0)
+    bias = rng.standard_normal(3).astype(np.float32)
+    model = _if_model()
+    for sign in (1.0, -1.0):  # one feed takes each branch
+        x = (sign * np.abs(rng.standard_normal((2, 3)))).astype(np.float32)
+        _check(model, {"x": x, "bias": bias}, tmp_path)
+
+
+def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
+    # Each iteration appends a row to the carried `rows` (its shape changes every time), reads `step` from
+    # the outer graph, stops by its own condition once the running sum passes `limit`, and emits a scan output.
+    body = helper.make_graph(
+        [helper.make_node("Cast", ["i"], ["i_float"], to=F),
+         helper.make_node("Mul", ["i_float", "step"], ["scaled"]),
+         helper.make_node("Add", ["total_in", "scaled"], ["total_out"]),
+         helper.make_node("ReduceSum", ["total_out"], ["total_sum"], keepdims=0),
+         helper.make_node("Less", ["total_sum", "limit"], ["cond_out"]),
+         helper.make_node("Unsqueeze", ["scaled", "axes0"], ["row"]),
+         helper.make_node("Concat", ["rows_in", "row"], ["rows_out"], axis=0),
+         helper.make_node("Identity", ["total_out"], ["scan_total"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("total_in", F, [4]), helper.make_tensor_value_info("rows_in", F, [None, 4])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("total_out", F, [4]),
+         helper.make_tensor_value_info("rows_out", F, [None, 4]), helper.make_tensor_value_info("scan_total", F, [4])],
+        [onnx.numpy_helper.from_array(np.array([0], np.int64), "axes0")])
+    nodes = [helper.make_node("Loop", ["trip_count", "", "total0", "rows0"], ["total", "rows", "totals"], body=body)]
+    model = _model(nodes, [helper.make_tensor_value_info("trip_count", TensorProto.INT64, []),
+                           helper.make_tensor_value_info("total0", F, [4]), helper.make_tensor_value_info("rows0", F, [None, 4]),
+                           helper.make_tensor_value_info("step", F, [4]), helper.make_tensor_value_info("limit", F, [])],
+                   [helper.make_tensor_value_info(n, F, None) for n in ("total", "rows", "totals")])
+    rng = np.random.default_rng(1)
+    step = np.abs(rng.standard_normal(4)).astype(np.float32)
+    for trips, limit in ((6, 1e9), (50, 12.0), (0, 1e9)):  # by trip count, by condition, no iteration at all
+        feed = {"trip_count": np.array(trips, np.int64), "total0": np.zeros(4, np.float32),
+                "rows0": np.zeros((1, 4), np.float32), "step": step, "limit": np.array(limit, np.float32)}
+        _check(model, feed, tmp_path if trips == 6 else None)
+    engine = kiln.build(model)
+    assert engine.run({**feed, "trip_count": np.array(0, np.int64)})["totals"].shape == (0, 4)
+
+
+def test_if_nested_in_loop_reads_the_outermost_graph():
+    # The If inside the loop body reads `scale`, defined two scopes up.
+    then_branch = helper.make_graph([helper.make_node("Mul", ["acc_in", "scale"], ["a"])], "then", [],
+                                    [helper.make_tensor_value_info("a", F, [3])])
+    else_branch = helper.make_graph([helper.make_node("Add", ["acc_in", "scale"], ["b"])], "else", [],
+                                    [helper.make_tensor_value_info("b", F, [3])])
+    body = helper.make_graph(
+        [helper.make_node("Constant", [], ["two"], value=helper.make_tensor("two", TensorProto.INT64, [], [2])),
+         helper.make_node("Mod", ["i", "two"], ["parity"]),
+         helper.make_node("Cast", ["parity"], ["odd"], to=TensorProto.BOOL),
+         helper.make_node("If", ["odd"], ["acc_out"], then_branch=then_branch, else_branch=else_branch),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", F, [3])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", F, [3])])
+    nodes = [helper.make_node("Constant", [], ["trips"], value=helper.make_tensor("trips", TensorProto.INT64, [], [5])),
+             helper.make_node("Loop", ["trips", "", "acc0"], ["acc"], body=body)]
+    model = _model(nodes, [helper.make_tensor_value_info("acc0", F, [3]), helper.make_tensor_value_info("scale", F, [3])],
+                   [helper.make_tensor_value_info("acc", F, [3])])
+    rng = np.random.default_rng(2)
+    _check(model, {"acc0": rng.standard_normal(3).astype(np.float32), "scale": rng.standard_normal(3).astype(np.float32)})
+
+
+def _scan_model(offset_shape=(2,)):
+    # Running sum over axis 1 of x, walked backwards, with an outer-scope offset; outputs stacked on axis 1, reversed.
+    body = helper.make_graph(
+        [helper.make_node("Add", ["sum_in", "x_t"], ["sum_out"]), helper.make_node("Add", ["sum_out", "offset"], ["y_t"])],
+        "body", [helper.make_tensor_value_info("sum_in", F, [2]), helper.make_tensor_value_info("x_t", F, [2])],
+        [helper.make_tensor_value_info("sum_out", F, [2]), helper.make_tensor_value_info("y_t", F, [2])])
+    nodes = [helper.make_node("Scan", ["init", "x"], ["final", "ys"], body=body, num_scan_inputs=1,
+                              scan_input_axes=[1], scan_input_directions=[1], scan_output_axes=[-1],
+                              scan_output_directions=[1])]
+    return _model(nodes, [helper.make_tensor_value_info("init", F, [2]), helper.make_tensor_value_info("x", F, [2, 5]),
+                          helper.make_tensor_value_info("offset", F, list(offset_shape))],
+                  [helper.make_tensor_value_info("final", F, [2]), helper.make_tensor_value_info("ys", F, [2, 5])])
+
+
+def test_scan_with_axes_directions_and_outer_values(tmp_path):
+    rng = np.random.default_rng(3)
+    feed = {"init": rng.standard_normal(2).astype(np.float32), "x": rng.standard_normal((2, 5)).astype(np.float32),
+            "offset": rng.standard_normal(2).astype(np.float32)}
+    _check(_scan_model(), feed, tmp_path)
+
+
+def test_a_body_failing_on_the_users_data_is_a_kiln_error():
+    # The body adds the outer `offset` to a width-2 running sum: an offset of width 3 fails inside the body.
+    engine = kiln.build(_scan_model(offset_shape=("width",)))
+    with pytest.raises(kiln.KilnError) as caught:
+        engine.run({"init": np.zeros(2, np.float32), "x": np.zeros((2, 5), np.float32), "offset": np.zeros(3, np.float32)})
+    assert caught.value.code == "KILN-E407" and "Scan" in str(caught.value)
+
+
+# ONNX's own node test cases for control flow (their inputs, expected outputs and tolerances).
+NODE_CASES = ["test_if", "test_if_seq", "test_if_opt", "test_loop11", "test_loop13_seq", "test_loop16_seq_none",
+              "test_scan9_sum", "test_scan9_multi_state", "test_scan9_scalar", "test_range_float_type_positive_delta_expanded",
+              "test_range_int32_type_negative_delta_expanded"]
+
+
+@functools.lru_cache(maxsize=None)
+def _all_node_cases() -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from onnx.backend.test.case.node import collect_testcases
+
+        return {case.name: case for case in collect_testcases()}
+
+
+def node_case(name: str):
+    return _all_node_cases()[name]
+
+
+def assert_matches(got, expected, rtol: float, atol: float, what: str) -> None:
+    """Tensors, sequences (lists) and empty optionals (None), compared element by element."""
+    if expected is None or isinstance(expected, list):
+        assert (got is None) == (expected is None) and (expected is None or len(got) == len(expected)), what
+        for index, (a, b) in enumerate(zip(got or [], expected or [])):
+            assert_matches(a, b, rtol, atol, f"{what}[{index}]")
+        return
+    assert np.asarray(got).shape == np.asarray(expected).shape, what
+    assert_close(got, expected, rtol=rtol, atol=atol, what=what)
+
+
+def run_node_case(name: str) -> None:
+    case = node_case(name)
+    engine = kiln.build(case.model)
+    names = [i.name for i in case.model.graph.input]
+    for inputs, outputs in case.data_sets:
+        got = engine.run(dict(zip(names, inputs)))
+        for value, expected in zip(case.model.graph.output, outputs):
+            assert_matches(got[value.name], expected, case.rtol, case.atol, f"{name}: {value.name}")
+
+
+@pytest.mark.parametrize("name", NODE_CASES)
+def test_onnx_node_case(name):
+    run_node_case(name)
