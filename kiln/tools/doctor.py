@@ -1,0 +1,476 @@
+"""`kiln doctor`: run the checks that catch what goes wrong between a model and a fast engine, and say for
+each finding its symptom, its cause and the fix, the way TensorRT's troubleshooting guides list them."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CODES, BindingError, KilnError
+
+FP16_MAX = 65504.0
+TINY_LAYER_MS = 0.02  # a layer shorter than this costs about what launching it does
+LAUNCH_BOUND_MIN_LAYERS = 50
+CLIPPING_WARN_RATE = 0.01  # share of a tensor's sample values outside its calibrated range
+
+
+@dataclass
+class Finding:
+    check: str
+    status: str  # "ok", "info", "warning", "error" (blocks the build) or "n/a"
+    symptom: str
+    cause: str = ""
+    fix: str = ""
+    code: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def blocks(self) -> bool:
+        return self.status == "error"
+
+
+@dataclass
+class DoctorReport:
+    model: str
+    findings: list[Finding] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    fixed_model: str | None = None
+
+    @property
+    def blocked(self) -> bool:
+        return any(f.blocks for f in self.findings)
+
+    def add(self, finding: Finding) -> Finding:
+        self.findings.append(finding)
+        return finding
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "blocked": self.blocked, "memory": self.memory, "fixed_model": self.fixed_model,
+                "findings": [dict(asdict(f), blocks=f.blocks) for f in self.findings]}
+
+
+def from_error(check: str, error: KilnError) -> Finding:
+    """A KilnError as a finding: its message is the symptom, the code's meaning the cause, its hint the fix."""
+    return Finding(check, "error", error.message, CODES.get(error.code, "kiln stopped with this error"),
+                   error.hint, error.code, {"where": error.where} if error.where else {})
+
+
+# -- the checks -------------------------------------------------------------------------------------
+
+def check_opset(model, fix_path: str | None) -> tuple[Finding, Any]:
+    """Opset too new or too old for kiln: (finding, the model converted to kiln's canonical opset or None)."""
+    import onnx
+    from onnx import version_converter
+
+    from ..frontend.onnx import CANONICAL_OPSET, model_opset
+
+    opset, newest = model_opset(model), onnx.defs.onnx_opset_version()
+    target = newest if opset > newest else CANONICAL_OPSET
+    if CANONICAL_OPSET <= opset <= newest:
+        return Finding("opset", "ok", f"opset {opset} runs as it is (kiln reads opsets {CANONICAL_OPSET} to {newest})"), model
+    try:
+        converted = version_converter.convert_version(model, target)
+        problem = None
+    except Exception as error:  # noqa: BLE001 (the converter raises RuntimeError/ConvertError with its reason)
+        converted, problem = None, str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    written = None
+    if converted is not None and fix_path:
+        onnx.save(converted, fix_path)
+        written = fix_path
+    if opset > newest:
+        finding = Finding("opset", "error", f"the model uses opset {opset}, newer than kiln reads (opset {newest}, onnx {onnx.__version__})",
+                          "the exporter targeted a newer ONNX than the one installed", code="KILN-E103")
+        finding.fix = (f"wrote {written}, converted down to opset {newest}: build that" if written else
+                       f"run kiln doctor --fix to convert it down to opset {newest}" if converted is not None else
+                       f"re-export with opset {newest} or lower (converting down failed: {problem}), or upgrade onnx and kiln")
+        return finding, None
+    if converted is None:
+        return Finding("opset", "error", f"the model uses opset {opset} and cannot be converted to opset {CANONICAL_OPSET}",
+                       f"onnx's version converter fails on it: {problem}",
+                       f"re-export the model from its framework at opset {CANONICAL_OPSET} or newer", "KILN-E102"), None
+    return Finding("opset", "info", f"the model uses opset {opset}, older than kiln's canonical opset {CANONICAL_OPSET}",
+                   "old exporters write old opsets; kiln converts the model on every build",
+                   f"wrote {written} (opset {CANONICAL_OPSET}): build that" if written else
+                   f"run kiln doctor --fix to write the model converted to opset {CANONICAL_OPSET} once", "KILN-E102",
+                   {"opset": opset, "converted_to": CANONICAL_OPSET, "written": written}), converted
+
+
+def prepared_graph(model):
+    """The model as kiln's frontend sees it before the unsupported-operator check: functions inlined or expanded."""
+    from ..frontend import onnx as frontend
+    from ..frontend.functions import expand_schema_functions, inline_local_functions
+    from ..ops import registry
+
+    model = frontend.infer_shapes(inline_local_functions(model))
+    opset = frontend.model_opset(model)
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+
+    def lacks_kernel(node) -> bool:
+        return registry.lookup(node.op_type, node.domain, opsets.get(node.domain, opset)) is None
+
+    model, expanded = expand_schema_functions(model, lacks_kernel, frontend._value_types(model.graph))
+    if expanded:
+        model = frontend.infer_shapes(model)
+    return frontend.to_ir(model)
+
+
+def check_operators(graph) -> Finding:
+    from ..frontend.unsupported import way_out
+    from ..ops import registry
+
+    problems = []
+    for owner, node in graph.walk():
+        opset = owner.opsets.get(node.domain, graph.opsets.get(node.domain, 1))
+        reason = registry.why_unsupported(node, owner, opset)
+        if reason is not None:
+            problems.append({"node": node.name, "op": node.op_key, "opset": opset, "reason": reason,
+                             "fix": way_out(node, opset, reason)})
+    if not problems:
+        return Finding("operators", "ok", f"all {sum(1 for _ in graph.walk())} nodes have kiln kernels")
+    kinds = sorted({p["op"] for p in problems})
+    fixes = sorted({p["fix"] for p in problems})
+    return Finding("operators", "error", f"{len(problems)} node(s) use {len(kinds)} operator(s) kiln cannot run: {', '.join(kinds)}",
+                   "; ".join(sorted({f"{p['op']}: {p['reason']}" for p in problems})[:6]),
+                   " | ".join(fixes[:4]), "KILN-E101", {"nodes": problems})
+
+
+def check_dynamic(graph, config, shapes: dict) -> Finding:
+    dynamic = {v.name: list(graph.value(v.name).shape or []) for v in graph.inputs
+               if graph.value(v.name).shape is None or not graph.value(v.name).is_static}
+    if not dynamic:
+        return Finding("dynamic shapes", "ok", "every input has a fixed shape")
+    unprofiled = {name: dims for name, dims in dynamic.items() if not config.profiles and name not in shapes}
+    listing = ", ".join(f"{n}[{'x'.join('?' if d is None else str(d) for d in dims)}]" for n, dims in dynamic.items())
+    if not unprofiled:
+        return Finding("dynamic shapes", "ok", f"dynamic inputs {listing} have shapes given", details={"inputs": dynamic})
+    example = ",".join(f"{n}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in dims)}" for n, dims in unprofiled.items())
+    return Finding("dynamic shapes", "warning", f"input(s) {listing} have dynamic dimensions and no optimization profile",
+                   "an engine is tuned for the shapes its profile names; without one kiln assumes 1 for every unknown "
+                   "dimension when it samples, times and estimates memory",
+                   f"give the range the model will see: --minShapes {example} --optShapes ... --maxShapes ... "
+                   f"(or --shapes {example} to check one shape)", "KILN-E202", {"inputs": unprofiled})
+
+
+def check_inputs(graph, given: dict) -> Finding:
+    from ..engine.bindings import Binding, check_feed
+
+    if not given:
+        return Finding("input shapes", "n/a", "no input given to check against the model (--input NAME=FILE.npy or --load-inputs)")
+    bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
+    try:
+        check_feed(given, bindings)
+    except BindingError as error:
+        finding = from_error("input shapes", error)
+        where = error.where.rsplit("[", 1)
+        if error.code == "KILN-E405" and len(where) == 2 and where[1] == "0]":
+            finding.symptom = "batch size mismatch: " + finding.symptom
+            finding.fix = ("feed the batch the engine was built for, or build it with a dynamic batch dimension and a "
+                           "profile that covers this batch (--minShapes/--optShapes/--maxShapes)")
+        return finding
+    return Finding("input shapes", "ok", f"the given input(s) {', '.join(given)} match the model's bindings")
+
+
+def sample_activations(model, feed: dict) -> dict[str, np.ndarray]:
+    """Every tensor of the model on `feed`, computed by onnxruntime (the model's own outputs included)."""
+    from .compare import reference_model, run_reference
+
+    names = [name for node in model.graph.node for name in node.output if name]
+    seen = set()
+    names = [n for n in names if not (n in seen or seen.add(n))]
+    return run_reference(reference_model(model, names), feed, [o.name for o in model.graph.output if o.name not in seen] + names)
+
+
+def check_fp16_overflow(values: dict[str, np.ndarray], weights: dict[str, np.ndarray], config) -> Finding:
+    asked = config.fp16 or config.best
+    over = []
+    for name, array in list(values.items()) + list(weights.items()):
+        if array.dtype.kind != "f" or array.size == 0:
+            continue
+        finite = np.abs(array[np.isfinite(array)]) if array.dtype.kind == "f" else np.abs(array)
+        peak = float(finite.max()) if finite.size else 0.0
+        if peak > FP16_MAX:
+            over.append({"tensor": name, "max_abs": peak, "weight": name in weights})
+    if not over:
+        return Finding("fp16 overflow", "ok", f"no activation or weight exceeds fp16's largest value {FP16_MAX:g} on the sample data")
+    over.sort(key=lambda o: -o["max_abs"])
+    names = ", ".join(f"{o['tensor']} ({o['max_abs']:.3g})" for o in over[:5])
+    return Finding("fp16 overflow", "warning" if asked else "info",
+                   f"{len(over)} tensor(s) exceed {FP16_MAX:g}, fp16's largest value, on the sample data: {names}",
+                   "in fp16 these become inf and then NaN downstream" + ("" if asked else " (only if you build with --fp16)"),
+                   "keep these layers in fp32 or bf16 (bf16 has fp32's range: --bf16), or rescale the model "
+                   "(e.g. normalise inputs, fold a scale into the weights)", "KILN-E303", {"tensors": over})
+
+
+def constant_tensors(model) -> set[str]:
+    """Tensors computed from weights alone (e.g. weights stored as ConstantOfShape): the build folds them into weights."""
+    constant = {t.name for t in model.graph.initializer}
+    for node in model.graph.node:
+        if all(not name or name in constant for name in node.input) and node.op_type not in (
+                "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"):
+            constant.update(node.output)
+    return constant
+
+
+def peak_live_bytes(model, values: dict[str, np.ndarray], feed: dict) -> int:
+    """The most activation bytes alive at once when the nodes run in the model's order, freeing after last use."""
+    constant = constant_tensors(model)
+    last_use: dict[str, int] = {}
+    for index, node in enumerate(model.graph.node):
+        for name in node.input:
+            last_use[name] = index
+    keep = {o.name for o in model.graph.output}
+    live = {name: array.nbytes for name, array in feed.items()}
+    peak = sum(live.values())
+    for index, node in enumerate(model.graph.node):
+        for name in node.output:
+            if name in values and name not in constant:
+                live[name] = values[name].nbytes
+        peak = max(peak, sum(live.values()))
+        for name in [n for n in live if last_use.get(n, -1) <= index and n not in keep]:
+            live.pop(name)
+    return peak
+
+
+def check_memory(model, graph, values: dict, feed: dict, device: str, measured: dict) -> Finding:
+    from .memory import device_available_bytes, format_bytes, host_available_bytes
+
+    constant = constant_tensors(model)
+    weights = sum(a.nbytes for a in graph.initializers.values()) + sum(
+        values[name].nbytes for name in constant if name in values and name not in graph.initializers)
+    activations = peak_live_bytes(model, values, feed) if values else 0
+    estimate = weights + activations
+    available = device_available_bytes(device) if device == "cuda" else host_available_bytes()
+    where = "GPU" if device == "cuda" else "host"
+    details = {"weights_bytes": weights, "peak_activation_bytes": activations, "estimate_bytes": estimate,
+               "available_bytes": available, "measured": measured}
+    summary = (f"estimated {format_bytes(estimate)} ({format_bytes(weights)} weights + {format_bytes(activations)} "
+               f"activations at their peak) against {format_bytes(available)} {where} memory available")
+    if available is None:
+        return Finding("memory", "info", summary, details=details)
+    batch = next((int(a.shape[0]) for a in feed.values() if a.ndim and a.shape[0] > 1), 1)
+    per_item = activations / batch
+    if estimate <= 0.8 * available:
+        return Finding("memory", "ok", summary, details=details)
+    fitting = int((0.8 * available - weights) // per_item) if per_item > 0 else 0
+    suggestion = (f"use batch {fitting} or less (activations take {format_bytes(per_item)} per item)" if 0 < fitting < batch
+                  else "the weights alone do not fit: use a lower precision (--bf16/--fp16/--int8) to halve them or more"
+                  if weights > 0.8 * available else "free memory held by other processes")
+    return Finding("memory", "error" if estimate > available else "warning", summary,
+                   "the engine's weights and live activations need about that much at once",
+                   suggestion + ("; on the GPU also cap the workspace with --memPoolSize workspace:SIZE" if device == "cuda" else ""),
+                   "KILN-E601", details)
+
+
+def read_calibration(path: str) -> list[dict[str, np.ndarray]]:
+    """Calibration feeds: one .npz (one feed) or a directory of .npz files (one feed each)."""
+    source = Path(path)
+    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
+    feeds = []
+    for file in files:
+        try:
+            with np.load(file, allow_pickle=False) as data:
+                feeds.append({name: data[name] for name in data.files})
+        except (OSError, ValueError, AttributeError) as error:
+            raise KilnError(f"cannot read calibration data {str(file)!r}: {error}", code="KILN-E302",
+                            hint="give an .npz file, or a directory of them, each mapping input names to arrays") from None
+    if not feeds:
+        raise KilnError(f"no calibration batches in {path!r}", code="KILN-E302", hint="put .npz files (one feed each) there")
+    return feeds
+
+
+def check_calibration(model, config, calib: str | None, sample_values: dict) -> Finding:
+    """INT8 needs ranges; with calibration data, compare its ranges against the sample data's values."""
+    from .compare import reference_model, run_reference
+
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if not config.int8:
+        return Finding("calibration", "n/a", "not an INT8 build (--int8 not given)")
+    if has_qdq and not calib:
+        return Finding("calibration", "ok", "the model carries its own quantization (QuantizeLinear/DequantizeLinear nodes)")
+    if not calib:
+        return Finding("calibration", "error", "--int8 was asked for, but there is no calibration data and the model has no QDQ nodes",
+                       "INT8 layers need the range of every activation, measured on representative inputs",
+                       "give --calib DIR (a directory of .npz feeds, 100-500 real inputs), or quantize the model to QDQ first",
+                       "KILN-E302")
+    feeds = read_calibration(calib)
+    names = sorted(name for name, array in sample_values.items() if array.dtype.kind == "f")
+    ranges: dict[str, list[float]] = {}
+    try:
+        runnable = reference_model(model, names)
+        for feed in feeds:
+            for name, array in run_reference(runnable, feed, names).items():
+                if array.size:
+                    low, high = float(np.min(array)), float(np.max(array))
+                    old = ranges.get(name, [low, high])
+                    ranges[name] = [min(old[0], low), max(old[1], high)]
+    except KilnError as error:
+        finding = from_error("calibration", error)
+        finding.symptom = "the calibration data does not run through the model: " + finding.symptom
+        finding.code = "KILN-E302"
+        return finding
+    rows = []
+    for name, (low, high) in ranges.items():
+        sample = sample_values[name].astype(np.float64)
+        clipped = float(np.mean((sample < low) | (sample > high)))
+        span = float(sample.max() - sample.min())
+        coverage = min(1.0, (high - low) / span) if span > 0 else 1.0
+        rows.append({"tensor": name, "calibrated": [low, high], "sample": [float(sample.min()), float(sample.max())],
+                     "clipping_rate": clipped, "coverage": coverage})
+    rows.sort(key=lambda r: -r["clipping_rate"])
+    bad = [r for r in rows if r["clipping_rate"] > CLIPPING_WARN_RATE]
+    details = {"batches": len(feeds), "tensors": rows}
+    if not bad:
+        return Finding("calibration", "ok", f"{len(feeds)} calibration batch(es) cover the sample data: the worst tensor clips "
+                       f"{100 * (rows[0]['clipping_rate'] if rows else 0):.2f}% of its values", details=details)
+    worst = ", ".join(f"{r['tensor']} clips {100 * r['clipping_rate']:.1f}% (covers {100 * r['coverage']:.0f}% of the range)" for r in bad[:4])
+    return Finding("calibration", "warning", f"calibration data looks unrepresentative: {len(bad)} tensor(s) clip more than "
+                   f"{100 * CLIPPING_WARN_RATE:g}% of the sample values: {worst}",
+                   "the calibration inputs do not span the values the model sees on the sample data, so INT8 saturates",
+                   "calibrate on more, and more varied, real inputs (a few hundred drawn like production data); keep the "
+                   "worst layers in higher precision", "KILN-E302", details)
+
+
+def check_precision_fallback(engine, config) -> Finding:
+    asked = [p for p in config.precisions() if p != "fp32"]
+    layers = engine.plan.layers
+    fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
+    if asked:
+        fallbacks += [{"layer": name, **info} for name, info in layers.items()
+                      if info.get("precision", "fp32") not in asked and not info.get("fallback")]
+    if not fallbacks:
+        what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
+        return Finding("precision fallback", "ok", f"all {len(layers)} layers run {what}")
+    ops = sorted({f["op"] for f in fallbacks if "op" in f})
+    return Finding("precision fallback", "warning",
+                   f"{len(fallbacks)} of {len(layers)} layers fall back from {', '.join(asked) or 'their first tactic'} "
+                   f"(to {', '.join(sorted({f.get('precision', 'fp32') for f in fallbacks}))}): ops {', '.join(ops[:8])}",
+                   "kiln has no faster kernel for these layers in that precision on this device, or the precision rules "
+                   "rejected it (accuracy)", "if they matter for speed, check `kiln inspect ENGINE` for each layer's tactic; "
+                   "a plugin can supply the kernel (docs/plugins.md)", "KILN-E301", {"layers": fallbacks[:200]})
+
+
+def check_launch_bound(engine, profile: list[dict]) -> Finding:
+    if not profile:
+        return Finding("launch overhead", "n/a", "no per-layer profile")
+    tiny = [layer for layer in profile if layer["averageMs"] < TINY_LAYER_MS]
+    total = sum(layer["averageMs"] for layer in profile)
+    summary = (f"{len(tiny)} of {len(profile)} layers take under {TINY_LAYER_MS * 1e3:.0f} us each "
+               f"(together {sum(t['averageMs'] for t in tiny):.3f} of {total:.3f} ms)")
+    details = {"layers": len(profile), "tiny_layers": len(tiny), "total_ms": total}
+    if len(profile) < LAUNCH_BOUND_MIN_LAYERS or len(tiny) < len(profile) / 2:
+        return Finding("launch overhead", "ok", summary, details=details)
+    if engine.device == "cuda":
+        return Finding("launch overhead", "warning", "launch-bound engine: " + summary,
+                       "each kernel launch costs several microseconds of CPU time, more than these kernels run",
+                       "replay the engine as a CUDA graph: kiln bench --useCudaGraph (Engine option use_cuda_graph), "
+                       "or batch more work per call", details=details)
+    return Finding("launch overhead", "info", "many tiny layers: " + summary,
+                   "per-layer dispatch overhead is a large share of the time; CUDA graphs do not apply on the CPU",
+                   "use a larger batch per call so each layer does more work", details=details)
+
+
+# -- the whole examination ----------------------------------------------------------------------------
+
+def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict | None = None, calib: str | None = None,
+             fix_path: str | None = None, seed: int = 0, profile_iterations: int = 3) -> DoctorReport:
+    """Run every check on `model_path` as `config` would build it; never raises for a problem of the model."""
+    from ..frontend.onnx import load_model
+    from .inputs import random_feed
+    from .memory import MemoryMonitor
+
+    report = DoctorReport(str(model_path))
+    given, shapes = dict(given or {}), dict(shapes or {})
+    try:
+        config.validate()
+    except KilnError as error:
+        report.add(from_error("configuration", error))
+        return report
+    try:
+        model = load_model(model_path)
+    except KilnError as error:
+        report.add(from_error("model file", error))
+        return report
+    finding, converted = check_opset(model, fix_path)
+    report.add(finding)
+    report.fixed_model = finding.details.get("written") or (fix_path if finding.fix.startswith("wrote") else None)
+    if converted is None:
+        return report
+    graph = prepared_graph(converted)
+    report.add(check_operators(graph))
+    report.add(check_dynamic(graph, config, shapes))
+    report.add(check_inputs(graph, given))
+
+    from ..engine.bindings import Binding
+
+    bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
+    with MemoryMonitor(device=config.device) as monitor:
+        feed = random_feed(bindings, seed=seed, shapes=shapes)
+        if not any(f.blocks and f.check == "input shapes" for f in report.findings):
+            feed.update(given)
+        monitor.mark("sample run (onnxruntime)")
+        try:
+            values = sample_activations(converted, feed)
+        except KilnError as error:
+            values = {}
+            report.add(Finding("sample run", "info", f"onnxruntime could not run the model on sample data: {error.message}",
+                               "the fp16-range, memory and calibration checks need activations", "", error.code))
+        if values:
+            report.add(check_fp16_overflow(values, graph.initializers, config))
+        report.add(check_calibration(converted, config, calib, values) if values or not config.int8 else
+                   Finding("calibration", "n/a", "no sample activations to check calibration against"))
+        engine = None
+        if not report.blocked:
+            monitor.mark("build")
+            try:
+                from ..builder import build
+
+                engine = build(model_path, config)
+            except KilnError as error:
+                report.add(from_error("build", error))
+        profile = []
+        if engine is not None:
+            report.add(check_precision_fallback(engine, config))
+            monitor.mark("profile run")
+            try:
+                from .bench import benchmark
+
+                result = benchmark(engine, {k: v for k, v in feed.items() if k in {b.name for b in engine.inputs}},
+                                   warmup_ms=0, iterations=profile_iterations, duration_s=0, profile=True,
+                                   progress=False, monitor=monitor)
+                profile = result.layers
+                report.memory["latency_ms"] = result.stats("latency")
+            except KilnError as error:
+                report.add(from_error("run", error))
+    report.memory.update(monitor.summary())
+    report.memory["timeline"] = monitor.timeline
+    report.add(check_memory(converted, graph, values, feed, config.device, monitor.summary()))
+    if engine is not None:
+        report.add(check_launch_bound(engine, profile))
+    return report
+
+
+_MARK = {"ok": "ok", "info": "info", "warning": "WARNING", "error": "ERROR", "n/a": "n/a"}
+
+
+def format_report(report: DoctorReport) -> str:
+    from .memory import format_bytes
+
+    lines = [f"kiln doctor {report.model}"]
+    for f in report.findings:
+        lines.append(f"[{_MARK[f.status]}] {f.check}: {f.symptom}" + (f"  ({f.code})" if f.code and f.status in ("warning", "error") else ""))
+        if f.status not in ("ok", "n/a"):
+            if f.cause:
+                lines.append(f"    cause: {f.cause}")
+            if f.fix:
+                lines.append(f"    fix:   {f.fix}")
+    memory = report.memory
+    if memory.get("peak_host_bytes"):
+        line = f"memory while checking: peak host {format_bytes(memory['peak_host_bytes'])}"
+        if memory.get("peak_device_bytes") is not None:
+            line += f", peak device {format_bytes(memory['peak_device_bytes'])}"
+        lines.append(line)
+    blocking = [f.check for f in report.findings if f.blocks]
+    lines.append(f"blocked by: {', '.join(blocking)}" if blocking else "nothing blocks the build")
+    return "\n".join(lines)
