@@ -17,12 +17,29 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..builder import build
+    from ..tools.memory import MemoryMonitor
 
-    engine = build(args.model, shared.config_from_args(args))
+    with MemoryMonitor(device=args.device) as build_memory:
+        engine = build(args.model, shared.config_from_args(args))
+    engine.plan.build_info["build_memory"] = {k: v for k, v in build_memory.summary().items() if k != "device"}
     path = args.saveEngine or str(Path(args.model).with_suffix(".kiln"))
     engine.save(path)
     info = engine.plan.build_info
     print(f"built {path}: {len(engine.plan.graph.nodes)} layers for {engine.device} in {info['build_seconds']:.2f} s")
     print(f"  inputs:  {', '.join(str(b) for b in engine.inputs)}")
     print(f"  outputs: {', '.join(str(b) for b in engine.outputs)}")
+    if args.verbose:
+        print(f"  build: {build_memory.describe()}")
+        print(f"  run:   {_run_memory(engine).describe()} (one inference on fixed-seed random inputs)")
     return 0
+
+
+def _run_memory(engine):
+    """Memory of one inference, so a verbose build shows what running the engine will need."""
+    from ..tools.inputs import random_feed
+    from ..tools.memory import MemoryMonitor
+
+    feed = random_feed(engine.inputs, seed=0)
+    with MemoryMonitor(device=engine.device) as memory:
+        engine.run(feed)
+    return memory
