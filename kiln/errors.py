@@ -72,6 +72,7 @@ CODES = {
     "KILN-E201": "a node failed while being evaluated during the build (constant folding or shape check)",
     "KILN-E202": "a dynamic input has no optimization profile",
     "KILN-E203": "invalid builder configuration",
+    "KILN-E204": "a plugin is incomplete or its kernel cannot be loaded (no infer rule, CUDA kernel not importable)",
     "KILN-E301": "precision not supported on the target device",
     "KILN-E302": "calibration data missing or unusable",
     "KILN-E303": "accuracy budget cannot be met",

@@ -14,6 +14,7 @@ from .. import log
 from ..errors import ParseError
 from ..ir import DType, Graph, Node, Value
 from ..ir.dtypes import from_numpy
+from ..plugins import apply_infer_rules
 from .functions import expand_schema_functions, inline_local_functions
 from .unsupported import describe_unsupported
 
@@ -229,6 +230,7 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     model = normalize_opset(model)
     model = inline_local_functions(model)
     model = infer_shapes(model)
+    model = apply_infer_rules(model, infer_shapes)  # custom-domain nodes: ONNX cannot type their outputs, plugins can
     opset = model_opset(model)
     opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
 
