@@ -38,6 +38,10 @@ class BuilderConfig:
             if asked:
                 raise PrecisionError(f"{', '.join(asked)} is a GPU precision; kiln's CPU engines run fp32, bf16 and int8",
                                      code="KILN-E301", hint="build with --device cuda for it, or use --bf16 on a CPU with AVX512-BF16/AMX")
+            if self.bf16:
+                from .backends.cpu.fast import check_bf16
+
+                check_bf16()
         if self.device == "cuda":
             from .engine.target import cuda_available
 
@@ -88,6 +92,12 @@ def build(model, config: BuilderConfig | None = None, **options):
         plan.build_info["counters"] = dict(ctx.counters)
         engine = Engine(plan)
         engine.program  # lower now, so a build that cannot run fails here and not at the first run  # noqa: B018
+        for name, info in getattr(engine.program, "layer_info", {}).items():
+            plan.layers.setdefault(name, {}).update(info)
+        if config.device == "cpu":
+            from .engine.memory import plan_memory
+
+            plan.memory = plan_memory(graph)
         bar.advance("lowered")
     plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
     log.verbose("built %s engine with %d layers in %.2f s", config.device, len(graph.nodes), plan.build_info["build_seconds"])

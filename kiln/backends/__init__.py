@@ -6,9 +6,9 @@ def lower(plan):
     """The runnable program for `plan` on the device it was built for."""
     device = plan.target["device"]
     if device == "cpu":
-        from .cpu.program import CpuProgram
+        from .cpu.fast import lower as lower_cpu
 
-        return CpuProgram(plan.graph)
+        return lower_cpu(plan)
     if device == "cuda":
         from .cuda import lower as lower_cuda
 

@@ -6,20 +6,41 @@ import time
 
 from .. import log
 from ..ir import Graph, verify
-from . import constant_folding, dead_code
+from . import (constant_folding, cse, dead_code, fold_batchnorm, fuse_activation, fuse_conv, fuse_gemm, noop_removal,
+               recognize_attention, recognize_gelu, recognize_layernorm)
 from .context import PassContext
 
-# The order of optimizations, visible in one place.
-PIPELINE = [
+# Folding and dead code always run: without them the light models (weights built by ConstantOfShape)
+# would compute their weights on every run. BuilderConfig(optimize=False) stops there, which is how
+# tests compare an optimized engine with an unoptimized one.
+ESSENTIAL = [
     ("constant_folding", constant_folding.run),  # weights built by ConstantOfShape, shape arithmetic
     ("dead_code", dead_code.run),  # what folding left unread
+]
+
+# The order of optimizations, visible in one place.
+PIPELINE = ESSENTIAL + [
+    ("noop_removal", noop_removal.run),  # Identity, Dropout, same-type Cast, same-shape Reshape, Transpose pairs
+    ("cse", cse.run),  # exporters repeat shape arithmetic and constants per layer
+    ("constant_folding", constant_folding.run),  # what CSE and no-op removal made constant
+    ("fold_batchnorm", fold_batchnorm.run),  # Conv + BatchNormalization -> Conv
+    ("recognize_gelu", recognize_gelu.run),  # erf-form GELU -> kiln::Gelu
+    ("recognize_layernorm", recognize_layernorm.run),  # decomposed LayerNorm -> LayerNormalization
+    ("recognize_attention", recognize_attention.run),  # MatMul/scale/mask/Softmax/MatMul -> kiln::Attention
+    ("noop_removal", noop_removal.run),  # attention's K transpose meets the head transposes
+    ("fuse_conv", fuse_conv.run),  # Conv -> kiln::Conv
+    ("fuse_gemm", fuse_gemm.run),  # Gemm, MatMul (+ bias) -> kiln::Gemm
+    ("fuse_activation", fuse_activation.run),  # residual Add and activations into kiln::Conv / kiln::Gemm
+    ("dead_code", dead_code.run),  # weights the folds replaced
 ]
 
 
 def optimize(graph: Graph, ctx: PassContext | None = None, passes=None, config=None) -> PassContext:
     """Run the pipeline over `graph` in place; return the context with its rewrite counters."""
-    ctx = ctx or PassContext(validate=os.environ.get("KILN_VALIDATE") == "1")
-    for name, run in passes or PIPELINE:
+    ctx = ctx or PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
+    if passes is None:
+        passes = PIPELINE if config is None or getattr(config, "optimize", True) else ESSENTIAL
+    for name, run in passes:
         start = time.perf_counter()
         before = len(graph.nodes)
         changed = run(graph, ctx)

@@ -1,0 +1,237 @@
+"""Fast CPU tactics: oneDNN's prepacked, fused convolution and linear kernels (the ones torch exposes
+under torch.ops.mkldnn and inductor's weight freezing uses), channels-last activations, and bf16
+matrix work on CPUs with AVX512-BF16 / AMX.
+
+Why: plain torch eager calls re-lay-out the weights on every call and run each bias/activation as a
+separate pass over memory; oneDNN with weights reordered once at lowering, the activation as a
+post-op and NHWC activations runs the same math in one pass (see docs/benchmarks.md for the effect).
+
+Layers without a fast tactic run their reference kernel. In a bf16 engine the fast layers compute in
+bf16 and hand bf16 on; a reference layer that meets bf16 and fp32 inputs together computes in fp32,
+so the residual stream of a transformer stays fp32 while its matrix work runs on AMX.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import PrecisionError
+from ...ir import DType, Graph, Node
+from .kernels import bind_kernel
+
+# kiln activation -> (oneDNN post-op name, algorithm)
+_POST_OPS = {"": ("none", ""), "relu": ("relu", ""), "sigmoid": ("sigmoid", ""), "tanh": ("tanh", ""),
+             "hardswish": ("hardswish", ""), "silu": ("swish", ""), "gelu": ("gelu", "none"),
+             "gelu_tanh": ("gelu", "tanh"), "leaky_relu": ("leaky_relu", ""), "clip": ("hardtanh", "")}
+_FLOAT_MAX = 3.4e38
+
+
+@dataclass
+class Tactic:
+    run: Callable
+    name: str  # what `kiln inspect` shows: "onednn-packed", "torch-sdpa", "torch"
+    precision: str  # "fp32", "bf16", or "input" (runs in whatever float type reaches it)
+
+
+def bf16_supported() -> bool:
+    """Whether this CPU runs bf16 matrix work natively (AVX512-BF16 or AMX-BF16) and torch's oneDNN uses it."""
+    from ...engine.target import cpu_features
+
+    import torch
+
+    features = cpu_features()
+    return bool(features & {"avx512_bf16", "amx_bf16"}) and torch.backends.mkldnn.is_available() \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def check_bf16() -> None:
+    if not bf16_supported():
+        raise PrecisionError("--bf16 on the CPU needs AVX512-BF16 or AMX-BF16, which this CPU (or torch's oneDNN build) lacks",
+                             code="KILN-E301", hint="build without --bf16 (fp32), or build on a CPU with AVX512-BF16 / AMX "
+                                                    "(Intel Cooper Lake, Sapphire Rapids or newer; AMD Zen 4 or newer)")
+
+
+def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
+    """The fastest tactic kiln has for `node`, falling back to its reference kernel."""
+    opset = graph.opsets.get(node.domain, graph.opset)
+    if node.domain == "kiln" and node.op == "Conv":
+        tactic = _conv(node, graph, bf16)
+        if tactic is not None:
+            return tactic
+    if node.domain == "kiln" and node.op == "Gemm":
+        tactic = _gemm(node, graph, bf16)
+        if tactic is not None:
+            return tactic
+    if node.domain == "kiln" and node.op == "Attention":
+        return _attention(node, bf16)
+    kernel = bind_kernel(node, opset)
+    if bf16:
+        return Tactic(_meet_in_fp32(kernel), "torch", "input")
+    return Tactic(kernel, "torch", "fp32")
+
+
+def _post_op(node: Node) -> tuple[str, list, str | None]:
+    name, algorithm = _POST_OPS[node.attrs.get("activation", "")]
+    params = [float(p) for p in node.attrs.get("activation_params", [])]
+    if name == "hardtanh":
+        params = [max(params[0], -_FLOAT_MAX), min(params[1], _FLOAT_MAX)]
+    return name, params, algorithm
+
+
+def _example_shape(graph: Graph, name: str) -> list[int] | None:
+    shape = graph.value(name).shape
+    if shape is None:
+        return None
+    return [d if isinstance(d, int) else 1 for d in shape]  # a symbolic batch: pack for 1, any batch still runs
+
+
+def _conv(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+    import torch
+
+    weight = graph.initializers.get(node.inputs[1])
+    pads = list(node.attrs["pads"])
+    if weight is None or weight.ndim != 4 or pads[:2] != pads[2:] or not torch.backends.mkldnn.is_available():
+        return None
+    example = _example_shape(graph, node.inputs[0])
+    if example is None or len(example) != 4:
+        return None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    padding, stride, dilation = pads[:2], list(node.attrs["strides"]), list(node.attrs["dilations"])
+    groups = int(node.attrs["group"])
+    w = torch.from_numpy(weight.copy()).to(dtype)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, example)
+    bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
+    attr, scalars, algorithm = _post_op(node)
+    convolve = torch.ops.mkldnn._convolution_pointwise
+    channels_last = torch.channels_last
+
+    if len(node.inputs) > 3 and node.inputs[3] and groups > 1:
+        # oneDNN's fused residual add falls back to a torch kernel without bf16 for grouped convolutions
+        from ...ops.fused import apply_activation
+
+        activation, params = node.attrs.get("activation", ""), node.attrs.get("activation_params", [])
+
+        def run(x, w_unused, b_unused, residual):
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            y = convolve(x.contiguous(memory_format=channels_last), packed, bias, padding, stride, dilation, groups,
+                         "none", [], "")
+            return apply_activation(y.add_(residual.to(dtype)), activation, params)
+    elif len(node.inputs) > 3 and node.inputs[3]:
+        def run(x, w_unused, b_unused, residual):
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if residual.dtype != dtype:
+                residual = residual.to(dtype)
+            # oneDNN adds the residual in its own layout: both NHWC
+            x = x.contiguous(memory_format=channels_last)
+            residual = residual.contiguous(memory_format=channels_last)
+            return convolve.binary(x, residual, packed, bias, padding, stride, dilation, groups, "add", None,
+                                   attr if attr != "none" else None, scalars, algorithm or None)
+    else:
+        def run(x, *unused):
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            return convolve(x.contiguous(memory_format=channels_last), packed, bias, padding, stride, dilation, groups,
+                            attr, scalars, algorithm)
+    return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
+
+
+def _gemm(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+    import torch
+
+    weight = graph.initializers.get(node.inputs[1])
+    if weight is None or weight.ndim != 2 or not torch.backends.mkldnn.is_available():
+        return None
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    example = _example_shape(graph, node.inputs[0])
+    rows = math.prod(example[:-1]) if example else None
+    w = torch.from_numpy(weight.copy()).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
+    attr, scalars, algorithm = _post_op(node)
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def run(x, *unused):
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        return linear(x, packed, bias, attr, scalars, algorithm)
+
+    return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
+
+
+def _attention(node: Node, bf16: bool) -> Tactic:
+    import torch
+    import torch.nn.functional as F
+
+    scale = float(node.attrs.get("scale", 1.0))
+
+    def run(q, k, v, mask=None):
+        if bf16:
+            q, k, v = (t.to(torch.bfloat16) if t.dtype != torch.bfloat16 else t for t in (q, k, v))
+            if mask is not None and mask.dtype.is_floating_point:
+                mask = mask.to(torch.bfloat16)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+    return Tactic(run, "torch-sdpa", "bf16" if bf16 else "fp32")
+
+
+def _meet_in_fp32(kernel: Callable) -> Callable:
+    """Where bf16 and fp32 tensors meet in a reference layer, compute in fp32; otherwise as given."""
+    import torch
+
+    bfloat16, float32 = torch.bfloat16, torch.float32
+
+    def run(*args, **context):
+        dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in (bfloat16, float32)}
+        if len(dtypes) == 2:
+            args = tuple(a.to(float32) if isinstance(a, torch.Tensor) and a.dtype == bfloat16 else a for a in args)
+        return kernel(*args, **context)
+
+    return run
+
+
+def lower(plan):
+    """The CPU program for `plan`, each layer bound to its fastest tactic; per-layer choices in
+    `program.layer_info` (precision and tactic, which the builder records in plan.layers)."""
+    import torch
+
+    from .program import CpuProgram
+
+    graph = plan.graph
+    bf16 = bool(plan.config.get("bf16")) and plan.config.get("device", "cpu") == "cpu"
+    if bf16:
+        check_bf16()
+    chosen: dict[int, Tactic] = {}
+
+    def kernel_for(node: Node):
+        tactic = choose(node, graph, bf16)
+        chosen[id(node)] = tactic
+        return tactic.run
+
+    with torch.inference_mode():
+        program = CpuProgram(graph, kernel_for=kernel_for)
+    program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
+                          for node in graph.nodes if id(node) in chosen}
+    if bf16:
+        _deliver_fp32(program, [v.name for v in graph.outputs if graph.value(v.name).dtype is DType.float32])
+    return program
+
+
+def _deliver_fp32(program, names: list[str]) -> None:
+    """Outputs the model declares fp32 leave a bf16 engine as fp32, as its bindings promise."""
+    import torch
+
+    inner = program.execute
+
+    def execute(feed, *args, **kwargs):
+        results = inner(feed, *args, **kwargs)
+        for name in names:
+            if results[name].dtype == torch.bfloat16:
+                results[name] = results[name].float()
+        return results
+
+    program.execute = execute

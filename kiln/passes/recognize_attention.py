@@ -1,0 +1,83 @@
+"""Attention recognition: MatMul(Q, K^T), a scale (Div or Mul by a constant), an additive mask, Softmax
+over the last axis and MatMul by V become one kiln::Attention (scaled-dot-product attention), which
+runs as one fused kernel that never writes the whole score matrix out. The transpose of K moves into
+a Transpose node that noop_removal then merges with the head transposes before it."""
+from __future__ import annotations
+
+from .. import log
+from ..ir import Graph, Node
+from .context import PassContext
+from .matching import Neighbours, merged_origin, rewrite, scalar
+
+
+def run(graph: Graph, ctx: PassContext) -> bool:
+    if graph.opset < 13:  # Softmax before opset 13 normalises over flattened trailing axes
+        return False
+    near = Neighbours(graph)
+    replaced = {}
+    for softmax in graph.nodes:
+        if softmax.op != "Softmax" or softmax.domain:
+            continue
+        match = _match(graph, near, softmax)
+        if match is None or any(id(n) in replaced for n in match["nodes"]):
+            continue
+        scores, last = match["scores"], match["last"]
+        q, k_transposed = scores.inputs
+        rank = graph.value(k_transposed).rank
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        k = graph.fresh_name(f"{k_transposed}_keys")
+        transpose = Node("Transpose", (k_transposed,), (k,), {"perm": perm}, name=f"{last.name or 'attention'}_keys",
+                         origin=merged_origin(scores))
+        inputs = (q, k, last.inputs[1]) + ((match["mask"],) if match["mask"] else ())
+        fused = last.replace(op="Attention", domain="kiln", inputs=inputs, attrs={"scale": match["scale"]},
+                             origin=merged_origin(*match["nodes"]))
+        for node in match["nodes"]:
+            replaced[id(node)] = None
+        replaced[id(last)] = [transpose, fused]
+        ctx.counters["recognize_attention"] += 1
+        log.verbose("recognize_attention: %s and the nodes before it are scaled-dot-product attention", softmax.describe())
+    if not replaced:
+        return False
+    graph.opsets.setdefault("kiln", 1)
+    rewrite(graph, replaced)
+    return True
+
+
+def _match(graph: Graph, near: Neighbours, softmax) -> dict | None:
+    rank = graph.value(softmax.inputs[0]).rank
+    if rank is None or rank < 3 or softmax.attrs.get("axis", -1) not in (-1, rank - 1):
+        return None
+    last = near.only_user(softmax.outputs[0])
+    if last is None or last.op != "MatMul" or last.domain or last.inputs[0] != softmax.outputs[0]:
+        return None
+    nodes = [softmax]
+    current, mask, scale = softmax.inputs[0], "", 1.0
+    producer = near.producer.get(current)
+    if producer is not None and producer.op == "Add" and not producer.domain and near.only_user(current) is softmax:
+        # The mask is the operand that is not the scaled scores.
+        for mine, other in ((0, 1), (1, 0)):
+            source = near.producer.get(producer.inputs[mine])
+            if source is not None and source.op in ("MatMul", "Div", "Mul") and not source.domain:
+                current, mask = producer.inputs[mine], producer.inputs[other]
+                nodes.append(producer)
+                break
+        else:
+            return None
+    producer = near.producer.get(current)
+    if producer is not None and producer.op in ("Div", "Mul") and not producer.domain and near.only_user(current) is nodes[-1]:
+        factor = scalar(graph, producer.inputs[1])
+        if factor is None or factor == 0:
+            return None
+        scale = 1.0 / factor if producer.op == "Div" else factor
+        current = producer.inputs[0]
+        nodes.append(producer)
+    scores = near.producer.get(current)
+    if scores is None or scores.op != "MatMul" or scores.domain or near.only_user(current) is not nodes[-1]:
+        return None
+    shapes = [graph.value(name).rank for name in (*scores.inputs, last.inputs[1])]
+    if any(r is None or r != rank for r in shapes) or any(name in graph.initializers for name in scores.inputs):
+        return None
+    if mask and (graph.value(mask).dtype != graph.value(softmax.inputs[0]).dtype or (graph.value(mask).rank or 0) > rank):
+        return None
+    nodes.append(scores)
+    return {"nodes": nodes, "scores": scores, "last": last, "mask": mask, "scale": scale}
