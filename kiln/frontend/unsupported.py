@@ -1,5 +1,10 @@
-"""The one KILN-E101 error that names every unsupported node, where it is, and the way out for each."""
+"""The one KILN-E101 error that names every unsupported node, where it is, and the concrete way out for each:
+an opset conversion, an automatic decomposition (ONNX function bodies), or a plugin skeleton whose
+signature has the operator's inputs and attributes."""
 from __future__ import annotations
+
+import keyword
+import re
 
 import onnx
 
@@ -13,42 +18,128 @@ def _kernel_opsets(node: Node) -> list[int]:
     return [d.since for d in registry.versions(node.op, node.domain)]
 
 
-def way_out(node: Node, opset: int, reason: str) -> str:
-    """The concrete thing a user can do about one unsupported node."""
-    if node.domain not in ("", "ai.onnx"):
-        return (f"register a plugin for {node.domain}::{node.op}: "
-                f"@kiln.plugin(\"{node.op}\", domain=\"{node.domain}\", version=\"1.0\", "
-                f"infer=...) def {_snake(node.op)}({', '.join(f'x{i}' for i in range(len(node.inputs))) or 'x'}"
-                f"{', *, ' + ', '.join(sorted(node.attrs)) if node.attrs else ''}): ... (see docs/plugins.md)")
-    known = _kernel_opsets(node)
-    if known and min(known) > opset:
-        return f"convert the model to opset {min(known)} or newer (onnx.version_converter.convert_version)"
-    if reason.startswith("no kernel for") or reason.startswith("attribute"):
-        return "export the model without this variant, or register a plugin that overrides it (docs/plugins.md)"
+def _schema(node: Node, opset: int | None = None):
+    """ONNX's schema for the node's operator at `opset` (the newest one when None), or None."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
     try:
-        schema = onnx.defs.get_schema(node.op, opset, node.domain)
-        if schema.has_function or schema.has_context_dependent_function:
-            return ("ONNX defines this operator as a function, but its body could not be expanded for these input "
-                    "types; re-export with the operator decomposed")
+        if opset is None:
+            return onnx.defs.get_schema(node.op, domain)
+        return onnx.defs.get_schema(node.op, opset, domain)
     except onnx.defs.SchemaError:
-        return f"{node.op} is not an operator of ONNX opset {opset}: check the exporter, or register a plugin (docs/plugins.md)"
-    return (f"register a plugin for {node.op} (docs/plugins.md): @kiln.plugin(\"{node.op}\", version=\"1.0\", infer=...) "
-            f"def {_snake(node.op)}(...): ...; or replace it in the model before export")
+        return None
+
+
+def _function_from(schema) -> int | None:
+    """The first opset at which ONNX defines `schema`'s operator as a function body, or None."""
+    found = list(schema.function_opset_versions) + list(schema.context_dependent_function_opset_versions)
+    return min(found) if found else None
+
+
+def way_out(node: Node, opset: int, reason: str) -> str:
+    """The concrete thing a user can do about one unsupported node (the first line; a skeleton may follow)."""
+    known = _kernel_opsets(node)
+    here = _schema(node, opset)
+    newest = _schema(node)
+    convert = "convert the model with onnx.version_converter.convert_version(model, {0}) and rebuild"
+    if here is None and newest is not None and newest.since_version > opset and not node.domain:
+        # The operator only exists in newer opsets: the exporter wrote it under too old an opset.
+        then = " (kiln runs it there)" if known and min(known) <= newest.since_version else (
+            " (ONNX defines it as a function there, which kiln expands automatically)" if _function_from(newest) else "")
+        return (f"{node.op} is an ONNX operator from opset {newest.since_version}, not in opset {opset}: "
+                f"re-export at opset {newest.since_version} or newer, or {convert.format(newest.since_version)}{then}")
+    if known and min(known) > opset:
+        return f"kiln implements {node.op} from opset {min(known)}: {convert.format(min(known))}"
+    if here is not None:
+        function_opset = _function_from(here)
+        if function_opset is not None and function_opset > opset:
+            return (f"ONNX defines {node.op} as a function from opset {function_opset}, which kiln expands automatically: "
+                    f"{convert.format(function_opset)}")
+        if function_opset is not None:
+            return (f"ONNX defines {node.op} as a function, but its body needs the input types, which shape inference "
+                    f"did not find here: declare the input types (onnx.shape_inference.infer_shapes) and kiln expands "
+                    f"it automatically; or register a plugin:")
+    if reason.startswith("no kernel for") and " in " in reason:
+        return f"cast the input to one of the listed types in the model, or register a plugin that overrides {node.op_key}:"
+    if here is None and newest is None and not node.domain:
+        return f"{node.op} is not an ONNX operator (check the exporter), or register a plugin for it:"
+    return f"register a plugin for {node.op_key} (docs/plugins.md):"
+
+
+def plugin_skeleton(node: Node, opset: int) -> str:
+    """A plugin declaration with the right signature for `node`'s operator, to fill in."""
+    schema = _schema(node, opset) or _schema(node)
+    params = _input_params(node, schema)
+    attributes = _attribute_params(node, schema)
+    signature = ", ".join(params + (["*"] + attributes if attributes else []))
+    domain = f", domain=\"{node.domain}\"" if node.domain else ""
+    # ONNX infers outputs of its own operators; a custom one needs the rule.
+    infer = "" if schema is not None else ",\n             infer=lambda inputs, attrs: [(inputs[0].dtype, inputs[0].shape)]"
+    rule = "" if schema is not None else "  # infer: one (dtype, shape) per output"
+    return (f"@kiln.plugin(\"{node.op}\"{domain}, version=\"1.0\"{infer}){rule}\n"
+            f"def {_identifier(_snake(node.op))}({signature}):\n"
+            f"    ...  # torch code; return {len(node.outputs)} tensor(s)")
+
+
+def _input_params(node: Node, schema) -> list[str]:
+    if schema is None:
+        return [f"x{i}" for i in range(len(node.inputs))] or ["x"]
+    params = []
+    for formal in schema.inputs:
+        name = _identifier(_snake(formal.name))
+        if formal.option == onnx.defs.OpSchema.FormalParameterOption.Variadic:
+            params.append(f"*{name}")
+            break
+        params.append(f"{name}=None" if formal.option == onnx.defs.OpSchema.FormalParameterOption.Optional else name)
+    return params
+
+
+def _attribute_params(node: Node, schema) -> list[str]:
+    if schema is None:
+        return [f"{_identifier(name)}={_literal(value)}" for name, value in sorted(node.attrs.items())]
+    params = []
+    for name, attribute in sorted(schema.attributes.items()):
+        default = attribute.default_value
+        if default.type != onnx.AttributeProto.UNDEFINED:
+            params.append(f"{_identifier(name)}={_literal(onnx.helper.get_attribute_value(default))}")
+        else:
+            params.append(f"{_identifier(name)}=None")
+    return params
+
+
+def _literal(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return repr(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, str)) for v in value):
+        return repr(list(value))
+    return "None"
 
 
 def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() and i else c.lower() for i, c in enumerate(name))
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", name).lower()
+
+
+def _identifier(name: str) -> str:
+    name = re.sub(r"\W", "_", name) or "x"
+    name = f"_{name}" if name[0].isdigit() else name
+    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def describe_unsupported(problems: list[tuple[Node, int, str]], graph: Graph) -> ParseError:
     kinds = sorted({node.op_key for node, _, _ in problems})
     lines = [f"{len(problems)} node(s) use {len(kinds)} operator(s) kiln cannot run: {', '.join(kinds)}"]
     shown = problems[:50]
+    skeletons_shown: set[str] = set()
     for node, opset, reason in shown:
         domain = node.domain or "ai.onnx"
         lines.append(f"  - node {node.name!r}: {node.op} (domain {domain}, opset {opset}): {reason}")
-        lines.append(f"      way out: {way_out(node, opset, reason)}")
+        first = way_out(node, opset, reason)
+        lines.append(f"      way out: {first}")
+        if first.endswith(":") and node.op_key not in skeletons_shown:
+            skeletons_shown.add(node.op_key)
+            lines.extend("        " + line for line in plugin_skeleton(node, opset).splitlines())
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
     return ParseError("\n".join(lines), code="KILN-E101", where=", ".join(n.name for n, _, _ in problems[:10]),
-                      hint="each line above names the node and its way out; `kiln doctor model.onnx` explains more")
+                      hint="each node above has its way out; a plugin is registered before kiln.build (docs/plugins.md)")
