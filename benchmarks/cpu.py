@@ -1,0 +1,230 @@
+"""CPU benchmark: kiln (fp32 and bf16) against onnxruntime and torch eager, all in one process.
+
+    .venv/bin/python benchmarks/cpu.py [--threads 2] [--runs 20] [--models resnet50,bert] [--json out.json]
+
+Models: four of onnx's light ImageNet models with fixed-seed random weights (their shipped weights are
+constants), cut before the final Softmax, and a BERT-base-shaped encoder (12 layers, hidden 768,
+12 heads, seq 128) exported from torch with torch.onnx.export(dynamo=True). Batch 1 and 8.
+onnxruntime runs with ORT_ENABLE_ALL and the same intra-op thread count as torch.
+"torch eager" is the torch module itself for the encoder; for the ONNX zoo models, which have no
+torch module, it is kiln's unoptimized engine: the graph run op by op with plain torch calls.
+Each timing is the median of --runs timed runs after warm-up; errors are relative L2 against
+onnxruntime's output on the same input.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LIGHT_NAMES = ["resnet50", "densenet121", "inception_v1", "squeezenet"]
+
+
+def median_ms(run, runs: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def light_model(name: str, batch: int, seed: int = 0):
+    """The light model with random weights (shipped ones are constant 0.02), before its Softmax, at `batch`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kiln.frontend.onnx import normalize_opset
+
+    model = onnx.load(str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx"))
+    rng = np.random.default_rng(seed)
+    shapes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    role = {}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            role.update({n: kind for n, kind in zip(node.input[1:], ("scale", "bias", "mean", "var"))})
+    kept, weights = [], []
+    for node in model.graph.node:
+        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
+            shape = tuple(int(d) for d in shapes[node.input[0]])
+            if role.get(node.output[0]) in ("scale", "var"):
+                array = rng.uniform(0.5, 1.5, shape)
+            elif len(shape) <= 1:
+                array = 0.1 * rng.standard_normal(shape)
+            else:
+                array = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
+            weights.append(onnx.numpy_helper.from_array(array.astype(np.float32), node.output[0]))
+        elif node.op_type == "Softmax":  # opset 9: one node; cut it so outputs are logits
+            logits = node.input[0]
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    used = {n for node in kept for n in node.input}
+    initializers = [t for t in model.graph.initializer if t.name in used] + weights
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    names = {t.name for t in initializers}
+    inputs = [i for i in model.graph.input if i.name in used and i.name not in names]
+    inputs[0].type.tensor_type.shape.dim[0].dim_value = batch
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
+    del model.graph.value_info[:]
+    for node in model.graph.node:  # Reshape to (1, -1) before the classifier: keep the batch
+        if node.op_type == "Reshape":
+            for t in model.graph.initializer:
+                if t.name == node.input[1]:
+                    shape = onnx.numpy_helper.to_array(t).copy()
+                    if shape[0] == 1:
+                        shape[0] = batch
+                        t.CopyFrom(onnx.numpy_helper.from_array(shape, t.name))
+    model.ir_version = 8
+    return normalize_opset(model)
+
+
+def encoder(batch: int, layers: int, workdir: Path):
+    """A BERT-base-shaped encoder as a torch module and its ONNX export, with a feed."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from models.test_bert_encoder import TinyBert
+
+    torch.manual_seed(0)
+    module = TinyBert(vocab=30522, hidden=768, heads=12, layers=layers, max_len=128).eval()
+    ids = torch.randint(0, 30522, (batch, 128), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(batch, 128, dtype=torch.int64)
+    mask[:, 100:] = 0
+    path = workdir / f"encoder_b{batch}.onnx"
+    torch.onnx.export(module, (ids, mask), str(path), input_names=["input_ids", "attention_mask"],
+                      output_names=["hidden"], dynamo=True, verbose=False)
+    return module, str(path), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+
+
+def ort_session(model, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    source = model if isinstance(model, str) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, threads: int) -> dict:
+    import torch
+
+    import kiln
+
+    session = ort_session(model, threads)
+    output = session.get_outputs()[0].name
+    reference = session.run([output], feed)[0]
+    row = {"model": name, "batch": batch, "onnxruntime_ms": median_ms(lambda: session.run([output], feed), runs)}
+    torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
+    if eager is None:  # no torch module: kiln's unoptimized engine is the graph in plain torch calls
+        engine = kiln.build(model, kiln.BuilderConfig(optimize=False))
+        eager = lambda: engine.run(torch_feed)  # noqa: E731
+    with torch.inference_mode():
+        row["torch_eager_ms"] = median_ms(eager, runs)
+    for precision in ("fp32", "bf16"):
+        engine = kiln.build(model, kiln.BuilderConfig(bf16=precision == "bf16"))
+        result = engine.run(feed)
+        row[f"kiln_{precision}_ms"] = median_ms(lambda: engine.run(torch_feed), runs)
+        row[f"kiln_{precision}_error"] = relative_error(next(iter(result.values())), reference)
+        if precision == "fp32":
+            memory = engine.plan.memory
+            row["layers"] = len(engine.plan.graph.nodes)
+            row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
+            row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
+    print(format_row(row), flush=True)
+    return row
+
+
+HEADER = ("| model | batch | onnxruntime ms | torch eager ms (x ort) | kiln fp32 ms (x ort) | kiln bf16 ms (x ort) "
+          "| fp32 rel err | bf16 rel err |\n|---|---|---|---|---|---|---|---|")
+
+
+def format_row(row: dict) -> str:
+    ort_ms = row["onnxruntime_ms"]
+    ratio = lambda key: f"{row[key]:.1f} ({row[key] / ort_ms:.2f})"  # noqa: E731
+    return (f"| {row['model']} | {row['batch']} | {ort_ms:.1f} | {ratio('torch_eager_ms')} | {ratio('kiln_fp32_ms')} "
+            f"| {ratio('kiln_bf16_ms')} | {row['kiln_fp32_error']:.1e} | {row['kiln_bf16_error']:.1e} |")
+
+
+def summary(rows: list[dict]) -> dict:
+    speedups = [r["onnxruntime_ms"] / r["kiln_bf16_ms"] for r in rows]
+    return {
+        "fp32_rows_at_most_onnxruntime": sum(r["kiln_fp32_ms"] <= r["onnxruntime_ms"] for r in rows),
+        "rows": len(rows),
+        "fp32_worst_ratio": max(r["kiln_fp32_ms"] / r["onnxruntime_ms"] for r in rows),
+        "bf16_geomean_speedup_over_onnxruntime_fp32": math.exp(sum(map(math.log, speedups)) / len(speedups)),
+        "bf16_worst_error": max(r["kiln_bf16_error"] for r in rows),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument("--runs", type=int, default=20, help="timed runs per measurement (median reported)")
+    parser.add_argument("--models", default=",".join(LIGHT_NAMES + ["bert"]), help="comma-separated subset")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--encoder-layers", type=int, default=12)
+    parser.add_argument("--json", default=str(ROOT / "benchmarks" / "cpu.json"), help="where to write the results")
+    args = parser.parse_args(argv)
+
+    import onnxruntime
+    import torch
+
+    import kiln
+
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()
+    print(f"kiln {kiln.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+          f"{args.threads} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}", flush=True)
+    print(HEADER, flush=True)
+    rows = []
+    batches = [int(b) for b in args.batches.split(",")]
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in args.models.split(","):
+            for batch in batches:
+                if name == "bert":
+                    module, path, feed = encoder(batch, args.encoder_layers, Path(workdir))
+                    ids, mask = (torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
+                    rows.append(bench_row(f"bert-base encoder ({args.encoder_layers} layers, seq 128)", batch, path, feed,
+                                          lambda: module(ids, mask), args.runs, args.threads))
+                else:
+                    model = light_model(name, batch)
+                    x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+                    rows.append(bench_row(name, batch, model, {model.graph.input[0].name: x}, None, args.runs, args.threads))
+    result = {"summary": summary(rows), "rows": rows, "threads": args.threads, "runs": args.runs,
+              "load_average_before": load, "load_average_after": os.getloadavg(), "machine": platform.processor() or platform.machine(),
+              "versions": {"kiln": kiln.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}
+    print(json.dumps(result["summary"], indent=2))
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
