@@ -1,0 +1,83 @@
+"""kiln bench: trtexec's options, latency statistics, the per-layer profile and the JSON exports."""
+import json
+
+import numpy as np
+import pytest
+from helpers import assert_close, make_model, run_onnxruntime
+from onnx import helper
+
+import kiln
+from kiln.cli import main
+from kiln.tools.bench import benchmark, format_profile, format_result
+
+
+def mlp_model():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    weights = {"w1": rng.standard_normal((256, 512)).astype(np.float32) / 16,
+               "w2": rng.standard_normal((512, 128)).astype(np.float32) / 22}
+    return make_model(nodes, {"x": (np.float32, ["batch", 256])}, ["y"], weights)
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    import onnx
+
+    path = tmp_path_factory.mktemp("bench") / "mlp.onnx"
+    onnx.save(mlp_model(), str(path))
+    return path
+
+
+def test_statistics_profile_and_outputs(model_path):
+    engine = kiln.build(str(model_path))
+    x = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=6, duration_s=0, profile=True, progress=False)
+    assert result.iterations >= 6
+    stats = result.stats("latency")
+    assert stats["min"] <= stats["median"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"]
+    assert stats["min"] <= stats["mean"] <= stats["max"]
+    assert np.allclose(result.latency_ms, np.add(np.add(result.h2d_ms, result.compute_ms), result.d2h_ms))
+    steps = engine.program.steps
+    assert [layer["name"] for layer in result.layers] == [s.name for s in steps]
+    assert all(layer["count"] == result.profile_iterations for layer in result.layers)
+    assert abs(sum(layer["percentage"] for layer in result.layers) - 100) < 1e-6
+    # The issue's consistency rule: the per-layer times add up to the measured time of the same runs (within 10%).
+    measured = float(np.mean(result.profile_compute_ms))
+    assert abs(result.layer_sum_ms() - measured) <= 0.10 * measured
+    assert_close(result.outputs["y"], run_onnxruntime(mlp_model(), {"x": x})["y"], rtol=1e-4, atol=1e-5)
+    assert "throughput" in format_result(result) and "sum of layers" in format_profile(result)
+
+
+def test_separate_profile_run_and_no_data_transfers(model_path):
+    engine = kiln.build(str(model_path))
+    x = np.ones((2, 256), np.float32)
+    result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=3, duration_s=0, profile=True, separate_profile_run=True,
+                       no_data_transfers=True, progress=False)
+    assert result.profile_iterations == 3 and len(result.profile_compute_ms) == 3
+    assert result.settings["separateProfileRun"] and result.outputs["y"].shape == (2, 128)
+
+
+def test_cli_exports(model_path, tmp_path, capsys):
+    times, profile, output = tmp_path / "t.json", tmp_path / "p.json", tmp_path / "o.json"
+    code = main(["bench", str(model_path), "--warmUp", "0", "--iterations", "4", "--duration", "0", "--shapes", "x:3x256",
+                 "--dumpProfile", "--exportTimes", str(times), "--exportProfile", str(profile), "--exportOutput", str(output)])
+    assert code == 0
+    text = capsys.readouterr().out
+    for words in ("throughput", "median", "p99", "per-layer profile", "mm1", "peak host"):
+        assert words in text, words
+    records = json.loads(times.read_text())
+    assert len(records) >= 4 and {"latencyMs", "h2dMs", "computeMs", "d2hMs", "startMs"} <= set(records[0])
+    layers = json.loads(profile.read_text())
+    assert layers[0]["count"] >= 4 and {"name", "averageMs", "medianMs", "percentage"} <= set(layers[1])
+    outputs = json.loads(output.read_text())
+    assert outputs[0]["name"] == "y" and outputs[0]["dimensions"] == "3x128"
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)  # bench's fixed-seed input
+    assert_close(np.array(outputs[0]["values"]).reshape(3, 128), run_onnxruntime(mlp_model(), {"x": x})["y"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, code", [(["--iterations", "0"], "KILN-E203"), (["--useCudaGraph"], "KILN-E203"),
+                                        (["--shapes", "x=3x256"], "KILN-E405"), (["--shapes", "x:3x255"], "KILN-E405")])
+def test_bad_options_are_clear_errors(model_path, capsys, argv, code):
+    assert main(["bench", str(model_path), "--warmUp", "0", "--duration", "0", *argv]) == 1
+    assert code in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""kiln doctor: each check finds its problem (symptom, cause, fix), --fix converts old opsets, --json, exit codes."""
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, run_onnxruntime
+from onnx import helper
+
+from kiln.builder import BuilderConfig
+from kiln.cli import main
+from kiln.tools import doctor
+
+
+def save(tmp_path, model, name="m.onnx"):
+    path = tmp_path / name
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def mlp(batch=2, opset=18):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return make_model(nodes, {"x": (np.float32, [batch, 8])}, ["y"], {"w": rng.standard_normal((8, 4)).astype(np.float32)}, opset=opset)
+
+
+def by_check(report):
+    return {f.check: f for f in report.findings}
+
+
+def test_a_healthy_model_passes_and_reports_memory(tmp_path, capsys):
+    report = doctor.diagnose(save(tmp_path, mlp()), BuilderConfig())
+    found = by_check(report)
+    assert not report.blocked
+    for check in ("opset", "operators", "dynamic shapes", "fp16 overflow", "precision fallback", "memory", "launch overhead"):
+        assert found[check].status == "ok", (check, found[check])
+    assert found["calibration"].status == "n/a" and found["input shapes"].status == "n/a"
+    assert report.memory["peak_host_bytes"] > 0 and report.memory["latency_ms"]["median"] > 0
+    assert found["memory"].details["weights_bytes"] == 8 * 4 * 4  # the weight, float32
+    assert main(["doctor", save(tmp_path, mlp()), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert not data["blocked"] and {"check", "status", "symptom", "cause", "fix", "code", "blocks"} <= set(data["findings"][0])
+
+
+def test_unsupported_operator_blocks_with_the_frontends_way_out(tmp_path, capsys):
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Frobnicate", ["r"], ["y"], domain="my.ops", name="frob")]
+    model = make_model(nodes, {"x": (np.float32, [2])}, ["y"])
+    model.opset_import.append(helper.make_opsetid("my.ops", 1))
+    path = save(tmp_path, model)
+    finding = by_check(doctor.diagnose(path, BuilderConfig()))["operators"]
+    assert finding.status == "error" and finding.code == "KILN-E101" and "my.ops::Frobnicate" in finding.symptom
+    assert "plugin" in finding.fix and finding.details["nodes"][0]["node"] == "frob"
+    assert main(["doctor", path]) == 1
+    text = capsys.readouterr().out
+    assert "[ERROR] operators" in text and "cause:" in text and "fix:" in text and "blocked by: operators" in text
+
+
+def test_old_opset_is_converted_by_fix(tmp_path):
+    path = save(tmp_path, mlp(opset=9))
+    finding = by_check(doctor.diagnose(path, BuilderConfig()))["opset"]
+    assert finding.status == "info" and "--fix" in finding.fix
+    fixed = str(tmp_path / "fixed.onnx")
+    assert main(["doctor", path, "--fix", "--output", fixed]) == 0
+    model = onnx.load(fixed)
+    onnx.checker.check_model(model)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 18
+    x = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)
+    np.testing.assert_allclose(run_onnxruntime(model, {"x": x})["y"], run_onnxruntime(mlp(), {"x": x})["y"], rtol=1e-6)
+
+
+def test_opset_too_new_blocks(tmp_path):
+    model = mlp()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 5
+    report = doctor.diagnose(save(tmp_path, model), BuilderConfig())
+    finding = by_check(report)["opset"]
+    assert report.blocked and finding.code == "KILN-E103" and "newer" in finding.symptom
+
+
+def test_dynamic_dims_without_profile_and_with_shapes(tmp_path):
+    path = save(tmp_path, mlp(batch="batch"))
+    finding = by_check(doctor.diagnose(path, BuilderConfig()))["dynamic shapes"]
+    assert finding.status == "warning" and finding.code == "KILN-E202" and "--minShapes x:1x8" in finding.fix
+    assert by_check(doctor.diagnose(path, BuilderConfig(), shapes={"x": (4, 8)}))["dynamic shapes"].status == "ok"
+
+
+def test_batch_mismatch_against_a_given_input(tmp_path, capsys):
+    path = save(tmp_path, mlp(batch=2))
+    finding = by_check(doctor.diagnose(path, BuilderConfig(), given={"x": np.ones((5, 8), np.float32)}))["input shapes"]
+    assert finding.status == "error" and finding.code == "KILN-E405" and finding.symptom.startswith("batch size mismatch")
+    np.save(tmp_path / "x.npy", np.ones((2, 8), np.float32))
+    assert main(["doctor", path, "--input", f"x={tmp_path / 'x.npy'}"]) == 0
+    assert "[ok] input shapes" in capsys.readouterr().out
+
+
+def test_fp16_overflow_seen_on_sample_data(tmp_path):
+    nodes = [helper.make_node("Mul", ["x", "k"], ["big"], name="amplify"), helper.make_node("Div", ["big", "k"], ["y"], name="shrink")]
+    model = make_model(nodes, {"x": (np.float32, [64])}, ["y"], {"k": np.float32([1e6])})
+    path = save(tmp_path, model)
+    finding = by_check(doctor.diagnose(path, BuilderConfig()))["fp16 overflow"]
+    assert finding.status == "info" and "big" in finding.symptom and finding.details["tensors"][0]["tensor"] in ("big", "k")
+    assert by_check(doctor.diagnose(path, BuilderConfig(best=True)))["fp16 overflow"].status == "warning"
+
+
+def test_calibration_missing_unrepresentative_and_good(tmp_path):
+    path = save(tmp_path, mlp())
+    missing = by_check(doctor.diagnose(path, BuilderConfig(int8=True)))["calibration"]
+    assert missing.status == "error" and missing.code == "KILN-E302"
+    narrow, wide = tmp_path / "narrow", tmp_path / "wide"
+    narrow.mkdir(), wide.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        np.savez(narrow / f"{i}.npz", x=rng.uniform(0, 0.05, (2, 8)).astype(np.float32))
+        np.savez(wide / f"{i}.npz", x=(8 * rng.standard_normal((2, 8))).astype(np.float32))
+    bad = by_check(doctor.diagnose(path, BuilderConfig(int8=True), calib=str(narrow)))["calibration"]
+    assert bad.status == "warning" and "unrepresentative" in bad.symptom
+    rates = {row["tensor"]: row["clipping_rate"] for row in bad.details["tensors"]}
+    w = onnx.numpy_helper.to_array(mlp().graph.initializer[0]).astype(np.float64)
+    calibrated = np.concatenate([np.load(narrow / f"{i}.npz")["x"].astype(np.float64) @ w for i in range(3)])
+    sample = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32).astype(np.float64) @ w  # doctor's sample
+    expected = np.mean((sample < calibrated.min()) | (sample > calibrated.max()))
+    assert rates["h"] == pytest.approx(expected, abs=1 / sample.size) and rates["h"] > 0.01
+    good = by_check(doctor.diagnose(path, BuilderConfig(int8=True), calib=str(wide)))["calibration"]
+    assert good.status == "ok" and good.details["batches"] == 3
+
+
+def test_memory_beyond_what_is_available_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr("kiln.tools.memory.host_available_bytes", lambda: 100)
+    finding = by_check(doctor.diagnose(save(tmp_path, mlp(batch=64)), BuilderConfig()))["memory"]
+    assert finding.status == "error" and finding.code == "KILN-E601" and finding.blocks
+
+
+def test_peak_live_bytes_frees_after_last_use():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["a"], ["b"]), helper.make_node("Relu", ["b"], ["y"])]
+    model = make_model(nodes, {"x": (np.float32, [100])}, ["y"])
+    values = {name: np.zeros(100, np.float32) for name in ("a", "b", "y")}
+    # each Relu holds its input and its output; everything else is freed: two tensors at a time, never all four
+    assert doctor.peak_live_bytes(model, values, {"x": np.zeros(100, np.float32)}) == 2 * 400
+
+
+def test_precision_fallback_and_launch_bound_findings():
+    engine = SimpleNamespace(device="cuda", plan=SimpleNamespace(layers={
+        "conv": {"op": "Conv", "precision": "bf16"}, "norm": {"op": "LayerNormalization", "precision": "fp32"},
+        "gather": {"op": "Gather", "precision": "bf16", "fallback": "no bf16 tactic"}}))
+    finding = doctor.check_precision_fallback(engine, BuilderConfig(bf16=True))
+    assert finding.status == "warning" and "2 of 3 layers" in finding.symptom and "LayerNormalization" in finding.symptom
+    assert doctor.check_precision_fallback(engine, BuilderConfig()).symptom.startswith("1 of 3")
+    tiny = [{"name": f"l{i}", "averageMs": 0.005} for i in range(60)]
+    assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
+    assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny).status == "info"
+    assert doctor.check_launch_bound(engine, tiny[:10]).status == "ok"
+
+
+def test_unreadable_model_is_a_finding(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
+    report = doctor.diagnose(str(tmp_path / "junk.onnx"), BuilderConfig())
+    assert report.blocked and report.findings[0].code == "KILN-E104"

@@ -1,0 +1,48 @@
+"""The memory monitor: peaks, baseline, a labelled timeline, and readable sizes."""
+import numpy as np
+
+from kiln.tools.memory import MemoryMonitor, format_bytes, host_available_bytes, host_resident_bytes
+
+
+def test_monitor_sees_an_allocation_and_labels_phases():
+    with MemoryMonitor(interval=0.005) as memory:
+        memory.mark("allocate")
+        block = np.ones(25_000_000)  # 200 MB, touched
+        block.sum()
+        del block
+        memory.mark("after")
+    assert memory.peak_host_bytes - memory.baseline_host_bytes >= 150e6
+    labels = [s["label"] for s in memory.timeline]
+    assert "allocate" in labels and "after" in labels
+    assert all(a["seconds"] <= b["seconds"] for a, b in zip(memory.timeline, memory.timeline[1:]))
+    summary = memory.summary()
+    assert summary["peak_device_bytes"] is None and summary["peak_host_bytes"] == memory.peak_host_bytes
+    assert "peak host memory" in memory.describe() and "device" not in memory.describe()
+
+
+def test_sizes_and_system_figures():
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(3 * 1024 * 1024) == "3.0 MiB"
+    assert format_bytes(None) == "?"
+    assert host_resident_bytes() > 0
+    assert host_available_bytes() > 0
+
+
+def test_verbose_build_reports_build_and_run_memory(tmp_path, capsys):
+    import onnx
+    from helpers import make_model
+    from onnx import helper
+
+    from kiln import log
+    from kiln.cli import main
+    from kiln.engine.runtime import load
+
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])], {"x": (np.float32, [4, 4])}, ["y"])
+    onnx.save(model, str(tmp_path / "relu.onnx"))
+    try:
+        assert main(["build", str(tmp_path / "relu.onnx"), "--saveEngine", str(tmp_path / "relu.kiln"), "--verbose"]) == 0
+    finally:
+        log.set_level("warning")
+    out = capsys.readouterr().out
+    assert "build: peak host memory" in out and "run:   peak host memory" in out
+    assert load(str(tmp_path / "relu.kiln")).plan.build_info["build_memory"]["peak_host_bytes"] > 0
