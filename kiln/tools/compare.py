@@ -70,7 +70,8 @@ def compare_tensors(name: str, actual, expected, atol: float, rtol: float) -> Te
         result.passed = False
         result.problem = f"{int((nan_a & ~nan_b).sum())} NaN where the reference has a number, {int((nan_b & ~nan_a).sum())} the other way"
     finite = ~(nan_a | nan_b)
-    diff = np.abs(a - b)
+    with np.errstate(invalid="ignore"):  # inf - inf: equal infinities are set to 0 below
+        diff = np.abs(a - b)
     same_inf = np.isinf(a) & np.isinf(b) & (a == b)
     diff[same_inf | ~finite] = 0.0
     with np.errstate(divide="ignore", invalid="ignore"):
