@@ -97,11 +97,21 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
 
     log.verbose("converting model from opset %d to kiln's canonical opset %d", opset, CANONICAL_OPSET)
     try:
-        return version_converter.convert_version(model, CANONICAL_OPSET)
+        converted = version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as error:  # noqa: BLE001 (the converter raises RuntimeError/ConvertError with its reason)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ParseError(f"cannot convert the model from opset {opset} to opset {CANONICAL_OPSET}: {reason}",
                          code="KILN-E102", hint=f"re-export the model from its framework at opset {CANONICAL_OPSET} or newer") from None
+    if _interface(converted) != _interface(model):
+        # onnx's converter has adapters that rewrite the graph's inputs (Scan 8 -> 9 drops the batch axis):
+        # a model whose interface changed is not the user's model any more, so it runs at its own opset.
+        log.warning("onnx's version converter changed the model's inputs or outputs; keeping opset %d", opset)
+        return model
+    return converted
+
+
+def _interface(model: onnx.ModelProto) -> list:
+    return [(i.name, i.type.SerializeToString()) for i in model.graph.input] + [o.name for o in model.graph.output]
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
