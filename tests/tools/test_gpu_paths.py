@@ -1,0 +1,81 @@
+"""The GPU paths of bench, compare and the memory monitor (device split, CUDA graph replay, device memory), on a
+small program that runs torch CUDA ops, so they are checked before kiln's CUDA backend exists."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from kiln.engine.bindings import Binding
+from kiln.ir import DType
+
+pytestmark = pytest.mark.gpu
+
+
+class TwoStepProgram:
+    """y = relu(x @ w) as two steps on the GPU, calling on_step(step, env) as kiln's programs do."""
+
+    def __init__(self, w):
+        self.w = w
+        self.steps = [SimpleNamespace(name="mm", op="MatMul", outputs=("h",)), SimpleNamespace(name="relu", op="Relu", outputs=("y",))]
+
+    def execute(self, feed, on_step=None):
+        import torch
+
+        env = dict(feed)
+        env["h"] = env["x"] @ self.w
+        if on_step:
+            on_step(self.steps[0], env)
+        env["y"] = torch.relu(env["h"])
+        if on_step:
+            on_step(self.steps[1], env)
+        return {"y": env["y"]}
+
+
+def cuda_engine():
+    import torch
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((256, 128)).astype(np.float32) / 16
+    engine = SimpleNamespace(device="cuda", program=TwoStepProgram(torch.from_numpy(w).cuda()),
+                             inputs=[Binding("x", DType.float32, (64, 256))], outputs=[Binding("y", DType.float32, (64, 128))],
+                             plan=SimpleNamespace(layers={"mm": {"origin": ["mm"]}, "relu": {"origin": ["relu"]}}))
+    x = rng.standard_normal((64, 256)).astype(np.float32)
+    return engine, x, np.maximum(x.astype(np.float64) @ w.astype(np.float64), 0)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_bench_split_profile_and_cuda_graph(graph):
+    from kiln.tools.bench import benchmark
+
+    engine, x, expected = cuda_engine()
+    result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=20, duration_s=0, use_cuda_graph=graph, profile=True,
+                       separate_profile_run=True, progress=False)
+    np.testing.assert_allclose(result.outputs["y"], expected, rtol=2e-3, atol=2e-3)  # TF32 may be on for matmuls
+    assert result.iterations >= 20 and min(result.h2d_ms) > 0 and min(result.d2h_ms) > 0
+    assert [layer["name"] for layer in result.layers] == ["mm", "relu"]
+    assert result.memory["peak_device_bytes"] >= x.nbytes
+
+
+def test_no_data_transfers_keeps_outputs_on_the_device():
+    from kiln.tools.bench import benchmark
+
+    engine, x, expected = cuda_engine()
+    result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=5, duration_s=0, no_data_transfers=True, progress=False)
+    assert max(result.h2d_ms) < 0.05 and max(result.d2h_ms) < 0.05  # nothing copied: only clock reads
+    np.testing.assert_allclose(result.outputs["y"], expected, rtol=2e-3, atol=2e-3)
+
+
+def test_layerwise_capture_and_device_memory_peak():
+    import torch
+
+    from kiln.tools.compare import run_kiln
+    from kiln.tools.memory import MemoryMonitor
+
+    engine, x, expected = cuda_engine()
+    outputs, captured = run_kiln(engine, {"x": x}, {"h", "y"})
+    assert [c["output"] for c in captured] == ["h", "y"]
+    np.testing.assert_allclose(outputs["y"], expected, rtol=2e-3, atol=2e-3)
+    with MemoryMonitor(device="cuda") as memory:
+        block = torch.ones(64 << 20, device="cuda")  # 256 MiB
+        del block
+    assert memory.peak_device_bytes >= 256 << 20 and "peak device memory" in memory.describe()
