@@ -1,5 +1,6 @@
 """Conv + BatchNormalization folding: an inference BatchNormalization that reads only a Conv's output
-scales and shifts each output channel, which the Conv's weights and bias can do themselves."""
+scales and shifts each output channel, which the Conv's weights and bias can do themselves. The same
+holds for a Mul or Add by a per-channel constant after a Conv (Caffe2's BN exports as Mul + Add)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +12,13 @@ from .matching import Neighbours, constant, merged_origin, rewrite
 
 
 def run(graph: Graph, ctx: PassContext) -> bool:
+    changed = _fold_batchnorm(graph, ctx)
+    while _fold_affine(graph, ctx):
+        changed = True
+    return changed
+
+
+def _fold_batchnorm(graph: Graph, ctx: PassContext) -> bool:
     near = Neighbours(graph)
     replaced = {}
     for node in graph.nodes:
@@ -42,3 +50,52 @@ def run(graph: Graph, ctx: PassContext) -> bool:
         return False
     rewrite(graph, replaced)
     return True
+
+
+def _fold_affine(graph: Graph, ctx: PassContext) -> bool:
+    """Conv followed by Mul or Add of a per-output-channel constant -> Conv with scaled weights / shifted bias."""
+    near = Neighbours(graph)
+    replaced = {}
+    for node in graph.nodes:
+        if node.op not in ("Mul", "Add") or node.domain or len(node.inputs) != 2:
+            continue
+        for mine, other in ((0, 1), (1, 0)):
+            conv = near.made_by(node.inputs[mine], "Conv")
+            if conv is not None:
+                break
+        if conv is None or id(conv) in replaced or near.only_user(conv.outputs[0]) is not node:
+            continue
+        weight = constant(graph, conv.inputs[1])
+        factor = _per_channel(constant(graph, node.inputs[other]), weight, graph.value(conv.outputs[0]).rank)
+        bias_name = conv.inputs[2] if len(conv.inputs) > 2 else ""
+        bias = constant(graph, bias_name) if bias_name else np.zeros(weight.shape[0] if weight is not None else 0)
+        if weight is None or factor is None or bias is None:
+            continue
+        stem = conv.name or "conv"
+        if node.op == "Mul":
+            new_weight = (weight.astype(np.float64) * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype)
+            inputs = (conv.inputs[0], graph.add_initializer(f"{stem}_scaled_weight", new_weight),
+                      graph.add_initializer(f"{stem}_scaled_bias", (bias.astype(np.float64) * factor).astype(weight.dtype)))
+        else:
+            inputs = (conv.inputs[0], conv.inputs[1],
+                      graph.add_initializer(f"{stem}_shifted_bias", (bias.astype(np.float64) + factor).astype(weight.dtype)))
+        replaced[id(conv)] = None
+        replaced[id(node)] = conv.replace(inputs=inputs, outputs=node.outputs, origin=merged_origin(conv, node))
+        counter = "fold_conv_scale" if node.op == "Mul" else "fold_conv_shift"
+        ctx.counters[counter] += 1
+        log.verbose("fold_batchnorm: folded %s into %s", node.describe(), conv.describe())
+    if not replaced:
+        return False
+    rewrite(graph, replaced)
+    return True
+
+
+def _per_channel(array, weight, rank) -> np.ndarray | None:
+    """The constant as one float64 value per output channel, when it broadcasts that way over [N, C, ...]."""
+    if array is None or weight is None or rank is None or array.dtype.kind != "f" or array.ndim > rank:
+        return None
+    channels = weight.shape[0]
+    shape = (1,) * (rank - array.ndim) + tuple(array.shape)
+    if any(d != 1 for i, d in enumerate(shape) if i != 1) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(array.reshape(-1).astype(np.float64), (channels,)).copy()

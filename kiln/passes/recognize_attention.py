@@ -5,7 +5,7 @@ a Transpose node that noop_removal then merges with the head transposes before i
 from __future__ import annotations
 
 from .. import log
-from ..ir import Graph, Node
+from ..ir import Graph, Node, Value
 from .context import PassContext
 from .matching import Neighbours, merged_origin, rewrite, scalar
 
@@ -26,6 +26,8 @@ def run(graph: Graph, ctx: PassContext) -> bool:
         rank = graph.value(k_transposed).rank
         perm = list(range(rank - 2)) + [rank - 1, rank - 2]
         k = graph.fresh_name(f"{k_transposed}_keys")
+        source = graph.value(k_transposed)
+        graph.values[k] = Value(k, source.dtype, None if source.shape is None else tuple(source.shape[i] for i in perm))
         transpose = Node("Transpose", (k_transposed,), (k,), {"perm": perm}, name=f"{last.name or 'attention'}_keys",
                          origin=merged_origin(scores))
         inputs = (q, k, last.inputs[1]) + ((match["mask"],) if match["mask"] else ())

@@ -51,6 +51,7 @@ def inspect_engine(path: str) -> dict[str, Any]:
     blob = fileformat.load_bytes(path)
     header, start, end = fileformat.read_header(blob, str(path))
     graph = header["graph"]
+    values = {v["name"]: v for v in graph["values"] + graph["inputs"] + graph["outputs"]}
     return {
         "kind": "engine", "path": str(path), "size_bytes": len(blob), "weights_bytes": end - start,
         "target": header["target"], "build_info": header.get("build_info", {}), "config": header.get("config", {}),
@@ -58,9 +59,79 @@ def inspect_engine(path: str) -> dict[str, Any]:
         "outputs": [dict(v, dynamic=v["shape"] is None or not all(isinstance(d, int) for d in v["shape"])) for v in graph["outputs"]],
         "layers": [{"name": n["name"], "op": (f"{n['domain']}::" if n["domain"] else "") + n["op"],
                     "origin": n["origin"], **{k: v for k, v in header.get("layers", {}).get(n["name"], {}).items() if k not in ("op", "origin")},
-                    "inputs": n["inputs"], "outputs": n["outputs"]} for n in graph["nodes"]],
+                    "inputs": n["inputs"], "outputs": n["outputs"],
+                    "input_shapes": [_described(values, name) for name in n["inputs"] if name and name not in graph["initializers"]],
+                    "output_shapes": [_described(values, name) for name in n["outputs"] if name]} for n in graph["nodes"]],
         "profiles": header.get("profiles", []), "plugins": header.get("plugins", []), "memory": header.get("memory", {}),
     }
+
+
+def _described(values: dict, name: str) -> str:
+    """"float32[1x64x56x56]" for a value of a stored graph, "?" where the engine does not know it."""
+    value = values.get(name)
+    if value is None:
+        return "?"
+    return f"{value['dtype'] or '?'}[{_shape(value)}]"
+
+
+def export_onnx(engine_path: str, onnx_path: str) -> int:
+    """Write an engine's optimized graph as an ONNX file (Netron opens it): fused layers are nodes of
+    domain "kiln" carrying the model nodes they came from in a `kiln_origin` attribute; every node's
+    precision and tactic are in its doc string. Returns the number of nodes written."""
+    import onnx
+    from onnx import helper
+
+    from ..engine import fileformat
+
+    plan = fileformat.deserialize(fileformat.load_bytes(engine_path), str(engine_path))
+    graph = plan.graph
+    nodes = []
+    for node in graph.nodes:
+        attrs = {k: _onnx_attribute(v) for k, v in node.attrs.items()}
+        if node.domain == "kiln":
+            attrs["kiln_origin"] = list(node.origin) or [node.name]
+        layer = plan.layers.get(node.name, {})
+        doc = f"from {', '.join(node.origin) or node.name}; precision {layer.get('precision', '?')}, tactic {layer.get('tactic', '?')}"
+        nodes.append(helper.make_node(node.op, list(node.inputs), list(node.outputs), name=node.name, domain=node.domain or None,
+                                      doc_string=doc, **{k: v for k, v in attrs.items() if v is not None}))
+    initializers = [onnx.numpy_helper.from_array(array, name) for name, array in graph.initializers.items()]
+    produced = {o for n in graph.nodes for o in n.outputs} - set(graph.output_names())
+    info = [_value_info(graph.value(name)) for name in sorted(produced) if graph.value(name).dtype is not None]
+    onnx_graph = helper.make_graph(nodes, graph.name, [_value_info(graph.value(v.name)) for v in graph.inputs],
+                                   [_value_info(graph.value(v.name)) for v in graph.outputs], initializers, value_info=info)
+    opsets = [helper.make_opsetid("" if domain == "" else domain, version) for domain, version in graph.opsets.items()]
+    if any(n.domain == "kiln" for n in graph.nodes) and "kiln" not in graph.opsets:
+        opsets.append(helper.make_opsetid("kiln", 1))
+    model = helper.make_model(onnx_graph, opset_imports=opsets, producer_name="kiln inspect --export-onnx")
+    onnx.save(model, onnx_path)
+    return len(nodes)
+
+
+def _onnx_attribute(value):
+    import numpy as np
+    import onnx
+
+    from ..ir import Graph
+
+    if isinstance(value, Graph):
+        return None  # control-flow bodies are not exported; the node still shows
+    if isinstance(value, np.ndarray):
+        return onnx.numpy_helper.from_array(value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Graph) for v in value):
+        return None
+    if isinstance(value, (list, tuple)):
+        # an empty list has no ONNX type; every kiln attribute treats "absent" as empty
+        return [float(v) if isinstance(v, float) else v for v in value] or None
+    return value
+
+
+def _value_info(value):
+    from onnx import helper
+
+    shape = None if value.shape is None else [d if isinstance(d, (int, str)) else None for d in value.shape]
+    if value.dtype is None or value.kind != "tensor":
+        return helper.make_empty_tensor_value_info(value.name)
+    return helper.make_tensor_value_info(value.name, value.dtype.value, shape)
 
 
 def inspect_path(path: str) -> dict[str, Any]:
@@ -115,7 +186,15 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  layers ({len(report['layers'])}):")
         for layer in report["layers"]:
             origin = ", ".join(layer["origin"][:4]) + (" ..." if len(layer["origin"]) > 4 else "")
-            lines.append(f"    {layer['name']:<40} {layer['op']:<24} {layer.get('precision', ''):<5} {layer.get('tactic', ''):<12} from {origin}")
-        if report["memory"]:
-            lines.append("  memory: " + ", ".join(f"{k} {v}" for k, v in report["memory"].items()))
+            shapes = ", ".join(layer.get("input_shapes", [])) + " -> " + ", ".join(layer.get("output_shapes", []))
+            lines.append(f"    {layer['name']:<40} {layer['op']:<24} {layer.get('precision', ''):<5} {layer.get('tactic', ''):<14} "
+                         f"{shapes}  from {origin}")
+        memory = report["memory"]
+        if memory.get("peak_bytes") is not None:
+            lines.append(f"  activation memory: peak {memory['peak_bytes'] / 1e6:.2f} MB (shared by lifetime), "
+                         f"naive sum {memory['naive_bytes'] / 1e6:.2f} MB, lower bound {memory['lower_bound_bytes'] / 1e6:.2f} MB "
+                         f"(peak / bound {memory['peak_bytes'] / max(memory['lower_bound_bytes'], 1):.3f})"
+                         + (f"; symbols planned at {memory['assumed']}" if memory.get("assumed") else ""))
+        elif memory:
+            lines.append("  memory: " + ", ".join(f"{k} {v}" for k, v in memory.items()))
     return "\n".join(lines)
