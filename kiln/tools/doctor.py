@@ -337,8 +337,9 @@ def check_precision_fallback(engine, config) -> Finding:
     layers = engine.plan.layers
     fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
     if asked:
+        # "input": the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback
         fallbacks += [{"layer": name, **info} for name, info in layers.items()
-                      if info.get("precision", "fp32") not in asked and not info.get("fallback")]
+                      if info.get("precision", "fp32") not in asked + ["input"] and not info.get("fallback")]
     if not fallbacks:
         what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
         return Finding("precision fallback", "ok", f"all {len(layers)} layers run {what}")

@@ -141,10 +141,11 @@ def test_peak_live_bytes_frees_after_last_use():
 def test_precision_fallback_and_launch_bound_findings():
     engine = SimpleNamespace(device="cuda", plan=SimpleNamespace(layers={
         "conv": {"op": "Conv", "precision": "bf16"}, "norm": {"op": "LayerNormalization", "precision": "fp32"},
-        "gather": {"op": "Gather", "precision": "bf16", "fallback": "no bf16 tactic"}}))
+        "gather": {"op": "Gather", "precision": "bf16", "fallback": "no bf16 tactic"},
+        "pool": {"op": "MaxPool", "precision": "input"}}))
     finding = doctor.check_precision_fallback(engine, BuilderConfig(bf16=True))
-    assert finding.status == "warning" and "2 of 3 layers" in finding.symptom and "LayerNormalization" in finding.symptom
-    assert doctor.check_precision_fallback(engine, BuilderConfig()).symptom.startswith("1 of 3")
+    assert finding.status == "warning" and "2 of 4 layers" in finding.symptom and "LayerNormalization" in finding.symptom
+    assert doctor.check_precision_fallback(engine, BuilderConfig()).symptom.startswith("1 of 4")
     tiny = [{"name": f"l{i}", "averageMs": 0.005} for i in range(60)]
     assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
     assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny).status == "info"
