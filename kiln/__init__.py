@@ -7,7 +7,8 @@ from .builder import BuilderConfig, build
 from .engine.bindings import Binding
 from .engine.runtime import Engine, load
 from .errors import BindingError, BuildError, EngineFileError, KilnError, ParseError, PrecisionError, ResourceError
+from .frontend.torch import from_torch
 from .plugins import plugin
 
 __all__ = ["Binding", "BindingError", "BuildError", "BuilderConfig", "Engine", "EngineFileError", "KilnError",
-           "ParseError", "PrecisionError", "ResourceError", "build", "load", "plugin", "__version__"]
+           "ParseError", "PrecisionError", "ResourceError", "build", "from_torch", "load", "plugin", "__version__"]

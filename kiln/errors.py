@@ -69,6 +69,7 @@ CODES = {
     "KILN-E105": "model graph is malformed (dangling value, cycle, bad attribute)",
     "KILN-E106": "model format is not supported (e.g. .uff, pickled .pt)",
     "KILN-E107": "framework export failed (torch.export, tf2onnx)",
+    "KILN-E108": "the model's frontend needs an optional extra that is not installed (pip install kiln[tensorflow])",
     "KILN-E201": "a node failed while being evaluated during the build (constant folding or shape check)",
     "KILN-E202": "a dynamic input has no optimization profile",
     "KILN-E203": "invalid builder configuration",

@@ -32,6 +32,9 @@ _FOREIGN_FORMATS = {
     ".pth": None, ".pkl": None, ".caffemodel": ("Caffe models are not read directly", "convert to ONNX first"),
     ".engine": ("this looks like a TensorRT engine, which only TensorRT can run", "build from the ONNX model instead"),
     ".plan": None,
+    ".h5": ("legacy Keras HDF5 files are not read directly",
+            "load it with keras.models.load_model and pass the model to kiln.build, or re-save it as name.keras "
+            "or model.export(dir) and build that (pip install kiln[tensorflow])"),
 }
 _FOREIGN_FORMATS[".pth"] = _FOREIGN_FORMATS[".pt"]
 _FOREIGN_FORMATS[".pkl"] = _FOREIGN_FORMATS[".pt"]
@@ -52,7 +55,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
                          hint="check the path; kiln build accepts .onnx files")
     if path.is_dir():
         raise ParseError(f"{str(path)!r} is a directory, not an ONNX file", code="KILN-E104",
-                         hint="a TensorFlow SavedModel directory needs the tensorflow extra: pip install kiln[tensorflow]")
+                         hint="kiln build takes an .onnx file, a .keras file, or a TensorFlow SavedModel directory "
+                              "(one with saved_model.pb; needs pip install kiln[tensorflow])")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as error:  # noqa: BLE001 (protobuf raises several unrelated types for damaged files)

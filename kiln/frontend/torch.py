@@ -1,0 +1,218 @@
+"""The PyTorch frontend: export an nn.Module through torch.export and torch.onnx (dynamo) into kiln's IR, in memory.
+
+Dimensions declared with torch.export.Dim keep the Dim's name as the IR's symbolic dim ("batch"), input names come
+from forward's signature (or the user), and an export that fails comes back as KILN-E107 with torch's own reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from typing import Any
+
+from .. import log
+from ..errors import BuildError, ParseError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+# Hints by what went wrong, checked in order against the export's message; the last one always applies.
+_HINTS = (
+    (("data-dependent", "GuardOnDataDependent", "Dynamic control flow", "data dependent"),
+     "the model branches or sizes a tensor on a tensor's value, which an engine cannot record: write the branch with "
+     "torch.cond, fix the value (or the shapes) the branch depends on, or build the submodule that exports "
+     "(e.g. kiln.build(model.backbone, ...))"),
+    (("Constraints violated", "specialized", "not in range", "Dim("),
+     "a dimension declared dynamic is fixed (or limited) by the model's code: drop it from dynamic_shapes, widen "
+     "its Dim(min=, max=), or use torch.export.Dim.AUTO and let torch decide"),
+    (("",),
+     "make the module exportable with torch.export: express data-dependent branches with torch.cond, build with fixed "
+     "shapes (no dynamic_shapes), or build the submodule that exports; see torch.export's 'exportdb' for rewrites"),
+)
+
+
+def parse(module, example_inputs=None, *, dynamic_shapes=None, input_names=None, output_names=None):
+    """kiln's IR for a torch.nn.Module called with `example_inputs` (a tensor, a tuple of forward's positional
+    arguments, or a dict of its keyword arguments)."""
+    from .onnx import parse as parse_onnx
+
+    return parse_onnx(export(module, example_inputs, dynamic_shapes=dynamic_shapes, input_names=input_names,
+                             output_names=output_names))
+
+
+def export(module, example_inputs=None, *, dynamic_shapes=None, input_names=None, output_names=None):
+    """An onnx.ModelProto for the module, exported in memory by torch.onnx.export(dynamo=True)."""
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        raise BuildError(f"expected a torch.nn.Module, got {type(module).__name__}", code="KILN-E203",
+                         hint="pass the module itself (not its state_dict or a file path)")
+    args, kwargs = _example_arguments(module, example_inputs)
+    was_training = module.training
+    module.eval()  # an engine is for inference: dropout off, batch norm on its running statistics
+    try:
+        program = _run_export(module, args, kwargs, dynamic_shapes)
+    finally:
+        module.train(was_training)
+    _rename(program, "input", program.model.graph.inputs, input_names)
+    _rename(program, "output", program.model.graph.outputs, output_names or _default_output_names(program))
+    model = program.model_proto
+    log.verbose("exported %s: inputs %s, outputs %s", type(module).__name__,
+                ", ".join(i.name for i in model.graph.input), ", ".join(o.name for o in model.graph.output))
+    return model
+
+
+def _example_arguments(module, example_inputs) -> tuple[tuple, dict]:
+    import numpy as np
+    import torch
+
+    if example_inputs is None:
+        raise BuildError(f"building from a torch module ({type(module).__name__}) needs example inputs", code="KILN-E203",
+                         hint="kiln.build(module, config, example_inputs=(torch.randn(1, 3, 224, 224),)); they fix "
+                              "dtypes and the shapes of every dimension not declared dynamic")
+
+    def as_tensor(value):
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+    if isinstance(example_inputs, dict):
+        return (), {name: as_tensor(value) for name, value in example_inputs.items()}
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(as_tensor(value) for value in example_inputs), {}
+    return (as_tensor(example_inputs),), {}
+
+
+@contextlib.contextmanager
+def _quiet_export():
+    """torch.onnx prints its progress and logs warnings (missing torchvision, training mode); a build shows them
+    only at --verbose, so CI logs and terminals stay readable."""
+    captured = io.StringIO()
+    # Loggers torch already configured keep their own levels, so quiet each of them, not only "torch".
+    loggers = [logging.getLogger("torch")] + [logger for name, logger in logging.root.manager.loggerDict.items()
+                                              if name.startswith("torch.") and isinstance(logger, logging.Logger)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
+                contextlib.redirect_stderr(captured):
+            warnings.simplefilter("always")
+            yield captured
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        if log.is_verbose():
+            for line in captured.getvalue().splitlines():
+                log.verbose("torch.onnx: %s", line)
+            for warning in caught:
+                log.verbose("torch.onnx warning: %s", warning.message)
+
+
+def _run_export(module, args, kwargs, dynamic_shapes):
+    import torch
+
+    with log.timed("torch.onnx.export (dynamo)"), _quiet_export():
+        try:
+            return torch.onnx.export(module, args, kwargs=kwargs or None, dynamic_shapes=dynamic_shapes, dynamo=True,
+                                     verbose=False)
+        except Exception as error:  # noqa: BLE001 (export raises torch's own error types from each of its three stages)
+            raise export_error(error, type(module).__name__) from None
+
+
+def export_error(error: BaseException, what: str) -> ParseError:
+    """KILN-E107 from a failed torch export: the stage and torch's own reason, without the traceback."""
+    text = _ANSI.sub("", str(error))
+    stage = text.strip().splitlines()[0].strip() if text.strip() else type(error).__name__
+    stage = stage.split(". This is step", 1)[0].rstrip(".") + "."  # torch's pointer to its own issue tracker goes
+    summary = text.split("## Exception summary", 1)[1] if "## Exception summary" in text else text
+    lines = [line.rstrip() for line in summary.strip().splitlines()]
+    reason = next((line.strip() for line in lines if line.strip()), type(error).__name__)
+    reason = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*", r"\1: ", reason)
+    if reason == stage:
+        stage = ""
+    where = _raising_call(lines)
+    message = f"cannot export {what} from PyTorch: {stage + ' ' if stage else ''}{reason}"
+    hint = next(h for keys, h in _HINTS if any(key in text for key in keys))
+    return ParseError(message, code="KILN-E107", where=where, hint=hint)
+
+
+def _raising_call(lines: list[str]) -> str:
+    """The user's source line torch points at ('File "m.py", line 10, in forward: if x.sum() > 0:'), if it does."""
+    for index, line in enumerate(lines):
+        if line.strip().startswith("The following call raised this error"):
+            call = [entry.strip() for entry in lines[index + 1:index + 3] if entry.strip()]
+            return ": ".join(call)
+    return ""
+
+
+def _default_output_names(program) -> list[str]:
+    """Names from what forward returns: a dict's keys, else "output" for one tensor, "output_0".. for several."""
+    outputs = program.model.graph.outputs
+    spec = getattr(getattr(program.exported_program, "call_spec", None), "out_spec", None)
+    context = getattr(spec, "context", None)
+    if spec is not None and getattr(spec, "type", None) is dict and isinstance(context, (list, tuple)) \
+            and len(context) == len(outputs) and all(isinstance(key, str) for key in context):
+        return list(context)
+    if len(outputs) == 1:
+        return ["output"]
+    return [f"output_{index}" for index in range(len(outputs))]
+
+
+def _rename(program, role: str, values, names) -> None:
+    if names is None:
+        return
+    names = [names] if isinstance(names, str) else list(names)
+    current = [value.name for value in values]
+    if len(names) != len(values):
+        raise BuildError(f"{len(names)} {role} name(s) given ({', '.join(names)}) for {len(values)} {role}(s) of the "
+                         f"exported model ({', '.join(current)})", code="KILN-E203",
+                         hint=f"give one name per {role}, in the order forward takes or returns them")
+    if len(set(names)) != len(names):
+        raise BuildError(f"{role} names repeat: {', '.join(names)}", code="KILN-E203", hint=f"give each {role} its own name")
+    if len({id(value) for value in values}) != len(values):
+        log.verbose("the module returns one tensor more than once; keeping the exporter's %s names %s", role, current)
+        return
+    taken = {value.name for value in _all_values(program.model.graph)} - set(current)
+    clashes = sorted(set(names) & taken)
+    if clashes:
+        raise BuildError(f"{role} name(s) {', '.join(clashes)} are already used inside the exported graph",
+                         code="KILN-E203", hint=f"choose other {role} names")
+    # Two passes so that swapping names between values never leaves two values with one name at a time.
+    for index, value in enumerate(values):
+        value.name = f"__kiln_rename_{role}_{index}"
+    for value, name in zip(values, names):
+        value.name = name
+
+
+def _all_values(graph) -> list[Any]:
+    values = list(graph.inputs) + list(graph.initializers.values())
+    for node in graph:
+        values.extend(output for output in node.outputs if output is not None)
+    return values
+
+
+def dim_ranges(dynamic_shapes) -> dict[str, tuple[int, int | None]]:
+    """{Dim name: (min, max)} for every torch.export.Dim in a dynamic_shapes structure (max None: unbounded)."""
+    ranges: dict[str, tuple[int, int | None]] = {}
+
+    def visit(item) -> None:
+        if isinstance(item, dict):
+            for value in item.values():
+                visit(value)
+        elif isinstance(item, (list, tuple)):
+            for value in item:
+                visit(value)
+        elif hasattr(item, "__name__") and hasattr(item, "min") and hasattr(item, "max"):
+            upper = int(item.max) if item.max is not None and int(item.max) < 2**62 else None
+            ranges[item.__name__] = (int(item.min), upper)
+
+    visit(dynamic_shapes)
+    return ranges
+
+
+def from_torch(module, example_inputs, config=None, *, dynamic_shapes=None, input_names=None, output_names=None):
+    """Build an Engine from a torch.nn.Module: the same as kiln.build(module, config, example_inputs=..., ...)."""
+    from ..builder import build
+
+    return build(module, config, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
+                 input_names=input_names, output_names=output_names)
