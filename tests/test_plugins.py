@@ -140,7 +140,8 @@ def _python(script: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_documented_mish_example_end_to_end(tmp_path):
-    assert _doc_files(tmp_path) == ["mish_plugin.py", "build_mish.py", "run_mish.py"]
+    assert _doc_files(tmp_path) == ["mish_plugin.py", "build_mish.py", "run_mish.py", "mish_triton.py"]
+    compile((tmp_path / "mish_triton.py").read_text(), "mish_triton.py", "exec")  # no triton here: syntax only
     built = _python(open(tmp_path / "build_mish.py").read(), tmp_path)
     assert built.returncode == 0, built.stderr
     assert "y: float32[batchx4]" in built.stdout and (tmp_path / "mish.kiln").exists()
