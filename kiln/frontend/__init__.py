@@ -79,7 +79,7 @@ def load_entry_point(spec: str):
     match = _ENTRY_POINT.match(spec)
     assert match, spec
     module_name, function_name = match.group("module"), match.group("function")
-    form_hint = (f"{module_name}.py must be importable from the current directory or PYTHONPATH and define "
+    form_hint = (f"module {module_name} must be importable from the current directory or PYTHONPATH and define "
                  f"{function_name}() returning (model, example_inputs)")
     # The console script does not put the working directory on sys.path as `python -m` does; a user expects it to.
     added = os.getcwd() not in sys.path
