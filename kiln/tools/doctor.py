@@ -233,13 +233,18 @@ def peak_live_bytes(model, values: dict[str, np.ndarray], feed: dict) -> int:
     return peak
 
 
-def check_memory(model, graph, values: dict, feed: dict, device: str, measured: dict) -> Finding:
+def check_memory(model, graph, values: dict, feed: dict, device: str, measured: dict, engine=None) -> Finding:
     from .memory import device_available_bytes, format_bytes, host_available_bytes
 
     constant = constant_tensors(model)
     weights = sum(a.nbytes for a in graph.initializers.values()) + sum(
         values[name].nbytes for name in constant if name in values and name not in graph.initializers)
     activations = peak_live_bytes(model, values, feed) if values else 0
+    planned = engine.plan.memory if engine is not None else {}
+    if planned.get("peak_bytes") and not planned.get("assumed"):
+        # The built engine's own figures: weights after folding and fusion, and its activation arena.
+        weights = sum(a.nbytes for a in engine.plan.graph.initializers.values())
+        activations = int(planned["peak_bytes"])
     estimate = weights + activations
     available = device_available_bytes(device) if device == "cuda" else host_available_bytes()
     where = "GPU" if device == "cuda" else "host"
@@ -446,7 +451,7 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
                 report.add(from_error("run", error))
     report.memory.update(monitor.summary())
     report.memory["timeline"] = monitor.timeline
-    report.add(check_memory(converted, graph, values, feed, config.device, monitor.summary()))
+    report.add(check_memory(converted, graph, values, feed, config.device, monitor.summary(), engine))
     if engine is not None:
         report.add(check_launch_bound(engine, profile))
     return report

@@ -200,6 +200,10 @@ def render(*, title: str, engine, bench=None, comparison=None, memory: dict | No
                     ["build time", f"{info.get('build_seconds', '?')} s"],
                     ["built by", f"kiln {info.get('kiln')}, torch {info.get('torch')}, onnx {info.get('onnx')}, python {info.get('python')}"],
                     ["rewrites", ", ".join(f"{k} {v}" for k, v in sorted(info.get("counters", {}).items())) or "none"]]
+    if plan.memory.get("peak_bytes") is not None:
+        summary_rows.append(["activation arena", f"{format_bytes(plan.memory['peak_bytes'])} (every activation in its own "
+                                                 f"buffer: {format_bytes(plan.memory.get('naive_bytes'))})"])
+    summary_rows.append(["weights", format_bytes(sum(a.nbytes for a in plan.graph.initializers.values()))])
     sections.append("<h2>Build summary</h2>" + _table(["", ""], summary_rows))
     sections.append("<h3>Layers by operator</h3>" + _table(["operator", "layers"], sorted(([k, v] for k, v in counts.items()),
                                                                                           key=lambda r: -r[1]), {1}))
