@@ -81,3 +81,10 @@ def test_cli_exports(model_path, tmp_path, capsys):
 def test_bad_options_are_clear_errors(model_path, capsys, argv, code):
     assert main(["bench", str(model_path), "--warmUp", "0", "--duration", "0", *argv]) == 1
     assert code in capsys.readouterr().err
+
+
+def test_progress_bar_runs_to_the_end(model_path, capsys):
+    engine = kiln.build(str(model_path))
+    benchmark(engine, {"x": np.ones((1, 256), np.float32)}, warmup_ms=0, iterations=4, duration_s=0, progress=True)
+    drawn = capsys.readouterr().err
+    assert "kiln bench [" in drawn and "100/100" in drawn and "4 runs" in drawn
