@@ -61,6 +61,34 @@ def test_if_branches_read_outer_values_and_survive_save_load(tmp_path):
         _check(model, {"x": x, "bias": bias}, tmp_path)
 
 
+def test_branches_read_outer_values_that_optimizations_rewrite():
+    # The outer values the branches read come out of nodes the passes remove, merge or fuse (an Identity,
+    # a repeated MatMul that CSE merges, MatMul + Add + Relu that becomes one fused Gemm): the rewrites must
+    # follow those names into the branches.
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 3)).astype(np.float32)
+    b = rng.standard_normal(3).astype(np.float32)
+    then_branch = helper.make_graph([helper.make_node("Add", ["same", "fused"], ["t"])], "then", [],
+                                    [helper.make_tensor_value_info("t", F, [2, 3])])
+    else_branch = helper.make_graph([helper.make_node("Sub", ["copy", "again"], ["e"])], "else", [],
+                                    [helper.make_tensor_value_info("e", F, [2, 3])])
+    nodes = [helper.make_node("Identity", ["x"], ["same"]),
+             helper.make_node("MatMul", ["x", "w"], ["product"]),
+             helper.make_node("MatMul", ["x", "w"], ["again"]),
+             helper.make_node("Add", ["product", "b"], ["biased"]),
+             helper.make_node("Relu", ["biased"], ["fused"]),
+             helper.make_node("Identity", ["product"], ["copy"]),
+             helper.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "rewritten", [helper.make_tensor_value_info("x", F, [2, 3]),
+                                                    helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", F, [2, 3])],
+                              [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((2, 3)).astype(np.float32)
+    for flag in (True, False):
+        _check(model, {"x": x, "flag": np.array(flag)}, rtol=1e-5, atol=1e-5)
+
+
 def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
     # Each iteration appends a row to the carried `rows` (its shape changes every time), reads `step` from
     # the outer graph, stops by its own condition once the running sum passes `limit`, and emits a scan output.
