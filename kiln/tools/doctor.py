@@ -345,13 +345,21 @@ def check_precision_fallback(engine, config) -> Finding:
         # "input": the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback
         fallbacks += [{"layer": name, **info} for name, info in layers.items()
                       if info.get("precision", "fp32") not in asked + ["input"] and not info.get("fallback")]
+    # A layer on the reference tactic while other layers of its operator got a faster one fell back too
+    # (e.g. a convolution with asymmetric padding that the packed kernel does not take).
+    fast_ops = {info.get("op") for info in layers.values() if info.get("tactic", "torch") != "torch"}
+    listed = {f["layer"] for f in fallbacks}
+    fallbacks += [{"layer": name, **info, "fallback": f"reference tactic, while other {info.get('op')} layers run a faster one"}
+                  for name, info in layers.items()
+                  if name not in listed and info.get("op") in fast_ops and info.get("tactic", "torch") == "torch"]
     if not fallbacks:
         what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
         return Finding("precision fallback", "ok", f"all {len(layers)} layers run {what}")
     ops = sorted({f["op"] for f in fallbacks if "op" in f})
     return Finding("precision fallback", "warning",
-                   f"{len(fallbacks)} of {len(layers)} layers fall back from {', '.join(asked) or 'their first tactic'} "
-                   f"(to {', '.join(sorted({f.get('precision', 'fp32') for f in fallbacks}))}): ops {', '.join(ops[:8])}",
+                   f"{len(fallbacks)} of {len(layers)} layers fall back to a slower precision or tactic "
+                   f"({', '.join(sorted({f.get('precision', 'fp32') + '/' + f.get('tactic', '?') for f in fallbacks}))}): "
+                   f"ops {', '.join(ops[:8])}",
                    "kiln has no faster kernel for these layers in that precision on this device, or the precision rules "
                    "rejected it (accuracy)", "if they matter for speed, check `kiln inspect ENGINE` for each layer's tactic; "
                    "a plugin can supply the kernel (docs/plugins.md)", "KILN-E301", {"layers": fallbacks[:200]})

@@ -146,6 +146,11 @@ def test_precision_fallback_and_launch_bound_findings():
     finding = doctor.check_precision_fallback(engine, BuilderConfig(bf16=True))
     assert finding.status == "warning" and "2 of 4 layers" in finding.symptom and "LayerNormalization" in finding.symptom
     assert doctor.check_precision_fallback(engine, BuilderConfig()).symptom.startswith("1 of 4")
+    tactics = SimpleNamespace(device="cpu", plan=SimpleNamespace(layers={
+        "conv1": {"op": "kiln::Conv", "precision": "fp32", "tactic": "onednn-packed"},
+        "conv2": {"op": "kiln::Conv", "precision": "fp32", "tactic": "torch"}, "relu": {"op": "Relu", "tactic": "torch"}}))
+    slow = doctor.check_precision_fallback(tactics, BuilderConfig())
+    assert slow.status == "warning" and [f["layer"] for f in slow.details["layers"]] == ["conv2"]
     tiny = [{"name": f"l{i}", "averageMs": 0.005} for i in range(60)]
     assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
     assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny).status == "info"
