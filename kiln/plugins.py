@@ -93,6 +93,24 @@ def kernel_for_device(definition, device: str) -> Callable:
                          where=definition.plugin.name, hint="give cuda= as 'module:function'") from None
 
 
+def device_dispatch(definition) -> Callable:
+    """The kernel to bind for `definition`: for a plugin with its own CUDA kernel, a callable that runs that
+    kernel when its inputs are CUDA tensors (resolved, and for "module:function" imported, at the first
+    such call) and the CPU kernel otherwise. Every other operator gets its kernel unchanged."""
+    if definition.plugin is None or (definition.domain, definition.op, definition.since) not in _CUDA_KERNELS:
+        return definition.kernel
+    resolved: list[Callable] = []
+
+    def run(*inputs, **attributes):
+        if any(getattr(x, "is_cuda", False) for x in inputs):
+            if not resolved:
+                resolved.append(kernel_for_device(definition, "cuda"))
+            return resolved[0](*inputs, **attributes)
+        return definition.kernel(*inputs, **attributes)
+
+    return run
+
+
 def plugins_used(graph) -> list[dict[str, str]]:
     """What an engine built from `graph` needs registered to load: name, version, op, domain, module."""
     from .ops import registry

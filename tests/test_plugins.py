@@ -113,6 +113,19 @@ def test_cuda_kernel_slot_is_resolved_only_for_cuda_and_imported_lazily():
     definition = registry.lookup("Cube", DOMAIN, 1)
     assert kernel_for_device(definition, "cuda") is on_cuda
     assert kernel_for_device(definition, "cpu") is definition.kernel
+    # Bound into a program, the kernel follows its inputs: CUDA tensors go to the CUDA kernel.
+    from kiln.backends.cpu.kernels import bind_kernel
+    from kiln.ir import Node
+
+    class OnCuda:  # stands in for a CUDA tensor on this GPU-less machine
+        is_cuda = True
+
+    bound = bind_kernel(Node("Cube", ("x",), ("y",), domain=DOMAIN), 1)
+    marker = OnCuda()
+    assert bound(marker) is marker
+    import torch
+
+    assert bound(torch.tensor([2.0])).item() == 8.0
     # A Triton launcher named by module: nothing is imported until a CUDA engine needs it.
     kiln.plugin("Cube", domain=DOMAIN, infer=lambda i, a: [(DType.float32, None)],
                 cuda="kiln_test_missing_triton_kernels:cube")(lambda x: x ** 3)

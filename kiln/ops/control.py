@@ -10,16 +10,32 @@ import weakref
 from ..ir import Graph
 from .registry import register
 
-_PROGRAMS: "weakref.WeakKeyDictionary[Graph, object]" = weakref.WeakKeyDictionary()
+# subgraph -> {device: its program, "outer": the names it reads from enclosing scopes}; a body's weights
+# live on the device its inputs come from.
+_PROGRAMS: "weakref.WeakKeyDictionary[Graph, dict]" = weakref.WeakKeyDictionary()
+
+
+def _device_of(values) -> str:
+    for value in values:
+        for item in (value if isinstance(value, list) else [value]):
+            if getattr(item, "is_cuda", False):
+                return str(item.device)
+    return "cpu"
 
 
 def run_subgraph(graph: Graph, inputs: list, env: dict) -> list:
     """Run `graph` on `inputs` (bound to its inputs in order) with `env` as the enclosing scope."""
     from ..backends.cpu.program import CpuProgram
 
-    program = _PROGRAMS.get(graph)
+    programs = _PROGRAMS.get(graph)
+    if programs is None:
+        programs = _PROGRAMS[graph] = {"outer": sorted(graph.outer_references())}
+    device = _device_of(list(inputs) + [env[name] for name in programs["outer"] if name in env])
+    program = programs.get(device)
     if program is None:
-        program = _PROGRAMS[graph] = CpuProgram(graph)
+        program = programs[device] = CpuProgram(graph)
+        if device != "cpu":
+            program.constants = {name: tensor.to(device) for name, tensor in program.constants.items()}
     feed = dict(env)
     feed.update(zip(graph.input_names(), inputs))
     results = program.execute(feed)

@@ -20,7 +20,9 @@ def bind_kernel(node: Node, opset: int):
     extra = {}
     if "_num_outputs" in params:
         extra["_num_outputs"] = len(node.outputs)
-    return functools.partial(definition.kernel, **node.attrs, **extra)
+    from ...plugins import device_dispatch
+
+    return functools.partial(device_dispatch(definition), **node.attrs, **extra)
 
 
 def wants_env(node: Node, opset: int) -> bool:
