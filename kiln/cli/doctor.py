@@ -4,11 +4,13 @@
   kiln doctor model.onnx --int8 --calib calib_dir/     is the calibration data representative?
   kiln doctor old_model.onnx --fix                     write the model converted to kiln's opset
   kiln doctor model.onnx --json
+  kiln doctor model.kiln                               is the engine whole and runnable here? fallbacks, memory
 
 Checks: opset too new or too old, unsupported operators, dynamic inputs without profiles, inputs that do
 not match the model (batch, shape, dtype), calibration data missing or unrepresentative, fp16 overflow on
 sample data, memory needed against memory available, layers falling back to a slower precision or tactic,
-and launch-bound engines (many tiny layers). Peak host and device memory while checking are reported.
+and launch-bound engines (many tiny layers); for an engine file also whether it is whole and built for
+this machine and its plugins. Peak host and device memory while checking are reported.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from . import args as shared
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="an .onnx model")
+    parser.add_argument("model", help="an .onnx model, or a .kiln engine (the checks that apply to a built engine)")
     group = parser.add_argument_group("doctor")
     group.add_argument("--input", action="append", metavar="NAME=FILE.npy", help="an input to check against the model (repeatable)")
     group.add_argument("--load-inputs", metavar="FILE.npz", help="inputs from an .npz file (name -> array)")

@@ -153,12 +153,11 @@ def check_dynamic(graph, config, shapes: dict) -> Finding:
                    f"(or --shapes {example} to check one shape)", "KILN-E202", {"inputs": unprofiled})
 
 
-def check_inputs(graph, given: dict) -> Finding:
-    from ..engine.bindings import Binding, check_feed
+def check_inputs(bindings, given: dict) -> Finding:
+    from ..engine.bindings import check_feed
 
     if not given:
         return Finding("input shapes", "n/a", "no input given to check against the model (--input NAME=FILE.npy or --load-inputs)")
-    bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
     try:
         check_feed(given, bindings)
     except BindingError as error:
@@ -234,8 +233,6 @@ def peak_live_bytes(model, values: dict[str, np.ndarray], feed: dict) -> int:
 
 
 def check_memory(model, graph, values: dict, feed: dict, device: str, measured: dict, engine=None) -> Finding:
-    from .memory import device_available_bytes, format_bytes, host_available_bytes
-
     constant = constant_tensors(model)
     weights = sum(a.nbytes for a in graph.initializers.values()) + sum(
         values[name].nbytes for name in constant if name in values and name not in graph.initializers)
@@ -245,6 +242,13 @@ def check_memory(model, graph, values: dict, feed: dict, device: str, measured: 
         # The built engine's own figures: weights after folding and fusion, and its activation arena.
         weights = sum(a.nbytes for a in engine.plan.graph.initializers.values())
         activations = int(planned["peak_bytes"])
+    return memory_finding(weights, activations, feed, device, measured)
+
+
+def memory_finding(weights: int, activations: int, feed: dict, device: str, measured: dict) -> Finding:
+    """Weights plus peak activations against the memory available, with a batch or precision that would fit."""
+    from .memory import device_available_bytes, format_bytes, host_available_bytes
+
     estimate = weights + activations
     available = device_available_bytes(device) if device == "cuda" else host_available_bytes()
     where = "GPU" if device == "cuda" else "host"
@@ -337,8 +341,9 @@ def check_calibration(model, config, calib: str | None, sample_values: dict) -> 
                    "worst layers in higher precision", "KILN-E302", details)
 
 
-def check_precision_fallback(engine, config) -> Finding:
-    asked = [p for p in config.precisions() if p != "fp32"]
+def check_precision_fallback(engine, asked: list[str]) -> Finding:
+    """Layers not in a precision `asked` for (beyond fp32), or that record a fallback, or left on the reference tactic."""
+    asked = [p for p in asked if p != "fp32"]
     layers = engine.plan.layers
     fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
     if asked:
@@ -387,13 +392,68 @@ def check_launch_bound(engine, profile: list[dict]) -> Finding:
 
 # -- the whole examination ----------------------------------------------------------------------------
 
+def is_engine_file(path: str) -> bool:
+    from ..engine.fileformat import MAGIC
+
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return str(path).endswith(".kiln")
+
+
+def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None = None, seed: int = 0,
+                    profile_iterations: int = 3) -> DoctorReport:
+    """The checks that apply to a built engine: whole and runnable here (target, plugins), inputs, fallbacks,
+    memory, launch overhead."""
+    from ..engine.runtime import load
+    from .bench import benchmark, sample_feed
+    from .memory import MemoryMonitor
+
+    report = DoctorReport(str(path))
+    try:
+        engine = load(path)
+    except KilnError as error:
+        report.add(from_error("engine file", error))
+        return report
+    info = engine.plan.build_info
+    report.add(Finding("engine file", "ok", f"whole, and runnable on this machine ({engine.device}); built by kiln "
+                       f"{info.get('kiln', '?')} with torch {info.get('torch', '?')}"))
+    report.add(check_inputs(engine.inputs, dict(given or {})))
+    asked = [name for name in ("tf32", "fp16", "bf16", "int8", "fp8") if engine.plan.config.get(name)]
+    report.add(check_precision_fallback(engine, asked))
+    profile, feed = [], {}
+    with MemoryMonitor(device=engine.device) as monitor:
+        try:
+            feed = sample_feed(engine, seed, shapes, None if report.blocked else given)
+            result = benchmark(engine, feed, warmup_ms=0, iterations=profile_iterations, duration_s=0, profile=True,
+                               progress=False, monitor=monitor)
+            profile = result.layers
+            report.memory["latency_ms"] = result.stats("latency")
+        except KilnError as error:
+            report.add(from_error("run", error))
+    report.memory.update(monitor.summary())
+    report.memory["timeline"] = monitor.timeline
+    planned = engine.plan.memory.get("peak_bytes")
+    if planned is not None:
+        weights = sum(a.nbytes for a in engine.plan.graph.initializers.values())
+        report.add(memory_finding(weights, int(planned), feed, engine.device, monitor.summary()))
+    else:
+        report.add(Finding("memory", "n/a", "the engine records no memory plan"))
+    report.add(check_launch_bound(engine, profile))
+    return report
+
+
 def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict | None = None, calib: str | None = None,
              fix_path: str | None = None, seed: int = 0, profile_iterations: int = 3) -> DoctorReport:
-    """Run every check on `model_path` as `config` would build it; never raises for a problem of the model."""
+    """Run every check on `model_path` as `config` would build it (or, for a .kiln engine, the checks that
+    apply to it); never raises for a problem of the model."""
     from ..frontend.onnx import load_model
     from .inputs import random_feed
     from .memory import MemoryMonitor
 
+    if is_engine_file(model_path):
+        return diagnose_engine(model_path, given=given, shapes=shapes, seed=seed, profile_iterations=profile_iterations)
     report = DoctorReport(str(model_path))
     given, shapes = dict(given or {}), dict(shapes or {})
     try:
@@ -414,11 +474,10 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
     graph = prepared_graph(converted)
     report.add(check_operators(graph))
     report.add(check_dynamic(graph, config, shapes))
-    report.add(check_inputs(graph, given))
-
     from ..engine.bindings import Binding
 
     bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
+    report.add(check_inputs(bindings, given))
     with MemoryMonitor(device=config.device) as monitor:
         feed = random_feed(bindings, seed=seed, shapes=shapes)
         if not any(f.blocks and f.check == "input shapes" for f in report.findings):
@@ -445,7 +504,7 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
                 report.add(from_error("build", error))
         profile = []
         if engine is not None:
-            report.add(check_precision_fallback(engine, config))
+            report.add(check_precision_fallback(engine, config.precisions()))
             monitor.mark("profile run")
             try:
                 from .bench import benchmark

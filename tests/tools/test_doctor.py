@@ -143,13 +143,13 @@ def test_precision_fallback_and_launch_bound_findings():
         "conv": {"op": "Conv", "precision": "bf16"}, "norm": {"op": "LayerNormalization", "precision": "fp32"},
         "gather": {"op": "Gather", "precision": "bf16", "fallback": "no bf16 tactic"},
         "pool": {"op": "MaxPool", "precision": "input"}}))
-    finding = doctor.check_precision_fallback(engine, BuilderConfig(bf16=True))
+    finding = doctor.check_precision_fallback(engine, ["fp32", "bf16"])
     assert finding.status == "warning" and "2 of 4 layers" in finding.symptom and "LayerNormalization" in finding.symptom
-    assert doctor.check_precision_fallback(engine, BuilderConfig()).symptom.startswith("1 of 4")
+    assert doctor.check_precision_fallback(engine, ["fp32"]).symptom.startswith("1 of 4")
     tactics = SimpleNamespace(device="cpu", plan=SimpleNamespace(layers={
         "conv1": {"op": "kiln::Conv", "precision": "fp32", "tactic": "onednn-packed"},
         "conv2": {"op": "kiln::Conv", "precision": "fp32", "tactic": "torch"}, "relu": {"op": "Relu", "tactic": "torch"}}))
-    slow = doctor.check_precision_fallback(tactics, BuilderConfig())
+    slow = doctor.check_precision_fallback(tactics, ["fp32"])
     assert slow.status == "warning" and [f["layer"] for f in slow.details["layers"]] == ["conv2"]
     tiny = [{"name": f"l{i}", "averageMs": 0.005} for i in range(60)]
     assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
@@ -161,3 +161,25 @@ def test_unreadable_model_is_a_finding(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
     report = doctor.diagnose(str(tmp_path / "junk.onnx"), BuilderConfig())
     assert report.blocked and report.findings[0].code == "KILN-E104"
+
+
+def test_engine_files_damaged_foreign_target_and_healthy(tmp_path, capsys):
+    import kiln
+
+    engine = kiln.build(mlp())
+    path = tmp_path / "mlp.kiln"
+    engine.save(str(path))
+    report = doctor.diagnose(str(path), BuilderConfig())
+    found = by_check(report)
+    assert not report.blocked and found["engine file"].status == "ok" and found["memory"].status == "ok"
+    assert found["launch overhead"].status == "ok" and report.memory["peak_host_bytes"] > 0
+    mismatch = by_check(doctor.diagnose(str(path), BuilderConfig(), given={"x": np.ones((3, 8), np.float32)}))["input shapes"]
+    assert mismatch.status == "error" and mismatch.symptom.startswith("batch size mismatch")
+    blob = path.read_bytes()
+    (tmp_path / "cut.kiln").write_bytes(blob[: len(blob) // 2])
+    assert main(["doctor", str(tmp_path / "cut.kiln")]) == 1
+    assert "KILN-E502" in capsys.readouterr().out
+    engine.plan.target["machine"] = "sparc64"
+    engine.save(str(tmp_path / "foreign.kiln"))
+    foreign = doctor.diagnose(str(tmp_path / "foreign.kiln"), BuilderConfig())
+    assert foreign.blocked and foreign.findings[0].code == "KILN-E505" and "rebuild" in foreign.findings[0].fix
