@@ -114,11 +114,18 @@ class _Runner:
         self.host_tensors, _ = check_feed(feed, engine.inputs)
         self.device_feed = self._to_device()
         self.graph = None
-        if use_cuda_graph:
-            if not self.cuda:
-                raise BuildError("--useCudaGraph needs an engine built for the GPU; this engine runs on the CPU",
-                                 code="KILN-E203", hint="drop --useCudaGraph, or build with --device cuda")
+        if use_cuda_graph and not self.cuda:
+            raise BuildError("--useCudaGraph needs an engine built for the GPU; this engine runs on the CPU",
+                             code="KILN-E203", hint="drop --useCudaGraph, or build with --device cuda")
+        # kiln's CUDA programs replay their own whole-engine graph unless built with --noCudaGraph;
+        # --useCudaGraph turns that on, and programs without one are captured here.
+        owns_graphs = hasattr(self.program, "use_cuda_graph")
+        if use_cuda_graph and owns_graphs:
+            self.program.use_cuda_graph = True
+        elif use_cuda_graph:
             self._capture()
+        self.cuda_graph = ("the engine's own" if owns_graphs and self.program.use_cuda_graph else
+                           "captured by bench" if self.graph is not None else "off") if self.cuda else "n/a"
 
     def _sync(self) -> None:
         if self.cuda:
@@ -258,7 +265,7 @@ def benchmark(engine, feed: dict, *, warmup_ms: float = 200.0, iterations: int =
     latency = [a + b + c for a, b, c in zip(h2d, compute, d2h)]
     result = BenchResult(engine.device, {"warmUp_ms": warmup_ms, "iterations": iterations, "duration_s": duration_s,
                                          "useCudaGraph": use_cuda_graph, "noDataTransfers": no_data_transfers,
-                                         "separateProfileRun": separate_profile_run},
+                                         "separateProfileRun": separate_profile_run, "cudaGraph": runner.cuda_graph},
                          latency, h2d, compute, d2h, starts, wall, memory=monitor.summary(),
                          outputs={name: value if isinstance(value, np.ndarray) else _to_numpy(value)
                                   for name, value in outputs.items() if value is not None and not isinstance(value, list)})
@@ -294,6 +301,7 @@ def format_result(result: BenchResult) -> str:
     if result.device == "cuda":
         lines.append("  split (mean ms): " + "  ".join(f"{label} {result.stats(key)['mean']:.3f}" for label, key in
                                                        (("host-to-device", "h2d"), ("compute", "compute"), ("device-to-host", "d2h"))))
+        lines.append(f"  CUDA graph: {result.settings.get('cudaGraph', '?')} (per-layer profiles always run step by step)")
         if result.settings["noDataTransfers"]:
             lines.append("  (--noDataTransfers: inputs stay on the device and outputs are not copied back)")
     memory = result.memory
