@@ -1,0 +1,121 @@
+"""The TensorFlow/Keras frontend: a Keras model, a .keras file and a SavedModel directory match Keras's outputs
+through kiln. These run only where the extra is installed (pip install kiln[tensorflow]; make test-tensorflow)."""
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+from helpers import assert_close
+
+import kiln
+from kiln.cli import main
+from kiln.errors import ParseError
+
+HAS_EXTRA = all(importlib.util.find_spec(name) is not None for name in ("tensorflow", "tf2onnx", "keras"))
+
+
+def needs_extra(test):
+    """Marked `tensorflow` (make test-tensorflow selects these) and skipped where the extra is not installed."""
+    return pytest.mark.tensorflow(pytest.mark.skipif(not HAS_EXTRA, reason="needs pip install kiln[tensorflow]")(test))
+
+
+def _keras_cnn():
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((12, 12, 3), name="image")
+    x = keras.layers.Conv2D(6, 3, activation="relu")(image)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(16, activation="swish")(x)
+    logits = keras.layers.Dense(5, name="logits")(x)
+    model = keras.Model(image, logits)
+    batch_norm = model.layers[2]  # non-trivial statistics, so kiln's batch-norm folding is really checked
+    rng = np.random.default_rng(1)
+    batch_norm.moving_mean.assign(rng.standard_normal(6).astype(np.float32) * 0.1)
+    batch_norm.moving_variance.assign(rng.uniform(0.5, 1.5, 6).astype(np.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def keras_model():
+    if not HAS_EXTRA:
+        pytest.skip("needs the tensorflow extra")
+    return _keras_cnn()
+
+
+def _images(batch: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((batch, 12, 12, 3)).astype(np.float32)
+
+
+@needs_extra
+def test_keras_model_matches_keras_at_several_batch_sizes(keras_model):
+    engine = kiln.build(keras_model)
+    assert [b.name for b in engine.inputs] == ["image"] and engine.inputs[0].shape == ("batch", 12, 12, 3)
+    assert [b.name for b in engine.outputs] == ["logits"]
+    for batch in (1, 4):
+        images = _images(batch, seed=batch)
+        expected = keras_model(images, training=False).numpy()
+        assert_close(engine.run({"image": images})["logits"], expected, rtol=1e-4, atol=1e-5, what=f"batch {batch}")
+
+
+@needs_extra
+def test_keras_file_and_saved_model_build_from_the_command_line(keras_model, tmp_path, capsys):
+    keras_file = tmp_path / "cnn.keras"
+    keras_model.save(str(keras_file))
+    saved_model = tmp_path / "cnn_saved_model"
+    keras_model.export(str(saved_model), verbose=False)
+    images = _images(3, seed=5)
+    expected = keras_model(images, training=False).numpy()
+    for source, engine_file, output in ((keras_file, tmp_path / "cnn.kiln", "logits"),
+                                        (saved_model, tmp_path / "cnn_saved_model.kiln", "output_0")):
+        assert main(["build", str(source)]) == 0, capsys.readouterr().err
+        assert "image: float32[batchx12x12x3]" in capsys.readouterr().out
+        out = kiln.load(str(engine_file)).run({"image": images})
+        assert_close(out[output], expected, rtol=1e-4, atol=1e-5, what=str(source))
+
+
+@needs_extra
+def test_user_names_and_a_damaged_saved_model(keras_model, tmp_path):
+    engine = kiln.build(keras_model, input_names=["pixels"], output_names=["scores"])
+    assert [b.name for b in engine.inputs] == ["pixels"] and [b.name for b in engine.outputs] == ["scores"]
+    with pytest.raises(kiln.BuildError, match="example_inputs"):
+        kiln.build(keras_model, example_inputs=(np.zeros((1, 12, 12, 3), np.float32),))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "saved_model.pb").write_bytes(b"not a protobuf")
+    with pytest.raises(ParseError) as caught:
+        kiln.build(str(damaged))
+    assert caught.value.code == "KILN-E104" and "cannot be loaded" in caught.value.message
+
+
+@needs_extra
+def test_an_op_tf2onnx_cannot_convert_is_reported_by_name():
+    import keras
+
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="gelu")(inputs))  # exact GELU: TensorFlow's Erfc op
+    with pytest.raises(ParseError) as caught:
+        kiln.build(model)
+    assert caught.value.code == "KILN-E101" and "Erfc" in caught.value.message
+
+
+def test_without_the_extra_a_saved_model_gets_the_install_line(tmp_path, monkeypatch):
+    saved_model = tmp_path / "exported"
+    saved_model.mkdir()
+    (saved_model / "saved_model.pb").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # what an interpreter without the extra sees
+    with pytest.raises(ParseError) as caught:
+        kiln.build(str(saved_model))
+    error = caught.value
+    assert error.code == "KILN-E108"
+    assert "pip install 'kiln[tensorflow]'" in error.hint and "tensorflow-cpu==" in error.hint and "tf2onnx==" in error.hint
+
+
+def test_legacy_keras_h5_is_refused_with_the_way_forward(tmp_path, capsys):
+    path = tmp_path / "model.h5"
+    path.write_bytes(b"\x89HDF")
+    assert main(["build", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "KILN-E106" in err and ".keras" in err and "model.export" in err
