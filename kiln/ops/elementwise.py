@@ -1,6 +1,8 @@
 """Elementwise operators: unary math, activations, binary arithmetic, comparison and logic."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .registry import register
@@ -22,12 +24,36 @@ _BINARY = {
 }
 
 
+# torch stores uint16/32/64 but implements little arithmetic on them: compute in int64 and cast back
+# (exact for uint16/32; uint64 keeps its bits through int64's wrap-around for +, -, *, bit operations).
+_WIDEN = None
+
+
+def widen_unsigned(fn):
+    """Wrap a kernel so uint16/32/64 tensor inputs are computed in int64 and integer results cast back."""
+
+    @functools.wraps(fn)
+    def kernel(*inputs, **attributes):
+        global _WIDEN
+        if _WIDEN is None:
+            _WIDEN = {torch.uint16, torch.uint32, torch.uint64}
+        unsigned = next((x.dtype for x in inputs if isinstance(x, torch.Tensor) and x.dtype in _WIDEN), None)
+        if unsigned is None:
+            return fn(*inputs, **attributes)
+        wide = [x.to(torch.int64) if isinstance(x, torch.Tensor) and x.dtype in _WIDEN else x for x in inputs]
+        result = fn(*wide, **attributes)
+        cast = lambda r: r.to(unsigned) if isinstance(r, torch.Tensor) and r.dtype == torch.int64 else r  # noqa: E731
+        return tuple(cast(r) for r in result) if isinstance(result, tuple) else cast(result)
+
+    return kernel
+
+
 def _register_unary(op: str, fn) -> None:
-    register(op, since=1)(lambda x: fn(x))
+    register(op, since=1)(widen_unsigned(lambda x: fn(x)))
 
 
 def _register_binary(op: str, fn) -> None:
-    register(op, since=1)(lambda a, b: fn(a, b))
+    register(op, since=1)(widen_unsigned(lambda a, b: fn(a, b)))
 
 
 for _op, _fn in _UNARY.items():
@@ -38,6 +64,7 @@ for _op, _fn in _BINARY.items():
 
 
 @register("Div", since=1)
+@widen_unsigned
 def div(a, b):
     if a.is_floating_point() or a.is_complex():
         return a / b
@@ -51,6 +78,7 @@ def pow_(x, y):
 
 
 @register("Mod", since=10)
+@widen_unsigned
 def mod(a, b, *, fmod=0):
     if fmod or a.is_floating_point():
         return torch.fmod(a, b)
@@ -113,6 +141,7 @@ def prelu(x, slope):
 
 
 @register("Clip", since=11)
+@widen_unsigned
 def clip(x, low=None, high=None):
     if low is not None:
         x = torch.maximum(x, low.to(x.dtype))
@@ -136,9 +165,9 @@ def _variadic(fn):
     return kernel
 
 
-register("Sum", since=8)(_variadic(torch.add))
-register("Max", since=8)(_variadic(torch.maximum))
-register("Min", since=8)(_variadic(torch.minimum))
+register("Sum", since=8)(widen_unsigned(_variadic(torch.add)))
+register("Max", since=8)(widen_unsigned(_variadic(torch.maximum)))
+register("Min", since=8)(widen_unsigned(_variadic(torch.minimum)))
 
 
 @register("Mean", since=8)
@@ -147,11 +176,13 @@ def mean(*inputs):
 
 
 @register("Where", since=9)
+@widen_unsigned
 def where(condition, x, y):
     return torch.where(condition, x, y)
 
 
 @register("BitShift", since=11)
+@widen_unsigned
 def bit_shift(x, y, *, direction):
     return torch.bitwise_left_shift(x, y) if direction == "LEFT" else torch.bitwise_right_shift(x, y)
 

@@ -181,16 +181,20 @@ def lrn(x, *, alpha=0.0001, beta=0.75, bias=1.0, size):
 
 
 @register("LayerNormalization", since=17)
-def layer_normalization(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1):
+def layer_normalization(x, scale, bias=None, *, axis=-1, epsilon=1e-5, stash_type=1, _num_outputs=1):
     axis = axis % x.dim()
     normalized = tuple(x.shape[axis:])
-    if scale.shape == normalized and (bias is None or bias.shape == normalized):
+    if _num_outputs == 1 and scale.shape == normalized and (bias is None or bias.shape == normalized):
         return F.layer_norm(x, normalized, scale, bias, epsilon)
+    # The statistics are computed (and returned, when asked for) in the stash type, float32 by default.
+    stash = torch.float64 if stash_type == 11 or x.dtype == torch.float64 else torch.float32
+    wide = x.to(stash)
     dims = tuple(range(axis, x.dim()))
-    mean = x.mean(dim=dims, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=dims, keepdim=True)
-    y = (x - mean) / torch.sqrt(var + epsilon) * scale
-    return y + bias if bias is not None else y
+    mean = wide.mean(dim=dims, keepdim=True)
+    inv_std = torch.rsqrt(((wide - mean) ** 2).mean(dim=dims, keepdim=True) + epsilon)
+    y = ((wide - mean) * inv_std).to(x.dtype) * scale
+    y = y + bias if bias is not None else y
+    return (y, mean, inv_std)[:_num_outputs] if _num_outputs > 1 else y
 
 
 @register("GroupNormalization", since=21)

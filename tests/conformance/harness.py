@@ -39,7 +39,13 @@ def node_cases() -> list[Case]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return [Case(c.name, "node", c.model, list(c.data_sets), c.rtol, c.atol) for c in collect_testcases(None)]
+        return [Case(c.name, "node", c.model, [(_arrays(i), _arrays(o)) for i, o in c.data_sets], c.rtol, c.atol)
+                for c in collect_testcases(None)]
+
+
+def _arrays(values) -> list:
+    """Some generated cases carry TensorProtos (float8, int4, ...) where ONNX's runner reads arrays: convert them."""
+    return [numpy_helper.to_array(v) if isinstance(v, onnx.TensorProto) else v for v in values]
 
 
 def _load(path: str, type_proto) -> object:
