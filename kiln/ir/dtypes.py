@@ -63,7 +63,8 @@ FLOATS = frozenset({DType.float32, DType.float16, DType.bfloat16, DType.float64,
 # The dtypes a kiln engine can bind as inputs and outputs (torch has a native tensor type for each).
 BINDABLE = frozenset({DType.float32, DType.float16, DType.bfloat16, DType.float64, DType.int8, DType.uint8,
                       DType.int16, DType.int32, DType.int64, DType.bool,
-                      DType.uint16, DType.float8e4m3fn, DType.float8e5m2})  # quantized models' int16/fp8 tensors
+                      DType.uint16, DType.float8e4m3fn, DType.float8e5m2,  # quantized models' int16/fp8 tensors
+                      DType.uint32, DType.uint64, DType.float8e4m3fnuz, DType.float8e5m2fnuz})  # ONNX's test cases
 
 
 def to_numpy(dtype: DType) -> np.dtype:
