@@ -27,6 +27,16 @@ class BuilderConfig:
     best: bool = False
     optimize: bool = True  # run the optimization passes beyond folding and dead-code removal
     profiles: list = field(default_factory=list)
+    # int8 (kiln/quant): calibration data is a directory of .npz/.npy feeds or any iterable of feed dicts
+    calib: Any = None
+    calib_cache: str | None = None  # thresholds written here, and read instead of calibrating when it exists
+    calibrator: str = "entropy"  # entropy, percentile (99.99), mse, minmax
+    calib_batches: int | None = None  # use at most this many calibration feeds
+    layer_precisions: dict[str, str] = field(default_factory=dict)  # layer name or pattern -> "int8" / "fp32"
+    precision_constraints: str = "none"  # none: int8 where faster; prefer / obey: as layer_precisions say
+    validation: Any = None  # feeds for the coverage check and the accuracy budget
+    accuracy_budget: float | None = None  # most error allowed against fp32, in accuracy_metric's unit
+    accuracy_metric: str = "top1"  # top1 (points of top-1 disagreement) or relerr (relative L2 error)
     extra: dict[str, Any] = field(default_factory=dict)  # options later features read (calibration, timing cache)
 
     def validate(self) -> None:
@@ -48,6 +58,15 @@ class BuilderConfig:
             if not cuda_available():
                 raise BuildError("--device cuda was asked for, but no CUDA GPU is visible to torch", code="KILN-E203",
                                  hint="build on a machine with an NVIDIA GPU, or build for the CPU (the default)")
+            from .backends.cuda.lowering import check_precisions, parse_workspace
+
+            check_precisions(self)
+            parse_workspace(self.extra.get("mem_pool_size"))
+
+        if self.int8 or self.layer_precisions or self.accuracy_budget is not None:
+            from .quant.config import check_config
+
+            check_config(self)
 
     def precisions(self) -> list[str]:
         chosen = ["fp32"]
@@ -90,6 +109,8 @@ def build(model, config: BuilderConfig | None = None, **options):
         plan.layers = {node.name: {"op": node.op_key, "precision": "fp32", "tactic": "torch", "origin": list(node.origin)}
                        for node in graph.nodes}
         plan.build_info["counters"] = dict(ctx.counters)
+        if "quantization" in config.extra:  # what the int8 pass chose and measured (kiln/quant/lower.py)
+            plan.build_info["quantization"] = config.extra.pop("quantization")
         engine = Engine(plan)
         engine.program  # lower now, so a build that cannot run fails here and not at the first run  # noqa: B018
         for name, info in getattr(engine.program, "layer_info", {}).items():
@@ -115,6 +136,11 @@ def _target(config: BuilderConfig) -> dict[str, Any]:
 
 
 def _config_record(config: BuilderConfig) -> dict[str, Any]:
-    record = asdict(config)
+    from dataclasses import replace
+
+    # calibration/validation data given as Python iterables is not recorded (nor deep-copied) into the engine
+    data = {k: os.fspath(v) if isinstance(v, (str, os.PathLike)) else None if v is None else "<python iterable>"
+            for k, v in (("calib", config.calib), ("validation", config.validation))}
+    record = asdict(replace(config, **data))
     record["extra"] = {k: v for k, v in config.extra.items() if isinstance(v, (str, int, float, bool, type(None)))}
     return record

@@ -23,13 +23,30 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8", action="store_true", help="allow fp8 e4m3 layers (GPU, compute capability 8.9+)")
     group.add_argument("--best", action="store_true", help="let the builder choose the fastest precision per layer")
     group.add_argument("--noOptimize", action="store_true", help="run only constant folding and dead-code removal")
+    cuda = parser.add_argument_group("cuda")
+    cuda.add_argument("--timingCacheFile", metavar="PATH", help="read and write tactic timings here (GPU builds): a second "
+                      "build of the same model on the same GPU skips the timing")
+    cuda.add_argument("--noCudaGraph", action="store_true", help="run GPU engines step by step, never as a CUDA graph "
+                      "(by default a static-shape engine replays one whole-engine graph per input shape)")
+    cuda.add_argument("--memPoolSize", metavar="workspace:N", help="GPU memory the engine may use beyond its weights, in MiB "
+                      "(or with a K/M/G suffix); a build that needs more fails with KILN-E601")
 
 
 def config_from_args(args: argparse.Namespace):
     from ..builder import BuilderConfig
 
-    return BuilderConfig(device=args.device, fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, int8=args.int8,
-                         fp8=args.fp8, best=args.best, optimize=not args.noOptimize)
+    config = BuilderConfig(device=args.device, fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, int8=args.int8,
+                           fp8=args.fp8, best=args.best, optimize=not args.noOptimize)
+    cuda_options = {"timing_cache_file": getattr(args, "timingCacheFile", None),
+                    "use_cuda_graph": False if getattr(args, "noCudaGraph", False) else None,
+                    "mem_pool_size": getattr(args, "memPoolSize", None)}
+    if args.device != "cuda" and any(v is not None for v in cuda_options.values()):
+        from ..errors import BuildError
+
+        raise BuildError("--timingCacheFile, --noCudaGraph and --memPoolSize apply to GPU builds only", code="KILN-E203",
+                         hint="add --device cuda, or drop the GPU options")
+    config.extra.update({k: v for k, v in cuda_options.items() if v is not None})
+    return config
 
 
 def parse_named_files(items: list[str] | None, what: str = "--input") -> dict[str, str]:

@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
                                       "pkg.module:function that returns (module, example_inputs)")
     parser.add_argument("--saveEngine", metavar="PATH", help="where to write the engine (default: MODEL.kiln)")
     shared.add_build_arguments(parser)
+    parser.add_argument("--useCudaGraph", action="store_true", help="replay the whole engine as CUDA graphs (GPU; the default "
+                        "for static shapes, so this forces it for dynamic ones)")
 
 
 def run(args) -> int:
@@ -24,7 +26,7 @@ def run(args) -> int:
     from ..tools.memory import MemoryMonitor
 
     with MemoryMonitor(device=args.device) as build_memory:
-        engine = build(args.model, shared.config_from_args(args))
+        engine = build(args.model, _config(args))
     engine.plan.build_info["build_memory"] = {k: v for k, v in build_memory.summary().items() if k != "device"}
     path = args.saveEngine or _default_engine_path(args.model)
     engine.save(path)
@@ -50,6 +52,17 @@ def _default_engine_path(model: str) -> str:
     if path.is_dir():
         return str(path.resolve().parent / (path.resolve().name + ".kiln"))
     return str(path.with_suffix(".kiln"))
+
+
+def _config(args):
+    config = shared.config_from_args(args)
+    if args.useCudaGraph:
+        if args.device != "cuda":
+            from ..errors import BuildError
+
+            raise BuildError("--useCudaGraph needs a GPU build", code="KILN-E203", hint="add --device cuda, or drop --useCudaGraph")
+        config.extra["use_cuda_graph"] = True
+    return config
 
 
 def _run_memory(engine):

@@ -1,0 +1,232 @@
+"""The candidate implementations of each step on the GPU: cuDNN convolutions in NCHW or channels-last,
+cuBLAS / cuBLASLt matrix products with their epilogue in torch, in cuBLASLt or in a kiln Triton kernel,
+torch's fused attention backends, Triton LayerNorm and Softmax, each in every precision the build
+allows. Every other step runs its registry kernel (plain torch) on CUDA tensors.
+
+A candidate takes the step's inputs as they arrive (any float dtype, any layout), casts them to the
+precision it computes in, and hands its output on in the engine's activation dtype ("flow")."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+from ...ir import Node
+from ..tactics import Candidate
+
+MATRIX_OPS = {("kiln", "Conv"), ("kiln", "Gemm"), ("kiln", "Attention")}
+
+
+def torch_dtype(precision: str):
+    import torch
+
+    return {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def math_mode(precision: str) -> Callable:
+    """Set cuBLAS/cuDNN tf32 use for one call: tf32 only where the layer's precision is tf32 (TensorRT's rule)."""
+    import torch
+
+    allow = precision == "tf32"
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+
+    def apply():
+        if matmul.allow_tf32 != allow:
+            matmul.allow_tf32 = allow
+        if cudnn.allow_tf32 != allow:
+            cudnn.allow_tf32 = allow
+
+    return apply
+
+
+def triton_available() -> bool:
+    try:
+        from . import triton_kernels  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _cast(t, dtype):
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def conv_candidates(node: Node, weight, bias, precisions: list[str], flow) -> list[Candidate]:
+    """cuDNN 2-D convolution, NCHW or channels-last, epilogue (residual, activation) in torch or Triton."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...ops.fused import apply_activation
+
+    pads = list(node.attrs["pads"])
+    if weight.dim() != 4 or pads[:2] != pads[2:]:
+        return []
+    stride, dilation, groups = list(node.attrs["strides"]), list(node.attrs["dilations"]), int(node.attrs["group"])
+    activation, params = node.attrs.get("activation", ""), list(node.attrs.get("activation_params", []))
+    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
+    use_triton = triton_available() and activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid") \
+        and (has_residual or activation)
+    candidates = []
+    for precision in precisions:
+        dtype, set_math = torch_dtype(precision), math_mode(precision)
+        for layout, memory_format in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+            w = weight.to(dtype).contiguous(memory_format=memory_format)
+            b = _cast(bias, dtype)
+            for epilogue in ("torch", "triton") if use_triton else ("torch",):
+                candidates.append(Candidate(f"cudnn-{layout}" + ("+triton-epilogue" if epilogue == "triton" else ""),
+                                            precision, _conv_run(F, torch, w, b, pads[:2], stride, dilation, groups,
+                                                                 memory_format, dtype, flow, set_math, activation, params,
+                                                                 epilogue, apply_activation)))
+    return candidates
+
+
+def _conv_run(F, torch, w, b, padding, stride, dilation, groups, memory_format, dtype, flow, set_math, activation, params,
+              epilogue, apply_activation):
+    if epilogue == "triton":
+        from .triton_kernels import epilogue as fused_epilogue
+
+        def run(x, w_unused=None, b_unused=None, residual=None):
+            set_math()
+            x = _cast(x, dtype).contiguous(memory_format=memory_format)
+            y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+            if residual is not None:
+                residual = _cast(residual, dtype).contiguous(memory_format=memory_format)
+                if residual.stride() != y.stride():  # one flat index must walk both: let torch add them
+                    return _cast(apply_activation(y.add_(residual), activation, params), flow)
+            return _cast(fused_epilogue(y, None, residual, activation), flow)
+        return run
+
+    def run(x, w_unused=None, b_unused=None, residual=None):
+        set_math()
+        x = _cast(x, dtype).contiguous(memory_format=memory_format)
+        y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+        if residual is not None:
+            y = y.add_(_cast(residual, dtype))
+        return _cast(apply_activation(y, activation, params), flow)
+    return run
+
+
+def gemm_candidates(node: Node, weight, bias, precisions: list[str], flow) -> list[Candidate]:
+    """x @ W^T + b with the activation: cuBLAS then torch, cuBLASLt's fused epilogue, or cuBLAS then Triton."""
+    import torch
+    import torch.nn.functional as F
+
+    from ...ops.fused import apply_activation
+
+    activation, params = node.attrs.get("activation", ""), list(node.attrs.get("activation_params", []))
+    use_triton = triton_available() and activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid")
+    candidates = []
+    for precision in precisions:
+        dtype, set_math = torch_dtype(precision), math_mode(precision)
+        w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
+        wt = w.t()
+
+        def plain(x, *unused, w=w, b=b, dtype=dtype, set_math=set_math):
+            set_math()
+            return _cast(apply_activation(F.linear(_cast(x, dtype), w, b), activation, params), flow)
+
+        candidates.append(Candidate("cublas", precision, plain))
+        if b is not None and activation in ("", "relu", "gelu_tanh"):
+            def lt(x, *unused, wt=wt, b=b, dtype=dtype, set_math=set_math):
+                set_math()
+                x = _cast(x, dtype)
+                rows = x.reshape(-1, x.shape[-1])
+                if activation:
+                    y = torch._addmm_activation(b, rows, wt, use_gelu=activation == "gelu_tanh")
+                else:
+                    y = torch.addmm(b, rows, wt)
+                return _cast(y.reshape(*x.shape[:-1], wt.shape[1]), flow)
+
+            candidates.append(Candidate("cublaslt-epilogue", precision, lt))
+        if use_triton and (b is not None or activation):
+            from .triton_kernels import epilogue as fused_epilogue
+
+            def tri(x, *unused, wt=wt, b=b, dtype=dtype, set_math=set_math):
+                set_math()
+                x = _cast(x, dtype)
+                y = torch.matmul(x, wt)
+                return _cast(fused_epilogue(y, b, None, activation), flow)
+
+            candidates.append(Candidate("cublas+triton-epilogue", precision, tri))
+    return candidates
+
+
+def attention_candidates(node: Node, precisions: list[str], flow) -> list[Candidate]:
+    """Fused scaled-dot-product attention through torch's backends (flash, memory-efficient, cuDNN), and
+    the unfused math as a baseline."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    scale = float(node.attrs.get("scale", 1.0))
+    backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}
+    candidates = []
+    for precision in precisions:
+        dtype, set_math = torch_dtype(precision), math_mode(precision)
+        for name, backend in backends.items():
+            if name in ("sdpa-flash", "sdpa-cudnn") and dtype == torch.float32:
+                continue  # fp32 attention runs only on the efficient and math backends
+
+            def run(q, k, v, mask=None, dtype=dtype, set_math=set_math, backend=backend):
+                set_math()
+                q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+                if mask is not None and mask.dtype.is_floating_point:
+                    mask = mask.to(dtype)
+                with sdpa_kernel(backend):
+                    return _cast(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), flow)
+
+            candidates.append(Candidate(name, precision, run))
+    return candidates
+
+
+def layernorm_candidates(node: Node, kernel: Callable, flow) -> list[Candidate]:
+    """torch's LayerNorm, and kiln's Triton row kernel (4 or 8 warps) when it normalizes the last axis."""
+    candidates = [Candidate("torch", _precision_of(flow), kernel)]
+    axis = int(node.attrs.get("axis", -1))
+    if triton_available() and axis == -1 and len(node.outputs) == 1:
+        from .triton_kernels import layernorm
+
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        for warps in (4, 8):
+            def run(x, scale, bias=None, warps=warps):
+                if x.shape[-1] > 16384 or not x.is_contiguous():
+                    return kernel(x, scale, bias)
+                return layernorm(x, _cast(scale, x.dtype), _cast(bias, x.dtype), eps, warps)
+
+            candidates.append(Candidate(f"triton-w{warps}", _precision_of(flow), run))
+    return candidates
+
+
+def softmax_candidates(node: Node, kernel: Callable, flow, opset: int) -> list[Candidate]:
+    candidates = [Candidate("torch", _precision_of(flow), kernel)]
+    axis = int(node.attrs.get("axis", -1 if opset >= 13 else 1))
+    if triton_available() and axis == -1:
+        from .triton_kernels import softmax
+
+        for warps in (4, 8):
+            def run(x, warps=warps):
+                if x.shape[-1] > 16384 or not x.is_contiguous():
+                    return kernel(x)
+                return softmax(x, warps)
+
+            candidates.append(Candidate(f"triton-w{warps}", _precision_of(flow), run))
+    return candidates
+
+
+def _precision_of(flow) -> str:
+    import torch
+
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(flow, "fp32")
+
+
+@contextlib.contextmanager
+def fp32_reference():
+    """The reference a candidate is checked against: fp32 arithmetic, tf32 off."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,0 +1,327 @@
+"""Lowering the optimized graph to a CUDA program: weights to the GPU in the engine's precision, then one
+tuning run over random inputs in which every layer's candidates are timed on the real tensors that
+reach it, and the fastest that agrees with the fp32 reference is kept (through the timing cache)."""
+from __future__ import annotations
+
+import time
+
+from ... import log
+from ...errors import PrecisionError, ResourceError
+from ...ir import DType, Graph, Node
+from ...progress import Progress
+from ..cpu.kernels import bind_kernel
+from ..tactics import Candidate, choose
+from . import candidates as cands
+from .program import CudaProgram, Step
+
+# Input positions that kernels read on the host as shapes, axes or sizes (ONNX's shape-like inputs).
+SHAPE_POSITIONS = {
+    "Reshape": {1}, "Expand": {1}, "Slice": {1, 2, 3, 4}, "Unsqueeze": {1}, "Squeeze": {1}, "Tile": {1},
+    "ConstantOfShape": {0}, "Range": {0, 1, 2}, "Resize": {1, 2, 3}, "Upsample": {1}, "Pad": {1, 2, 3}, "TopK": {1},
+    "ReduceMean": {1}, "ReduceSum": {1}, "ReduceMax": {1}, "ReduceMin": {1}, "ReduceProd": {1}, "ReduceL2": {1},
+    "Split": {1}, "OneHot": {1}, "CumSum": {1}, "Trilu": {1},
+}
+MATRIX_LIKE = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum", "LSTM", "GRU", "RNN", "Attention"}
+HOST_CONSTANT_ELEMENTS = 64  # integer constants up to this size are also kept on the host
+
+
+def precision_plan(config: dict) -> tuple[list[str], str]:
+    """(precisions matrix layers may use, the activation dtype between layers) for a build's flags."""
+    best = bool(config.get("best"))
+    allowed = ["fp32"]
+    for name in ("tf32", "fp16", "bf16"):
+        if config.get(name) or best:
+            allowed.append(name)
+    if "fp16" in allowed:
+        flow = "fp16"
+    elif "bf16" in allowed:
+        flow = "bf16"
+    else:
+        flow = "fp32"
+    if flow != "fp32" and not best:
+        allowed = [p for p in allowed if p != "fp32" and p != "tf32"] or allowed  # half asked: matrix work in half
+    return allowed, flow
+
+
+def check_precisions(config) -> None:
+    """KILN-E301 when this GPU lacks a precision the build asks for, naming the compute capability needed."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    have = major + minor / 10
+    name = torch.cuda.get_device_name()
+    needs = {"fp16": 7.0, "tf32": 8.0, "bf16": 8.0, "fp8": 8.9}
+    for precision, needed in needs.items():
+        if getattr(config, precision, False) and have < needed:
+            raise PrecisionError(f"--{precision} needs a GPU of compute capability {needed} or newer; {name} is {major}.{minor}",
+                                 code="KILN-E301", hint=f"build without --{precision}, or on a newer GPU")
+    if getattr(config, "fp8", False):
+        raise PrecisionError("kiln's CUDA backend has no fp8 tactics yet", code="KILN-E301",
+                             hint="build with --fp16 or --bf16 (or --best) instead of --fp8")
+
+
+def parse_workspace(text: str | None) -> int | None:
+    """trtexec's `--memPoolSize workspace:N` (N in MiB, or with a K/M/G suffix) to bytes."""
+    from ...errors import BuildError
+
+    if not text:
+        return None
+    limits = {}
+    for item in text.split(","):
+        pool, sep, size = item.strip().partition(":")
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        try:
+            if not sep:
+                raise ValueError
+            multiplier = units.get(size[-1:].upper())
+            limits[pool] = int(float(size[:-1] if multiplier else size) * (multiplier or 1 << 20))
+        except ValueError:
+            raise BuildError(f"--memPoolSize {item!r} is not of the form workspace:N", code="KILN-E203",
+                             hint="write --memPoolSize workspace:1024 (MiB) or workspace:2G") from None
+    unknown = set(limits) - {"workspace"}
+    if unknown:
+        raise BuildError(f"--memPoolSize knows only the workspace pool, not {', '.join(sorted(unknown))}", code="KILN-E203",
+                         hint="write --memPoolSize workspace:N")
+    return limits.get("workspace")
+
+
+def _constants(graph: Graph, flow_dtype) -> tuple[dict, dict]:
+    """Weights on the GPU (float ones in the engine's precision) and small integer ones also on the host."""
+    import torch
+
+    from ...tensors import numpy_to_torch
+
+    device, host = {}, {}
+    for name, array in graph.initializers.items():
+        tensor = numpy_to_torch(array)
+        if tensor.dtype == torch.float32 and flow_dtype != torch.float32:
+            limit = torch.finfo(flow_dtype).max
+            tensor = tensor.clamp(-limit, limit).to(flow_dtype)  # -3.4e38 masks stay the most negative half
+        device[name] = tensor.to("cuda")
+        if not tensor.dtype.is_floating_point and tensor.numel() <= HOST_CONSTANT_ELEMENTS:
+            host[name] = tensor
+    return device, host
+
+
+def _example_feed(graph: Graph, profiles: list, flow_dtype) -> dict:
+    """Fixed-seed random inputs at the shapes the engine is tuned for (a profile's opt shapes, else symbols as 1)."""
+    import torch
+
+    from ...engine.bindings import Binding
+    from ...tools.inputs import random_feed
+
+    bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
+    shapes = {}
+    for profile in profiles or []:
+        for name, entry in profile.items() if isinstance(profile, dict) else []:
+            if isinstance(entry, dict) and "opt" in entry:
+                shapes[name] = tuple(entry["opt"])
+        break
+    feed = random_feed(bindings, seed=0, shapes=shapes)
+    device_feed = {}
+    for name, array in feed.items():
+        tensor = torch.from_numpy(array).to("cuda")
+        if tensor.dtype == torch.float32 and flow_dtype != torch.float32:
+            tensor = tensor.to(flow_dtype)
+        device_feed[name] = tensor
+    return device_feed
+
+
+def _signature(node: Node, args: list, allowed: list[str], flow: str) -> dict:
+    import numpy as np
+
+    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) and v.size <= 16 else "<tensor>" if isinstance(v, np.ndarray) else v)
+             for k, v in node.attrs.items() if not hasattr(v, "nodes")}
+    return {"op": node.op_key, "attrs": attrs, "allowed": allowed, "flow": flow,
+            "inputs": [None if a is None else [list(a.shape), str(a.dtype), list(a.stride())] if hasattr(a, "stride") else repr(a)
+                       for a in args]}
+
+
+def _reference(kernel, args: list):
+    """The step in fp32 on the GPU (tf32 off): what every candidate is checked against."""
+    import torch
+
+    upcast = [a.float() if isinstance(a, torch.Tensor) and a.dtype in (torch.float16, torch.bfloat16) else a for a in args]
+    with cands.fp32_reference():
+        return kernel(*upcast)
+
+
+def _in_flow(kernel, flow_dtype, node: Node):
+    """A registry kernel in a half engine: a Cast to float32 casts to the engine's dtype instead, and
+    float32 tensors meeting half ones are brought to half (the model's own fp32 islands, e.g. masks)."""
+    import torch
+
+    if flow_dtype == torch.float32:
+        return kernel
+    if node.op == "Cast" and node.domain == "" and int(node.attrs.get("to", 0)) == 1:
+        return lambda x: x.to(flow_dtype)
+
+    def run(*args):
+        if any(isinstance(a, torch.Tensor) and a.dtype == flow_dtype for a in args):
+            args = [a.to(flow_dtype) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.is_cuda else a
+                    for a in args]
+        return kernel(*args)
+
+    return run
+
+
+def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list[str], flow_dtype) -> list[Candidate]:
+    import torch
+
+    key = (node.domain, node.op)
+    weight = _full_precision(graph, node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+    bias = _full_precision(graph, node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    found: list[Candidate] = []
+    if key == ("kiln", "Conv") and weight is not None and weight.dim() == 4 and (bias is not None or len(node.inputs) < 3 or not node.inputs[2]):
+        found = cands.conv_candidates(node, weight, bias, allowed, flow_dtype)
+    elif key == ("kiln", "Gemm") and weight is not None and weight.dim() == 2 and (bias is not None or len(node.inputs) < 3 or not node.inputs[2]):
+        found = cands.gemm_candidates(node, weight, bias, allowed, flow_dtype)
+    elif key == ("kiln", "Attention"):
+        found = cands.attention_candidates(node, allowed, flow_dtype)
+    elif key == ("", "LayerNormalization"):
+        found = cands.layernorm_candidates(node, kernel, flow_dtype)
+    elif key == ("", "Softmax"):
+        found = cands.softmax_candidates(node, kernel, flow_dtype, graph.opsets.get("", graph.opset))
+    if node.domain == "kiln" or node.op in MATRIX_LIKE:
+        # torch's own flags would let cuDNN use tf32 in an fp32 engine: pin this layer's math mode
+        set_math = cands.math_mode("tf32" if "tf32" in allowed and flow_dtype == torch.float32 else "fp32")
+        plain = kernel
+
+        def kernel(*args):
+            set_math()
+            return plain(*args)
+
+    reference = Candidate("torch", cands._precision_of(flow_dtype), kernel)
+    if not found:
+        return [reference]
+    if key in cands.MATRIX_OPS and flow_dtype.is_floating_point:
+        # The registry kernel stays a candidate in fp32 builds (it is cuDNN/cuBLAS without the extras)
+        return found if flow_dtype != torch.float32 else [reference] + found
+    return found
+
+
+def _full_precision(graph: Graph, name: str):
+    """A weight as the model stores it (fp32), on the GPU: each candidate casts it to its own precision."""
+    if name not in graph.initializers:
+        return None
+    from ...tensors import numpy_to_torch
+
+    return numpy_to_torch(graph.initializers[name]).to("cuda")
+
+
+def lower(plan) -> CudaProgram:
+    import torch
+
+    graph: Graph = plan.graph
+    config = plan.config or {}
+    allowed, flow = precision_plan(config)
+    flow_dtype = cands.torch_dtype(flow)
+    extra = config.get("extra", {}) or {}
+    use_cuda_graph = extra.get("use_cuda_graph")
+    static = all(isinstance(d, int) for v in graph.inputs for d in (graph.value(v.name).shape or (None,)))
+    if use_cuda_graph is None:
+        use_cuda_graph = static
+    workspace_limit = parse_workspace(extra.get("mem_pool_size"))
+    from ..timing_cache import TimingCache
+
+    cache = TimingCache(extra.get("timing_cache_file")) if extra.get("timing_cache_file") else TimingCache(None)
+    torch.backends.cudnn.benchmark = True  # cuDNN times its own algorithms per shape: part of each conv tactic
+
+    started = time.perf_counter()
+    try:
+        constants, host_constants = _constants(graph, flow_dtype)
+        feed = _example_feed(graph, plan.profiles, flow_dtype)
+    except torch.cuda.OutOfMemoryError as error:
+        raise ResourceError(f"the engine's weights do not fit on {torch.cuda.get_device_name()}: {str(error).splitlines()[0]}",
+                            code="KILN-E601", hint="use a GPU with more memory, or a lower precision (--fp16)") from None
+    tuned = (plan.build_info or {}).get("cuda_tactics")
+    steps: list[Step] = []
+    layer_info: dict = {}
+    env = dict(constants)
+    env.update(feed)
+    last_use = _last_use(graph)
+    outputs = set(graph.output_names())
+    with torch.inference_mode(), Progress("kiln tactics", total=len(graph.nodes)) as bar:
+        for index, node in enumerate(graph.nodes):
+            opset = graph.opsets.get(node.domain, graph.opset)
+            kernel = _in_flow(bind_kernel(node, opset), flow_dtype, node)
+            positions = frozenset(SHAPE_POSITIONS.get(node.op, ()) if node.domain == "" else ())
+            runtime = [env.get(name) for name in node.inputs if name and name not in constants]
+            on_host = runtime and all(not (isinstance(a, torch.Tensor) and a.is_cuda) for a in runtime)
+            step_host = {name: host_constants[name] for i, name in enumerate(node.inputs)
+                         if name in host_constants and (on_host or i in positions)}
+            args = [None if not name else step_host.get(name, env[name]) for name in node.inputs]
+            from .program import _same_device
+
+            args = _same_device(args, positions)
+            options = _candidates(node, graph, kernel, constants, allowed, flow_dtype)
+            if tuned and node.name in tuned:  # a reloaded engine runs the tactics its build chose
+                options = [c for c in options if c.key == tuned[node.name]] or options[:1]
+            if len(options) > 1:
+                chosen, record = choose(options, args, lambda: _reference(bind_kernel(node, opset), args),
+                                        _signature(node, args, allowed, flow), cache, workspace_limit)
+            else:
+                chosen, record = options[0], {}
+            try:
+                result = chosen.run(*args)
+            except torch.cuda.OutOfMemoryError as error:
+                raise ResourceError(f"layer {node.name!r} ran out of GPU memory during the build: {str(error).splitlines()[0]}",
+                                    code="KILN-E601", hint="build with a smaller batch (profile) or on a larger GPU") from None
+            results = result if isinstance(result, (tuple, list)) else (result,)
+            for name, value in zip(node.outputs, results):
+                if name:
+                    env[name] = value
+            release = tuple(n for n, last in last_use.items() if last == index and n not in outputs and n not in constants)
+            for name in release:
+                env.pop(name, None)
+            steps.append(Step(node.name, node.op_key, chosen.run, node.inputs, node.outputs, release, step_host, positions))
+            info = {"tactic": chosen.name, "precision": chosen.precision}
+            info.update(record)
+            layer_info[node.name] = info
+            bar.advance(node.name)
+    del env, options, chosen
+    # What one run needs beyond the weights: a step-by-step run's peak (activations, cuBLAS/cuDNN workspace).
+    program = CudaProgram(steps, constants, {}, {}, graph.output_names(), False)
+    torch.cuda.synchronize()
+    base_memory = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        program.run_steps({**constants, **feed})
+    torch.cuda.synchronize()
+    activation_bytes = max(0, torch.cuda.max_memory_allocated() - base_memory)
+    if workspace_limit is not None and activation_bytes > workspace_limit:
+        raise ResourceError(f"the engine needs {activation_bytes / 2**20:.1f} MiB of GPU memory for activations and "
+                            f"workspace; --memPoolSize allows {workspace_limit / 2**20:.1f} MiB", code="KILN-E601",
+                            hint=f"raise --memPoolSize to at least workspace:{activation_bytes // 2**20 + 1} or build a smaller batch")
+    cache.save()
+    float_inputs = {v.name: flow_dtype for v in graph.inputs if graph.value(v.name).dtype is DType.float32}
+    float_outputs = {v.name: torch.float32 for v in graph.outputs if graph.value(v.name).dtype is DType.float32}
+    program = CudaProgram(steps, constants, float_inputs, float_outputs, graph.output_names(), use_cuda_graph)
+    program.layer_info = layer_info
+    program.tuning = {"seconds": round(time.perf_counter() - started, 3), "cache_hits": cache.hits,
+                      "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
+                      "allowed": allowed, "cuda_graph": use_cuda_graph}
+    if not tuned:  # the build itself, not a reload
+        plan.build_info["cuda_tuning"] = program.tuning
+        plan.build_info["cuda_tactics"] = {step.name: f"{info['tactic']}/{info['precision']}" for step, info in
+                                           zip(steps, layer_info.values())}
+    log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
+                program.tuning["seconds"], cache.hits, cache.misses)
+    return program
+
+
+def _last_use(graph: Graph) -> dict[str, int]:
+    from ...ir import subgraphs
+
+    last: dict[str, int] = {}
+    for index, node in enumerate(graph.nodes):
+        for name in node.inputs:
+            if name:
+                last[name] = index
+        for sub in subgraphs(node):
+            for name in sub.outer_references():
+                last[name] = index
+        for name in node.outputs:
+            if name and name not in last:
+                last[name] = index
+    return last

@@ -1,0 +1,119 @@
+"""Tactics: the candidate implementations of one step, and choosing among them by timing them on the
+target GPU (CUDA events, warm-up, median of many runs), keeping the fastest whose result agrees with
+the reference within its precision's tolerance. Choices go through the timing cache."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# Relative error (||out - ref|| / ||ref||) a candidate may have against the fp32 reference step: fp32
+# arithmetic lands far below 1e-4; tf32 near 3e-4; fp16 near 1e-3; bf16 between 1e-3 and 1e-2.
+TOLERANCE = {"fp32": 1e-4, "tf32": 5e-3, "fp16": 2e-2, "bf16": 5e-2}
+WARMUP = 3
+REPEAT = 15
+
+
+@dataclass
+class Candidate:
+    name: str  # what `kiln inspect` shows: "cudnn-nhwc", "cublaslt-epilogue", "triton-b1024-w4", "torch"
+    precision: str  # the precision it computes in: fp32, tf32, fp16, bf16
+    run: Callable
+    workspace_bytes: int = 0  # scratch it allocates beyond its output (measured while timing)
+
+    @property
+    def key(self) -> str:
+        """Unique among one step's candidates: the same kernel may be offered in several precisions."""
+        return f"{self.name}/{self.precision}"
+
+
+def median_ms(run: Callable, args: list, warmup: int = WARMUP, repeat: int = REPEAT) -> float:
+    """Median time of `run(*args)` in milliseconds, timed with CUDA events after `warmup` calls."""
+    import torch
+
+    for _ in range(warmup):
+        run(*args)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeat)]
+    for start, end in zip(starts, ends):
+        start.record()
+        run(*args)
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def relative_error(output, reference) -> float:
+    """||out - ref|| / ||ref|| over every output tensor, in float64; inf for NaN or a shape mismatch."""
+    import torch
+
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    refs = reference if isinstance(reference, (tuple, list)) else (reference,)
+    worst = 0.0
+    for out, ref in zip(outs, refs):
+        if not isinstance(ref, torch.Tensor) or not ref.dtype.is_floating_point:
+            if isinstance(ref, torch.Tensor) and not torch.equal(out.to(ref.device), ref):
+                return float("inf")
+            continue
+        if tuple(out.shape) != tuple(ref.shape):
+            return float("inf")
+        difference = (out.double() - ref.double()).norm().item()
+        scale = ref.double().norm().item()
+        error = difference / scale if scale > 0 else difference
+        if error != error:  # NaN
+            return float("inf")
+        worst = max(worst, error)
+    return worst
+
+
+def choose(candidates: list[Candidate], args: list, reference: Callable, signature: dict[str, Any], cache,
+           workspace_limit: int | None = None) -> tuple[Candidate, dict[str, Any]]:
+    """The fastest candidate that agrees with `reference()` (the step's fp32 output on `args`).
+
+    Returns the chosen candidate and a record for plan.layers: every candidate's time or why it was
+    rejected. A cached choice is taken without timing when that candidate is still offered."""
+    by_name = {c.key: c for c in candidates}
+    if len(candidates) == 1:
+        return candidates[0], {}
+    cached = cache.get(signature) if cache is not None else None
+    if cached is not None and cached.get("chosen") in by_name:
+        return by_name[cached["chosen"]], {"times_ms": cached.get("times", {}), "cached": True}
+    import torch
+
+    reference = reference()
+    times: dict[str, float] = {}
+    rejected: dict[str, str] = {}
+    for candidate in candidates:
+        try:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            output = candidate.run(*args)
+            torch.cuda.synchronize()
+            candidate.workspace_bytes = max(0, torch.cuda.max_memory_allocated() - before - _bytes(output))
+        except Exception as error:  # noqa: BLE001 (a tactic that cannot run this step is simply not chosen)
+            rejected[candidate.key] = f"{type(error).__name__}: {str(error).splitlines()[0][:120] if str(error) else ''}"
+            continue
+        error = relative_error(output, reference)
+        if error > TOLERANCE[candidate.precision]:
+            rejected[candidate.key] = f"error {error:.2e} above {TOLERANCE[candidate.precision]:.0e}"
+            continue
+        if workspace_limit is not None and candidate.workspace_bytes > workspace_limit:
+            rejected[candidate.key] = f"needs {candidate.workspace_bytes} bytes of workspace, limit {workspace_limit}"
+            continue
+        del output
+        times[candidate.key] = round(median_ms(candidate.run, args), 5)
+    if not times:
+        raise AssertionError(f"no tactic ran for {signature.get('op')}: {rejected}")  # the reference candidate always runs
+    chosen = min(times, key=times.get)
+    if cache is not None:
+        cache.put(signature, times, chosen)
+    record: dict[str, Any] = {"times_ms": times}
+    if rejected:
+        record["rejected"] = rejected
+    return by_name[chosen], record
+
+
+def _bytes(output) -> int:
+    outs = output if isinstance(output, (tuple, list)) else (output,)
+    return sum(o.numel() * o.element_size() for o in outs if hasattr(o, "element_size"))

@@ -1,0 +1,71 @@
+"""The CUDA backend's host-side pieces, which run without a GPU: precision plans, --memPoolSize parsing,
+the timing cache file, the CLI's GPU options, and the clear errors where no GPU is present."""
+import json
+
+import pytest
+
+from kiln.backends.cuda.lowering import parse_workspace, precision_plan
+from kiln.backends.timing_cache import TimingCache
+from kiln.errors import KilnError
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "capability": "9.0", "kiln": "0.1.0", "torch": "2.11", "triton": "3.6.0"}
+
+
+@pytest.mark.parametrize("flags, allowed, flow", [
+    ({}, ["fp32"], "fp32"),
+    ({"tf32": True}, ["fp32", "tf32"], "fp32"),
+    ({"fp16": True}, ["fp16"], "fp16"),
+    ({"bf16": True}, ["bf16"], "bf16"),
+    ({"fp16": True, "bf16": True}, ["fp16", "bf16"], "fp16"),
+    ({"best": True}, ["fp32", "tf32", "fp16", "bf16"], "fp16"),
+])
+def test_precision_plan(flags, allowed, flow):
+    assert precision_plan(flags) == (allowed, flow)
+
+
+@pytest.mark.parametrize("text, expected", [(None, None), ("workspace:64", 64 << 20), ("workspace:2G", 2 << 30),
+                                            ("workspace:512K", 512 << 10)])
+def test_workspace_sizes(text, expected):
+    assert parse_workspace(text) == expected
+
+
+@pytest.mark.parametrize("text", ["workspace", "workspace:lots", "dlaSRAM:4"])
+def test_bad_workspace_is_a_clear_error(text):
+    with pytest.raises(KilnError) as caught:
+        parse_workspace(text)
+    assert caught.value.code == "KILN-E203" and "workspace:" in caught.value.hint
+
+
+def test_timing_cache_round_trip_and_keys(tmp_path):
+    path = tmp_path / "t.cache"
+    step = {"op": "kiln::Conv", "inputs": [[[1, 64, 56, 56], "torch.float16"]]}
+    cache = TimingCache(path, env=ENV)
+    assert cache.get(step) is None and cache.misses == 1
+    cache.put(step, {"cudnn-nhwc/fp16": 0.01, "cudnn-nchw/fp16": 0.02}, "cudnn-nhwc/fp16")
+    cache.save()
+    again = TimingCache(path, env=ENV)
+    assert again.get(step)["chosen"] == "cudnn-nhwc/fp16" and again.hits == 1
+    other_gpu = TimingCache(path, env={**ENV, "gpu": "NVIDIA A100", "capability": "8.0"})
+    assert other_gpu.get(step) is None, "a timing from another GPU is never reused"
+    other_shape = {**step, "inputs": [[[8, 64, 56, 56], "torch.float16"]]}
+    assert again.get(other_shape) is None
+    assert json.loads(path.read_text())["format"] == 1
+
+
+def test_damaged_timing_cache_is_a_clear_error(tmp_path):
+    path = tmp_path / "t.cache"
+    path.write_text("{not json")
+    with pytest.raises(KilnError) as caught:
+        TimingCache(path, env=ENV)
+    assert caught.value.code == "KILN-E203" and "delete" in caught.value.hint
+
+
+def test_gpu_options_on_a_cpu_build_are_refused(tmp_path, capsys):
+    from kiln.cli import main
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    for option in (["--timingCacheFile", str(tmp_path / "c")], ["--useCudaGraph"], ["--memPoolSize", "workspace:8"]):
+        assert main(["build", str(model), *option]) != 0
+        err = capsys.readouterr().err
+        assert "KILN-E203" in err and "--device cuda" in err, option
