@@ -3,14 +3,15 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test gpu-check
+.PHONY: demo test test-tensorflow gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned: the CPU build. Letting pip resolve a bare "torch" pulls a CUDA build of several GB.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[dev]'
+	# The tensorflow extra too, so that CI runs the Keras/SavedModel tests (about 15 s of a worker; 30-60 s to install).
+	$(PIP) install -q -e '.[dev,tensorflow]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -18,3 +19,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# Only the TensorFlow/Keras frontend's tests (marked `tensorflow`), e.g. after changing the extra's pins.
+test-tensorflow: $(VENV)/.installed
+	$(PY) -m pytest -q -m tensorflow tests/frontend/test_tensorflow.py
