@@ -16,7 +16,7 @@ def numpy_to_torch(array: np.ndarray):
     array = np.asarray(array)
     dtype = from_numpy(array.dtype)
     if dtype in _BIT_VIEWS:
-        bits = np.ascontiguousarray(array).view(_BIT_VIEWS[dtype])
+        bits = np.ascontiguousarray(array).reshape(array.shape).view(_BIT_VIEWS[dtype])  # ascontiguousarray makes 0-d 1-d
         return torch.from_numpy(bits.copy()).view(to_torch(dtype))
     if dtype in (DType.int4, DType.uint4, DType.float4e2m1):
         raise TypeError(f"{dtype.name} tensors have no torch type")

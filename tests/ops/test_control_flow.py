@@ -179,7 +179,8 @@ def test_a_body_failing_on_the_users_data_is_a_kiln_error():
 # Scan-8 (batched), which runs at its own opset because onnx's converter to 9 changes the model's inputs.
 NODE_CASES = ["test_if", "test_if_seq", "test_if_opt", "test_loop11", "test_loop13_seq", "test_loop16_seq_none",
               "test_scan_sum", "test_scan9_sum", "test_scan9_multi_state", "test_scan9_scalar",
-              "test_range_float_type_positive_delta_expanded", "test_range_int32_type_negative_delta_expanded"]
+              "test_range_float_type_positive_delta_expanded", "test_range_int32_type_negative_delta_expanded",
+              "test_range_bfloat16_type_positive_delta_expanded"]  # 0-d bfloat16 inputs
 
 
 @functools.lru_cache(maxsize=None)
