@@ -62,6 +62,26 @@ def test_plugin_runs_and_its_infer_rule_types_what_follows():
                                     "domain": DOMAIN, "module": __name__}]
 
 
+def test_plugin_inside_a_branch_is_recorded_and_runs():
+    _register_split_scaled()
+    branch = helper.make_graph([helper.make_node("SplitScaled", ["x"], ["a", "b"], domain=DOMAIN, axis=1, scale=-1.0),
+                                helper.make_node("Mul", ["a", "b"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Slice", ["x", "zero", "three", "one"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)])
+    consts = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("zero", 0), ("three", 3), ("one", 1))]
+    graph = helper.make_graph([helper.make_node("If", ["flag"], ["y"], then_branch=branch, else_branch=other)], "nested",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6]),
+                               helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, 1)])
+    engine = kiln.build(model)
+    assert [p["name"] for p in engine.plan.plugins] == [f"{DOMAIN}::SplitScaled"]
+    x = np.random.default_rng(1).standard_normal((2, 6)).astype(np.float32)
+    np.testing.assert_allclose(engine.run({"x": x, "flag": np.array(True)})["y"], -x[:, :3] * x[:, 3:], rtol=1e-6)
+    np.testing.assert_array_equal(engine.run({"x": x, "flag": np.array(False)})["y"], x[:, :3])
+
+
 def test_engine_needs_the_same_plugin_version_to_load():
     _register_split_scaled("1.0")
     blob = kiln.build(_split_scaled_model()).serialize()
