@@ -8,6 +8,7 @@ from .. import log
 from ..ir import Graph, verify
 from . import (constant_folding, cse, dead_code, fold_batchnorm, fuse_activation, fuse_conv, fuse_gemm, noop_removal,
                recognize_attention, recognize_gelu, recognize_layernorm)
+from ..quant import lower as int8_lowering
 from .context import PassContext
 
 # Folding and dead code always run: without them the light models (weights built by ConstantOfShape)
@@ -31,6 +32,7 @@ PIPELINE = ESSENTIAL + [
     ("fuse_conv", fuse_conv.run),  # Conv -> kiln::Conv
     ("fuse_gemm", fuse_gemm.run),  # Gemm, MatMul (+ bias) -> kiln::Gemm
     ("fuse_activation", fuse_activation.run),  # residual Add and activations into kiln::Conv / kiln::Gemm
+    ("int8", int8_lowering.run),  # --int8: calibrate, then kiln::Conv / kiln::Gemm -> kiln::QConv / kiln::QGemm where chosen
     ("dead_code", dead_code.run),  # weights the folds replaced
 ]
 

@@ -65,6 +65,8 @@ def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
             return tactic
     if node.domain == "kiln" and node.op == "Attention":
         return _attention(node, bf16)
+    if node.domain == "kiln" and node.op in ("QGemm", "QConv"):  # int8 layers (kiln/quant): their kernel is the tactic
+        return Tactic(_meet_in_fp32(bind_kernel(node, opset)), "torch-int8", "int8")
     kernel = bind_kernel(node, opset)
     if bf16:
         return Tactic(_meet_in_fp32(kernel), "torch", "input")
