@@ -141,3 +141,14 @@ def _check_shape(binding: Binding, shape: tuple, symbols: dict) -> None:
                                    code="KILN-E405", where=f"{binding.name}[{axis}]",
                                    hint=f"inputs that share the dimension {want!r} must agree on its size")
             symbols.setdefault(want, (got, f"{binding.name}[{axis}]"))
+
+
+def check_profiles(tensors: Mapping, profiles: list, selected: int | None = None) -> int | None:
+    """The optimization profile that runs these checked inputs: `selected`, or the first whose ranges hold every
+    shape (KILN-E406 when none does); None for an engine built without profiles (its shapes are all fixed)."""
+    if not profiles and selected is None:
+        return None
+    from .profiles import choose_profile
+
+    shapes = {name: tuple(value.shape) for name, value in tensors.items() if hasattr(value, "shape")}
+    return choose_profile(profiles, shapes, selected)

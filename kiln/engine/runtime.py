@@ -7,7 +7,7 @@ from typing import Any
 
 from ..errors import EngineFileError
 from . import fileformat
-from .bindings import Binding, check_feed
+from .bindings import Binding, check_feed, check_profiles
 from .plan import Plan
 from .target import check_target
 
@@ -16,6 +16,8 @@ class Engine:
     def __init__(self, plan: Plan):
         self.plan = plan
         self._program = None
+        self._profiles = None
+        self.active_profile: int | None = None  # the optimization profile of the latest run, for the backend to read
 
     # -- description ---------------------------------------------------------------------------
     @property
@@ -45,10 +47,24 @@ class Engine:
             self._program = lower(self.plan)
         return self._program
 
-    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+    @property
+    def profiles(self) -> list:
+        """The optimization profiles the engine was built with (kiln.Profile), empty for a static engine."""
+        from .profiles import Profile
+
+        if self._profiles is None:
+            self._profiles = [Profile.from_data(data) for data in self.plan.profiles]
+        return self._profiles
+
+    def create_execution_context(self, profile: int | None = None) -> "ExecutionContext":
+        return ExecutionContext(self, profile)
+
+    def run(self, feed: dict[str, Any], profile: int | None = None) -> dict[str, Any]:
+        """Run on `feed`; with several optimization profiles, `profile` picks one (None: the first that fits)."""
         import torch
 
         tensors, uses_torch = check_feed(feed, self.inputs)
+        self.active_profile = check_profiles(tensors, self.profiles, profile)
         with torch.inference_mode():
             results = self.program.execute(tensors)
         return {name: _deliver(value, uses_torch, name in self.plan.graph.initializers or name in tensors)
@@ -60,6 +76,25 @@ class Engine:
 
     def serialize(self) -> bytes:
         return fileformat.serialize(self.plan)
+
+
+class ExecutionContext:
+    """Runs an engine with one chosen optimization profile, as TensorRT's execution context does (profile None:
+    each run picks the first profile that fits its shapes)."""
+
+    def __init__(self, engine: Engine, profile: int | None = None):
+        from .profiles import choose_profile
+
+        if profile is not None:
+            choose_profile(engine.profiles, {}, profile)  # an index that does not exist fails here, not at run
+        self.engine = engine
+        self.profile = profile
+
+    def set_optimization_profile(self, profile: int | None) -> None:
+        self.__init__(self.engine, profile)
+
+    def run(self, feed: dict[str, Any]) -> dict[str, Any]:
+        return self.engine.run(feed, profile=self.profile)
 
 
 def _deliver(value, as_torch: bool, aliased: bool):
