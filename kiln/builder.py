@@ -26,7 +26,8 @@ class BuilderConfig:
     fp8: bool = False
     best: bool = False
     optimize: bool = True  # run the optimization passes beyond folding and dead-code removal
-    profiles: list = field(default_factory=list)
+    profiles: list = field(default_factory=list)  # kiln.Profile or {input: (min, opt, max)}; see add_profile
+    use_model_shapes: bool = False  # dynamic inputs without a profile take the sizes the model declares
     # int8 (kiln/quant): calibration data is a directory of .npz/.npy feeds or any iterable of feed dicts
     calib: Any = None
     calib_cache: str | None = None  # thresholds written here, and read instead of calibrating when it exists
@@ -68,6 +69,16 @@ class BuilderConfig:
 
             check_config(self)
 
+    def add_profile(self, profile=None):
+        """Add an optimization profile and return it: a kiln.Profile, {input: (min, opt, max)}, or nothing for an
+        empty Profile to fill with `set_shape(name, min, opt, max)`. Several profiles make an engine that runs each
+        shape with the first profile that allows it."""
+        from .engine.profiles import Profile, as_profile
+
+        profile = Profile() if profile is None else as_profile(profile)
+        self.profiles.append(profile)
+        return profile
+
     def precisions(self) -> list[str]:
         chosen = ["fp32"]
         for name in ("tf32", "fp16", "bf16", "int8", "fp8"):
@@ -89,6 +100,7 @@ def build_info(device: str) -> dict[str, Any]:
 def build(model, config: BuilderConfig | None = None, **options):
     """Build an Engine from an ONNX path or ModelProto (or a torch module, see kiln.frontend.torch)."""
     from .engine.plan import Plan
+    from .engine.profiles import resolve_profiles
     from .engine.runtime import Engine
     from .frontend import parse_any
     from .passes.context import PassContext
@@ -100,12 +112,13 @@ def build(model, config: BuilderConfig | None = None, **options):
     started = time.perf_counter()
     with Progress("kiln build", total=3) as bar:
         graph = parse_any(model, config, **options)
+        profiles = resolve_profiles([graph.value(v.name) for v in graph.inputs], config.profiles, config.use_model_shapes)
         bar.advance("parsed")
         ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
         optimize(graph, ctx, config=config)
         bar.advance("optimized")
         plan = Plan(graph=graph, target=_target(config), build_info=build_info(config.device),
-                    config=_config_record(config), plugins=plugins_used(graph))
+                    config=_config_record(config), plugins=plugins_used(graph), profiles=[p.to_data() for p in profiles])
         plan.layers = {node.name: {"op": node.op_key, "precision": "fp32", "tactic": "torch", "origin": list(node.origin)}
                        for node in graph.nodes}
         plan.build_info["counters"] = dict(ctx.counters)

@@ -128,6 +128,27 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
+def name_unknown_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give each unnamed dynamic dimension of a graph input the name `<input>_dim<axis>`, so that it stays one
+    symbol through shape inference (onnx would invent a new `unk__N` at every use) and profiles and errors can
+    name it. The caller's model is left as it was."""
+    weights = {t.name for t in model.graph.initializer}
+
+    def unnamed(info):
+        shape = info.type.tensor_type.shape if info.type.HasField("tensor_type") else None
+        return [] if shape is None or info.name in weights else [
+            (axis, dim) for axis, dim in enumerate(shape.dim) if not dim.HasField("dim_value") and not dim.dim_param]
+
+    if not any(unnamed(info) for info in model.graph.input):
+        return model
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for info in named.graph.input:
+        for axis, dim in unnamed(info):
+            dim.dim_param = f"{info.name}_dim{axis}"
+    return named
+
+
 def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
     types = {}
     for info in list(graph.input) + list(graph.output) + list(graph.value_info):
@@ -243,6 +264,7 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
         raise ParseError("the model has an empty graph", code="KILN-E104", hint="check that the export wrote the network")
     model = normalize_opset(model)
     model = inline_local_functions(model)
+    model = name_unknown_dims(model)
     model = infer_shapes(model)
     model = apply_infer_rules(model, infer_shapes)  # custom-domain nodes: ONNX cannot type their outputs, plugins can
     opset = model_opset(model)
