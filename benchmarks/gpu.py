@@ -181,10 +181,11 @@ def torch_rows(name, batch, model, inputs, reference, runs, modes, autotune_only
     import torch
 
     half = copy.deepcopy(model).half()
+    half_inputs = {k: v.half() if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.inference_mode():
-        for label, module in (("torch eager fp32", model), ("torch eager fp16", half)):
-            output = module(*inputs.values())
-            latency = median_ms(lambda: module(*inputs.values()), runs)
+        for label, module, feed in (("torch eager fp32", model, inputs), ("torch eager fp16", half, half_inputs)):
+            output = module(*feed.values())
+            latency = median_ms(lambda: module(*feed.values()), runs)
             rows.append({"model": name, "batch": batch, "runner": label, "latency_ms": latency,
                          "throughput": batch / latency * 1e3, "build_s": None, "error": max_relative_error(output.float(), reference)})
             print(f"  {label:16s} {latency:8.3f} ms", flush=True)
@@ -198,10 +199,10 @@ def torch_rows(name, batch, model, inputs, reference, runs, modes, autotune_only
         try:
             with torch.inference_mode():
                 for _ in range(3):
-                    output = compiled(*inputs.values())
+                    output = compiled(*half_inputs.values())
                 torch.cuda.synchronize()
                 compile_s = time.perf_counter() - started
-                latency = median_ms(lambda: compiled(*inputs.values()), runs)
+                latency = median_ms(lambda: compiled(*half_inputs.values()), runs)
         except Exception as error:  # noqa: BLE001 (a mode that fails is reported, not fatal)
             print(f"  torch.compile {mode} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
             continue

@@ -51,48 +51,76 @@ def _cast(t, dtype):
 
 
 def conv_candidates(node: Node, weight, bias, precisions: list[str], flow) -> list[Candidate]:
-    """cuDNN 2-D convolution, NCHW or channels-last, epilogue (residual, activation) in torch or Triton."""
+    """cuDNN 2-D convolution, NCHW or channels-last, with its epilogue (bias, residual, activation) either
+    fused by cuDNN (conv+bias+relu, conv+bias+add+relu), done in one kiln Triton pass, or done by torch."""
+    import torch
+
+    pads = list(node.attrs["pads"])
+    if weight.dim() != 4 or pads[:2] != pads[2:]:
+        return []
+    geometry = (list(node.attrs["strides"]), pads[:2], list(node.attrs["dilations"]), int(node.attrs["group"]))
+    activation, params = node.attrs.get("activation", ""), list(node.attrs.get("activation_params", []))
+    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
+    epilogues = ["torch"]
+    if activation == "relu":
+        epilogues.append("cudnn-fused")
+    if triton_available() and activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid"):
+        epilogues.append("triton")
+    candidates = []
+    for precision in precisions:
+        dtype, set_math = torch_dtype(precision), math_mode(precision)
+        b = _cast(bias, dtype) if bias is not None else torch.zeros(weight.shape[0], dtype=dtype, device=weight.device)
+        for layout, memory_format in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
+            w = weight.to(dtype).contiguous(memory_format=memory_format)
+            for epilogue in epilogues:
+                name = {"torch": f"cudnn-{layout}", "cudnn-fused": f"cudnn-fused-{layout}",
+                        "triton": f"cudnn-{layout}+triton-epilogue"}[epilogue]
+                run = _conv_run(w, b, geometry, memory_format, dtype, flow, set_math, activation, params, epilogue,
+                                has_residual)
+                candidates.append(Candidate(name, precision, run))
+    return candidates
+
+
+def _conv_run(w, b, geometry, memory_format, dtype, flow, set_math, activation, params, epilogue, has_residual):
     import torch
     import torch.nn.functional as F
 
     from ...ops.fused import apply_activation
 
-    pads = list(node.attrs["pads"])
-    if weight.dim() != 4 or pads[:2] != pads[2:]:
-        return []
-    stride, dilation, groups = list(node.attrs["strides"]), list(node.attrs["dilations"]), int(node.attrs["group"])
-    activation, params = node.attrs.get("activation", ""), list(node.attrs.get("activation_params", []))
-    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
-    use_triton = triton_available() and activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid") \
-        and (has_residual or activation)
-    candidates = []
-    for precision in precisions:
-        dtype, set_math = torch_dtype(precision), math_mode(precision)
-        for layout, memory_format in (("nchw", torch.contiguous_format), ("nhwc", torch.channels_last)):
-            w = weight.to(dtype).contiguous(memory_format=memory_format)
-            b = _cast(bias, dtype)
-            for epilogue in ("torch", "triton") if use_triton else ("torch",):
-                candidates.append(Candidate(f"cudnn-{layout}" + ("+triton-epilogue" if epilogue == "triton" else ""),
-                                            precision, _conv_run(F, torch, w, b, pads[:2], stride, dilation, groups,
-                                                                 memory_format, dtype, flow, set_math, activation, params,
-                                                                 epilogue, apply_activation)))
-    return candidates
+    stride, padding, dilation, groups = geometry
+    if epilogue == "cudnn-fused":
+        def run(x, w_unused=None, b_unused=None, residual=None):
+            set_math()
+            x = _cast(x, dtype).contiguous(memory_format=memory_format)
+            if residual is None:
+                y = torch.cudnn_convolution_relu(x, w, b, stride, padding, dilation, groups)
+            else:
+                residual = _cast(residual, dtype).contiguous(memory_format=memory_format)
+                y = torch.cudnn_convolution_add_relu(x, w, residual, 1.0, b, stride, padding, dilation, groups)
+            return _cast(y, flow)
+        return run
 
-
-def _conv_run(F, torch, w, b, padding, stride, dilation, groups, memory_format, dtype, flow, set_math, activation, params,
-              epilogue, apply_activation):
     if epilogue == "triton":
         from .triton_kernels import epilogue as fused_epilogue
 
         def run(x, w_unused=None, b_unused=None, residual=None):
             set_math()
             x = _cast(x, dtype).contiguous(memory_format=memory_format)
-            y = F.conv2d(x, w, b, stride, padding, dilation, groups)
+            y = F.conv2d(x, w, None, stride, padding, dilation, groups)
+            if y.is_contiguous(memory_format=torch.channels_last) and memory_format == torch.channels_last:
+                inner = 1
+            elif y.is_contiguous():
+                inner = y.shape[2] * y.shape[3]
+            else:
+                inner = None
             if residual is not None:
                 residual = _cast(residual, dtype).contiguous(memory_format=memory_format)
-                if residual.stride() != y.stride():  # one flat index must walk both: let torch add them
-                    return _cast(apply_activation(y.add_(residual), activation, params), flow)
-            return _cast(fused_epilogue(y, None, residual, activation), flow)
+            if inner is None or (residual is not None and residual.stride() != y.stride()):
+                y = y.add_(b.view(1, -1, 1, 1))  # one flat index cannot walk both: let torch do it
+                if residual is not None:
+                    y = y.add_(residual)
+                return _cast(apply_activation(y, activation, params), flow)
+            return _cast(fused_epilogue(y, b, residual, activation, inner=inner), flow)
         return run
 
     def run(x, w_unused=None, b_unused=None, residual=None):

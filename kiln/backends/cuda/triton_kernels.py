@@ -30,28 +30,28 @@ def _activate(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue_kernel(y_ptr, bias_ptr, residual_ptr, total, channels, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _epilogue_kernel(y_ptr, bias_ptr, residual_ptr, total, channels, inner, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                      ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < total
     y = tl.load(y_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + offsets % channels, mask=mask).to(tl.float32)
+        y += tl.load(bias_ptr + (offsets // inner) % channels, mask=mask).to(tl.float32)
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=mask).to(tl.float32)
     y = _activate(y, ACTIVATION)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def epilogue(y, bias, residual, activation: str, block: int = 1024, warps: int = 4):
-    """In place: y = activation(y + bias + residual), bias along y's innermost stored axis.
+def epilogue(y, bias, residual, activation: str, block: int = 1024, warps: int = 4, inner: int = 1):
+    """In place: y = activation(y + bias + residual), bias[(i // inner) % len(bias)] at flat index i (inner
+    is 1 for channels-last or a matrix, H*W for NCHW).
 
-    y and residual must be dense with the same strides (both contiguous, or both channels-last with
-    the bias over channels), so one flat index walks both."""
+    y and residual must be dense with the same strides, so one flat index walks both."""
     total = y.numel()
     channels = bias.numel() if bias is not None else 1
     grid = (triton.cdiv(total, block),)
-    _epilogue_kernel[grid](y, bias if bias is not None else y, residual if residual is not None else y, total, channels,
+    _epilogue_kernel[grid](y, bias if bias is not None else y, residual if residual is not None else y, total, channels, inner,
                            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                            ACTIVATION=ACTIVATION_CODES[activation], BLOCK=block, num_warps=warps)
     return y
