@@ -1,0 +1,177 @@
+"""Before/after tests of each rewrite pass: expected graph, counters, idempotence, numerics against onnxruntime."""
+import numpy as np
+import pytest
+from helpers import make_model
+from onnx import helper
+from passes.rewrite_check import check_rewrite
+
+from kiln.passes import (cse, fold_batchnorm, fuse_activation, fuse_conv, fuse_gemm, noop_removal, recognize_attention,
+                         recognize_gelu, recognize_layernorm)
+
+rng = np.random.default_rng(0)
+
+
+def randn(*shape, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def test_noop_removal_drops_identity_dropout_cast_reshape_and_transpose_pairs():
+    nodes = [helper.make_node("Identity", ["x"], ["a"]),
+             helper.make_node("Dropout", ["a"], ["b"]),
+             helper.make_node("Cast", ["b"], ["c"], to=1),
+             helper.make_node("Reshape", ["c", "shape"], ["d"]),
+             helper.make_node("Transpose", ["d"], ["e"], perm=[0, 2, 1]),
+             helper.make_node("Transpose", ["e"], ["f"], perm=[0, 2, 1]),
+             helper.make_node("Relu", ["f"], ["y"]),
+             helper.make_node("Identity", ["y"], ["out"])]  # names a graph output: stays
+    model = make_model(nodes, {"x": randn(2, 3, 4)}, ["out"], {"shape": np.array([2, 3, 4], np.int64)})
+    graph = check_rewrite(model, [noop_removal.run], ["Relu", "Identity"],
+                          {"remove_identity": 1, "remove_dropout": 1, "remove_cast_to_same_type": 1,
+                           "remove_reshape_to_same_shape": 1, "fold_transpose_pair": 1, "remove_identity_transpose": 1},
+                          {"x": randn(2, 3, 4)})
+    assert graph.nodes[0].inputs == ("x",)
+
+
+def test_noop_removal_composes_transposes_that_are_not_inverse():
+    nodes = [helper.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["a"], ["y"], perm=[0, 1, 3, 2])]
+    model = make_model(nodes, {"x": randn(2, 3, 4, 5)}, ["y"])
+    graph = check_rewrite(model, [noop_removal.run], ["Transpose"], {"fold_transpose_pair": 1}, {"x": randn(2, 3, 4, 5)})
+    assert graph.nodes[0].attrs["perm"] == [0, 2, 3, 1]
+
+
+def test_cse_merges_identical_nodes():
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]),
+             helper.make_node("Transpose", ["a"], ["c"], perm=[1, 0]), helper.make_node("Transpose", ["b"], ["d"], perm=[1, 0]),
+             helper.make_node("Transpose", ["b"], ["e"], perm=[0, 1]),
+             helper.make_node("Add", ["c", "d"], ["s"]), helper.make_node("Mul", ["s", "e"], ["y"])]
+    model = make_model(nodes, {"x": randn(3, 3)}, ["y"])
+    check_rewrite(model, [cse.run], ["Relu", "Transpose", "Transpose", "Add", "Mul"], {"merge_common_subexpression": 2},
+                  {"x": randn(3, 3)})
+
+
+def conv_bn_model(with_bias: bool):
+    inits = {"w": randn(8, 4, 3, 3, scale=0.3), "scale": rng.uniform(0.5, 1.5, 8).astype(np.float32), "shift": randn(8),
+             "mean": randn(8), "var": rng.uniform(0.5, 1.5, 8).astype(np.float32)}
+    conv_inputs = ["x", "w"] + (["b"] if with_bias else [])
+    if with_bias:
+        inits["b"] = randn(8)
+    nodes = [helper.make_node("Conv", conv_inputs, ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["y"], epsilon=1e-3)]
+    return make_model(nodes, {"x": randn(1, 4, 9, 9)}, ["y"], inits)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_conv_batchnorm_folds(with_bias):
+    check_rewrite(conv_bn_model(with_bias), [fold_batchnorm.run], ["Conv"], {"fold_conv_batchnorm": 1}, {"x": randn(1, 4, 9, 9)})
+
+
+def test_conv_per_channel_mul_and_add_fold():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Mul", ["c", "s"], ["m"]),
+             helper.make_node("Add", ["m", "t"], ["y"])]
+    model = make_model(nodes, {"x": randn(1, 4, 6, 6)}, ["y"], {"w": randn(8, 4, 1, 1), "s": randn(8, 1, 1), "t": randn(1, 8, 1, 1)})
+    check_rewrite(model, [fold_batchnorm.run], ["Conv"], {"fold_conv_scale": 1, "fold_conv_shift": 1}, {"x": randn(1, 4, 6, 6)})
+
+
+def test_batchnorm_after_a_shared_conv_stays():
+    model = conv_bn_model(True)
+    model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
+    model.graph.output.append(helper.make_empty_tensor_value_info("r"))
+    check_rewrite(model, [fold_batchnorm.run], ["Conv", "BatchNormalization", "Relu"], {}, {"x": randn(1, 4, 9, 9)})
+
+
+ACTIVATIONS = [
+    ("Relu", {}, [], "relu"),
+    ("LeakyRelu", {"alpha": 0.2}, [], "leaky_relu"),
+    ("Clip", {}, ["lo", "hi"], "clip"),
+    ("Sigmoid", {}, [], "sigmoid"),
+    ("Tanh", {}, [], "tanh"),
+    ("HardSwish", {}, [], "hardswish"),
+]
+
+
+@pytest.mark.parametrize("op, attrs, extra, kind", ACTIVATIONS, ids=[a[0] for a in ACTIVATIONS])
+def test_conv_residual_and_activation_fuse(op, attrs, extra, kind):
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "x"], ["s"]),
+             helper.make_node(op, ["s"] + extra, ["y"], **attrs)]
+    inits = {"w": randn(4, 4, 3, 3, scale=0.3), "b": randn(4), "lo": np.array(-0.5, np.float32), "hi": np.array(0.7, np.float32)}
+    graph = check_rewrite(make_model(nodes, {"x": randn(1, 4, 8, 8)}, ["y"], inits),
+                          [fuse_conv.run, fuse_activation.run], ["kiln::Conv"],
+                          {"lower_conv": 1, "fuse_conv_residual": 1, f"fuse_activation_{kind}": 1}, {"x": randn(1, 4, 8, 8)})
+    node = graph.nodes[0]
+    assert node.inputs[3] == "x" and node.attrs["activation"] == kind
+    assert len(node.origin) == 3, "the fused layer names the Conv, the Add and the activation it came from"
+
+
+def test_conv_silu_and_same_padding_fuse():
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad="SAME_UPPER", strides=[2, 2]),
+             helper.make_node("Sigmoid", ["c"], ["g"]), helper.make_node("Mul", ["c", "g"], ["y"])]
+    model = make_model(nodes, {"x": randn(1, 3, 9, 9)}, ["y"], {"w": randn(6, 3, 3, 3)})
+    graph = check_rewrite(model, [fuse_conv.run, fuse_activation.run], ["kiln::Conv"],
+                          {"lower_conv": 1, "fuse_activation_silu": 1}, {"x": randn(1, 3, 9, 9)})
+    assert graph.nodes[0].attrs["pads"] == [1, 1, 1, 1]
+
+
+def test_gemm_and_matmul_bias_lower_with_activation():
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1, alpha=0.5),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["m"]), helper.make_node("Add", ["b2", "m"], ["y"])]
+    inits = {"w1": randn(16, 8), "b1": randn(16), "w2": randn(16, 4), "b2": randn(4)}
+    graph = check_rewrite(make_model(nodes, {"x": randn(3, 8)}, ["y"], inits), [fuse_gemm.run, fuse_activation.run],
+                          ["kiln::Gemm", "kiln::Gemm"], {"lower_gemm": 1, "fuse_matmul_bias": 1, "fuse_activation_relu": 1},
+                          {"x": randn(3, 8)})
+    assert graph.nodes[0].attrs["activation"] == "relu" and graph.nodes[1].attrs["activation"] == ""
+
+
+def test_decomposed_gelu_is_recognised_and_fused_into_the_matmul():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Div", ["h", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["h", "p"], ["q"]),
+             helper.make_node("Mul", ["q", "half"], ["y"])]
+    inits = {"w": randn(8, 16), "b": randn(16), "sqrt2": np.array(np.sqrt(2), np.float32), "one": np.array(1, np.float32),
+             "half": np.array(0.5, np.float32)}
+    graph = check_rewrite(make_model(nodes, {"x": randn(2, 5, 8)}, ["y"], inits),
+                          [recognize_gelu.run, fuse_gemm.run, fuse_activation.run], ["kiln::Gemm"],
+                          {"recognize_gelu": 1, "fuse_matmul_bias": 1, "fuse_activation_gelu": 1}, {"x": randn(2, 5, 8)})
+    assert graph.nodes[0].attrs["activation"] == "gelu"
+
+
+def test_decomposed_layernorm_is_recognised():
+    nodes = [helper.make_node("ReduceMean", ["x", "axes"], ["mu"]), helper.make_node("Sub", ["x", "mu"], ["d"]),
+             helper.make_node("Pow", ["d", "two"], ["sq"]), helper.make_node("ReduceMean", ["sq", "axes"], ["var"]),
+             helper.make_node("Add", ["var", "eps"], ["ve"]), helper.make_node("Sqrt", ["ve"], ["sd"]),
+             helper.make_node("Div", ["d", "sd"], ["n"]), helper.make_node("Mul", ["n", "gamma"], ["g"]),
+             helper.make_node("Add", ["g", "beta"], ["y"])]
+    inits = {"axes": np.array([-1], np.int64), "two": np.array(2, np.float32), "eps": np.array(1e-5, np.float32),
+             "gamma": randn(16), "beta": randn(16)}
+    graph = check_rewrite(make_model(nodes, {"x": randn(2, 3, 16)}, ["y"], inits), [recognize_layernorm.run],
+                          ["LayerNormalization"], {"recognize_layernorm": 1}, {"x": randn(2, 3, 16)}, rtol=1e-4)
+    assert graph.nodes[0].attrs["epsilon"] == pytest.approx(1e-5)
+
+
+def attention_model(batch=2, seq=6, heads=2, dim=4):
+    hidden = heads * dim
+    shape = np.array([batch, seq, heads, dim], np.int64)
+    nodes = [helper.make_node("Reshape", [name, "shape"], [f"{name}4"]) for name in ("q", "k", "v")] + [
+        helper.make_node("Transpose", ["q4"], ["qh"], perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["k4"], ["kt"], perm=[0, 2, 3, 1]),
+        helper.make_node("Transpose", ["v4"], ["vh"], perm=[0, 2, 1, 3]),
+        helper.make_node("MatMul", ["qh", "kt"], ["scores"]), helper.make_node("Div", ["scores", "root"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"]), helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "vh"], ["y"])]
+    inputs = {name: randn(batch, seq, hidden) for name in ("q", "k", "v")}
+    mask = np.zeros((batch, 1, 1, seq), np.float32)
+    mask[1, ..., 4:] = -10000.0
+    inputs["mask"] = mask
+    return make_model(nodes, inputs, ["y"], {"shape": shape, "root": np.array(2.0, np.float32)}), inputs
+
+
+def test_attention_is_recognised_and_its_key_transpose_merges():
+    model, feed = attention_model()
+    graph = check_rewrite(model, [recognize_attention.run, noop_removal.run],
+                          ["Reshape", "Reshape", "Reshape", "Transpose", "Transpose", "Transpose", "kiln::Attention"],
+                          {"recognize_attention": 1, "fold_transpose_pair": 1}, feed)
+    attention = graph.nodes[-1]
+    assert attention.attrs["scale"] == 0.5 and attention.inputs[3] == "mask"
+    keys = next(n for n in graph.nodes if n.outputs[0] == attention.inputs[1])
+    assert keys.attrs["perm"] == [0, 2, 1, 3], "K^T's transpose and the head transpose became one"
