@@ -32,6 +32,28 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                       "(or with a K/M/G suffix); a build that needs more fails with KILN-E601")
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """Optimization profiles for dynamic inputs, in trtexec's syntax; repeating the three flags adds a profile."""
+    group = parser.add_argument_group("dynamic shapes")
+    for kind, what in (("min", "smallest"), ("opt", "tuned-for"), ("max", "largest")):
+        group.add_argument(f"--{kind}Shapes", action="append", metavar="SPEC",
+                           help=f"the {what} shape of each dynamic input, e.g. input:1x3x224x224,mask:1x128")
+    group.add_argument("--useModelShapes", action="store_true",
+                       help="build dynamic inputs without a profile for the sizes the model declares (a dimension "
+                            "with no declared size still fails the build, naming it)")
+
+
+def profiles_from_args(args: argparse.Namespace) -> list:
+    """The profiles --minShapes/--optShapes/--maxShapes give; as in trtexec, a build given only --shapes gets one
+    profile of exactly those shapes."""
+    from ..engine.profiles import profiles_from_flags
+
+    mins, opts, maxs = (getattr(args, f"{kind}Shapes", None) for kind in ("min", "opt", "max"))
+    if not (mins or opts or maxs) and getattr(args, "shapes", None):
+        opts = [args.shapes]
+    return profiles_from_flags(mins, opts, maxs)
+
+
 def config_from_args(args: argparse.Namespace):
     from ..builder import BuilderConfig
 
@@ -46,6 +68,8 @@ def config_from_args(args: argparse.Namespace):
         raise BuildError("--timingCacheFile, --noCudaGraph and --memPoolSize apply to GPU builds only", code="KILN-E203",
                          hint="add --device cuda, or drop the GPU options")
     config.extra.update({k: v for k, v in cuda_options.items() if v is not None})
+    config.profiles = profiles_from_args(args)
+    config.use_model_shapes = getattr(args, "useModelShapes", False)
     return config
 
 

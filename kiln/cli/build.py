@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
                                       "pkg.module:function that returns (module, example_inputs)")
     parser.add_argument("--saveEngine", metavar="PATH", help="where to write the engine (default: MODEL.kiln)")
     shared.add_build_arguments(parser)
+    shared.add_profile_arguments(parser)
     parser.add_argument("--useCudaGraph", action="store_true", help="replay the whole engine as CUDA graphs (GPU; the default "
                         "for static shapes, so this forces it for dynamic ones)")
 
@@ -34,6 +35,8 @@ def run(args) -> int:
     print(f"built {path}: {len(engine.plan.graph.nodes)} layers for {engine.device} in {info['build_seconds']:.2f} s")
     print(f"  inputs:  {', '.join(str(b) for b in engine.inputs)}")
     print(f"  outputs: {', '.join(str(b) for b in engine.outputs)}")
+    for index, profile in enumerate(engine.profiles):
+        print(f"  profile {index}: {profile}")
     if args.verbose:
         print(f"  build: {build_memory.describe()}")
         print(f"  run:   {_run_memory(engine).describe()} (one inference on fixed-seed random inputs)")

@@ -174,6 +174,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines += [f"    {b['name']}: {b['dtype']}[{_shape(b)}]{'  (dynamic)' if b['dynamic'] else ''}" for b in report["inputs"]]
     lines.append("  outputs:")
     lines += [f"    {b['name']}: {b['dtype']}[{_shape(b)}]{'  (dynamic)' if b['dynamic'] else ''}" for b in report["outputs"]]
+    for index, profile in enumerate(report.get("profiles") or []):  # {input: {min, opt, max}} as kiln/engine/profiles.py stores it
+        lines.append(f"  profile {index}: " + ", ".join(f"{name} min {'x'.join(map(str, r['min']))} opt {'x'.join(map(str, r['opt']))} "
+                                                       f"max {'x'.join(map(str, r['max']))}" for name, r in profile.items()))
     if report["kind"] == "onnx":
         lines.append("  operators:")
         lines += [f"    {count:5d}  {op}" for op, count in report["op_histogram"].items()]
