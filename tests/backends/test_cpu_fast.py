@@ -1,0 +1,91 @@
+"""The CPU fast tactics (oneDNN prepacked conv/linear with fused post-ops, sdpa, bf16) against the fused
+ops' reference kernels, and the clear error where the CPU cannot run bf16."""
+import numpy as np
+import pytest
+import torch
+
+import kiln
+from kiln.backends.cpu import fast
+from kiln.errors import PrecisionError
+from kiln.ir import DType, Graph, Node, Value
+from kiln.ops import fused
+
+rng = np.random.default_rng(0)
+ACTIVATIONS = [("", []), ("relu", []), ("leaky_relu", [0.1]), ("clip", [-0.5, 0.5]), ("clip", [0.0, float("inf")]),
+               ("sigmoid", []), ("tanh", []), ("gelu", []), ("gelu_tanh", []), ("silu", []), ("hardswish", [])]
+
+
+def conv_graph(activation, params, residual=False, group=1, pads=(1, 1, 1, 1)):
+    w = (rng.standard_normal((8, 8 // group, 3, 3)) * 0.3).astype(np.float32)
+    inputs = ("x", "w", "b") + (("r",) if residual else ())
+    node = Node("Conv", inputs, ("y",), {"dilations": [1, 1], "group": group, "kernel_shape": [3, 3], "pads": list(pads),
+                                         "strides": [1, 1], "activation": activation, "activation_params": params},
+                name="conv", domain="kiln")
+    x = Value("x", DType.float32, (2, 8, 10, 10))
+    graph_inputs = [x] + ([Value("r", DType.float32, (2, 8, 10, 10))] if residual else [])
+    return Graph([node], graph_inputs, [Value("y", DType.float32, (2, 8, 10, 10))],
+                 initializers={"w": w, "b": rng.standard_normal(8).astype(np.float32)}, opsets={"": 18, "kiln": 1})
+
+
+def reference(graph, feed):
+    node = graph.nodes[0]
+    kernel = {"Conv": fused.conv, "Gemm": fused.gemm}[node.op]
+    args = [torch.from_numpy(graph.initializers[n]) if n in graph.initializers else feed[n] for n in node.inputs]
+    return kernel(*args, **node.attrs)
+
+
+@pytest.mark.parametrize("activation, params", ACTIVATIONS, ids=[f"{a or 'none'}{p}" for a, p in ACTIVATIONS])
+def test_onednn_conv_matches_reference(activation, params):
+    graph = conv_graph(activation, params, residual=activation == "relu")
+    feed = {name: torch.randn(2, 8, 10, 10) for name in ("x", "r")}
+    tactic = fast.choose(graph.nodes[0], graph, bf16=False)
+    assert tactic.name == "onednn-packed"
+    with torch.inference_mode():
+        actual = tactic.run(*[feed.get(n) for n in graph.nodes[0].inputs])
+    torch.testing.assert_close(actual, reference(graph, feed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("activation, params", ACTIVATIONS, ids=[f"{a or 'none'}{p}" for a, p in ACTIVATIONS])
+def test_onednn_linear_matches_reference(activation, params):
+    node = Node("Gemm", ("x", "w", "b"), ("y",), {"activation": activation, "activation_params": params}, name="fc", domain="kiln")
+    graph = Graph([node], [Value("x", DType.float32, (3, 5, 16))], [Value("y", DType.float32, (3, 5, 24))],
+                  initializers={"w": rng.standard_normal((24, 16)).astype(np.float32) * 0.3,
+                                "b": rng.standard_normal(24).astype(np.float32)}, opsets={"": 18, "kiln": 1})
+    feed = {"x": torch.randn(3, 5, 16)}
+    tactic = fast.choose(node, graph, bf16=False)
+    with torch.inference_mode():
+        actual = tactic.run(feed["x"], None, None)
+    torch.testing.assert_close(actual, reference(graph, feed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not fast.bf16_supported(), reason="this CPU has no AVX512-BF16/AMX")
+@pytest.mark.parametrize("group", [1, 2])
+def test_bf16_conv_with_residual_is_close(group):
+    graph = conv_graph("relu", [], residual=True, group=group)
+    feed = {name: torch.randn(2, 8, 10, 10) for name in ("x", "r")}
+    tactic = fast.choose(graph.nodes[0], graph, bf16=True)
+    assert tactic.precision == "bf16"
+    with torch.inference_mode():
+        actual = tactic.run(feed["x"], None, None, feed["r"])
+    assert actual.dtype == torch.bfloat16
+    expected = reference(graph, feed)
+    assert (actual.float() - expected).norm() / expected.norm() < 1e-2
+
+
+def test_asymmetric_padding_falls_back_to_the_reference_kernel():
+    graph = conv_graph("relu", [], pads=(0, 0, 1, 1))
+    graph.outputs = [Value("y", DType.float32, (2, 8, 9, 9))]
+    assert fast.choose(graph.nodes[0], graph, bf16=False).name == "torch"
+
+
+def test_bf16_reference_layers_meet_in_fp32():
+    run = fast._meet_in_fp32(lambda a, b: a + b)
+    assert run(torch.ones(2, dtype=torch.bfloat16), torch.ones(2)).dtype == torch.float32
+    assert run(torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_bf16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(fast, "bf16_supported", lambda: False)
+    with pytest.raises(PrecisionError) as caught:
+        kiln.BuilderConfig(bf16=True).validate()
+    assert caught.value.code == "KILN-E301" and "AVX512-BF16" in caught.value.message and caught.value.hint
