@@ -23,6 +23,7 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fp8", action="store_true", help="allow fp8 e4m3 layers (GPU, compute capability 8.9+)")
     group.add_argument("--best", action="store_true", help="let the builder choose the fastest precision per layer")
     group.add_argument("--noOptimize", action="store_true", help="run only constant folding and dead-code removal")
+    add_quant_arguments(parser)
     cuda = parser.add_argument_group("cuda")
     cuda.add_argument("--timingCacheFile", metavar="PATH", help="read and write tactic timings here (GPU builds): a second "
                       "build of the same model on the same GPU skips the timing")
@@ -30,6 +31,40 @@ def add_build_arguments(parser: argparse.ArgumentParser) -> None:
                       "(by default a static-shape engine replays one whole-engine graph per input shape)")
     cuda.add_argument("--memPoolSize", metavar="workspace:N", help="GPU memory the engine may use beyond its weights, in MiB "
                       "(or with a K/M/G suffix); a build that needs more fails with KILN-E601")
+
+
+def add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """INT8 calibration, per-layer precision and accuracy-budget flags (kiln/quant; docs/quantization.md)."""
+    group = parser.add_argument_group("int8")
+    group.add_argument("--calib", metavar="DATA", help="calibration data for --int8: a directory of .npz feeds (or .npy "
+                       "for a one-input model), 100-500 real inputs")
+    group.add_argument("--calibCache", metavar="FILE", help="calibration cache: written after calibrating, and read "
+                       "instead of calibrating (no --calib needed) when it exists")
+    group.add_argument("--calibrator", default="entropy", choices=["entropy", "percentile", "mse", "minmax"],
+                       help="how thresholds are chosen (default entropy, as TensorRT; percentile keeps 99.99%%)")
+    group.add_argument("--calibBatches", type=int, metavar="N", help="use at most N calibration feeds")
+    group.add_argument("--layerPrecisions", metavar="SPEC", help="per-layer precision, e.g. 'conv1:fp32,*:int8' "
+                       "(model or kiln layer names, wildcards allowed)")
+    group.add_argument("--precisionConstraints", default="none", choices=["none", "prefer", "obey"],
+                       help="none: int8 where it is faster; prefer: as --layerPrecisions asks; obey: as asked, and "
+                            "fail where a layer cannot")
+    group.add_argument("--validation", metavar="DATA", help="validation feeds (like --calib): checks that the "
+                       "calibration data covers them, and measures the accuracy budget")
+    group.add_argument("--accuracyBudget", type=float, metavar="X", help="most error allowed against fp32: the most "
+                       "sensitive int8 layers return to fp32 until it holds (needs --validation)")
+    group.add_argument("--accuracyMetric", default="top1", choices=["top1", "relerr"],
+                       help="top1: points of top-1 disagreement with fp32; relerr: relative L2 error of the outputs")
+
+
+def quant_options(args: argparse.Namespace) -> dict:
+    from ..quant.config import parse_layer_precisions
+
+    return {"calib": getattr(args, "calib", None), "calib_cache": getattr(args, "calibCache", None),
+            "calibrator": getattr(args, "calibrator", "entropy"), "calib_batches": getattr(args, "calibBatches", None),
+            "layer_precisions": parse_layer_precisions(getattr(args, "layerPrecisions", None)),
+            "precision_constraints": getattr(args, "precisionConstraints", "none"),
+            "validation": getattr(args, "validation", None), "accuracy_budget": getattr(args, "accuracyBudget", None),
+            "accuracy_metric": getattr(args, "accuracyMetric", "top1")}
 
 
 def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +93,7 @@ def config_from_args(args: argparse.Namespace):
     from ..builder import BuilderConfig
 
     config = BuilderConfig(device=args.device, fp16=args.fp16, bf16=args.bf16, tf32=args.tf32, int8=args.int8,
-                           fp8=args.fp8, best=args.best, optimize=not args.noOptimize)
+                           fp8=args.fp8, best=args.best, optimize=not args.noOptimize, **quant_options(args))
     cuda_options = {"timing_cache_file": getattr(args, "timingCacheFile", None),
                     "use_cuda_graph": False if getattr(args, "noCudaGraph", False) else None,
                     "mem_pool_size": getattr(args, "memPoolSize", None)}

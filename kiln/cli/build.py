@@ -37,6 +37,10 @@ def run(args) -> int:
     print(f"  outputs: {', '.join(str(b) for b in engine.outputs)}")
     for index, profile in enumerate(engine.profiles):
         print(f"  profile {index}: {profile}")
+    if "quantization" in info:
+        from ..quant.report import describe
+
+        print(describe(info["quantization"]))
     if args.verbose:
         print(f"  build: {build_memory.describe()}")
         print(f"  run:   {_run_memory(engine).describe()} (one inference on fixed-seed random inputs)")

@@ -35,7 +35,12 @@ def _percentile(histogram: Histogram, percentile: float) -> float:
 
 
 def _entropy(histogram: Histogram, step: int = 16) -> float:
-    counts = histogram.counts
+    counts = histogram.counts.copy()
+    # Exact zeros are left out: merged into the first level they would smear over its bins and make every
+    # wide threshold look lossy, which clips the large activations that matter most.
+    counts[0] -= histogram.zeros
+    if not counts.any():
+        return histogram.amax
     used = int(np.nonzero(counts)[0][-1]) + 1  # bins past the largest value only add empty work
     best, best_divergence = used, np.inf
     for stop in range(LEVELS, max(used, LEVELS) + 1, step):

@@ -15,6 +15,7 @@ class Histogram:
         self.low = np.inf
         self.high = -np.inf
         self.total = 0
+        self.zeros = 0  # exact zeros (ReLU outputs are full of them); int8 holds them exactly at any scale
 
     @property
     def amax(self) -> float:
@@ -29,6 +30,7 @@ class Histogram:
         self.low = min(self.low, float(values.min()))
         self.high = max(self.high, float(values.max()))
         self.total += values.size
+        self.zeros += int(np.count_nonzero(values == 0))
         magnitude = np.abs(values)
         top = float(magnitude.max())
         if self.width == 0.0:

@@ -52,3 +52,10 @@ def batches(images: np.ndarray, size: int = 50) -> list[dict[str, np.ndarray]]:
 def top1(engine, images: np.ndarray, labels: np.ndarray) -> float:
     logits = np.concatenate([engine.run(feed)["logits"] for feed in batches(images)])
     return float(100.0 * np.mean(logits.argmax(-1) == labels))
+
+
+def config(**options):
+    """A BuilderConfig for the digits model: batches of 1 to 64 images."""
+    import kiln
+
+    return kiln.BuilderConfig(profiles=[{"image": ((1, 1, 8, 8), (50, 1, 8, 8), (64, 1, 8, 8))}], **options)
