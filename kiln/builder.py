@@ -102,7 +102,7 @@ def build(model, config: BuilderConfig | None = None, **options):
     from .engine.plan import Plan
     from .engine.profiles import resolve_profiles
     from .engine.runtime import Engine
-    from .frontend import parse_any
+    from .frontend import parse_with_profiles
     from .passes.context import PassContext
     from .passes.pipeline import optimize
     from .plugins import plugins_used
@@ -111,8 +111,9 @@ def build(model, config: BuilderConfig | None = None, **options):
     config.validate()
     started = time.perf_counter()
     with Progress("kiln build", total=3) as bar:
-        graph = parse_any(model, config, **options)
-        profiles = resolve_profiles([graph.value(v.name) for v in graph.inputs], config.profiles, config.use_model_shapes)
+        graph, declared = parse_with_profiles(model, config, **options)  # declared: a torch module's Dim ranges
+        profiles = resolve_profiles([graph.value(v.name) for v in graph.inputs], config.profiles or declared,
+                                    config.use_model_shapes)
         bar.advance("parsed")
         ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
         optimize(graph, ctx, config=config)

@@ -35,6 +35,23 @@ def model_kind(model) -> str:
     return "onnx"
 
 
+def parse_with_profiles(model, config=None, **options):
+    """(graph, profiles the model itself declares): a torch module's torch.export.Dim ranges make one profile, so
+    `kiln.build(module, example_inputs=..., dynamic_shapes=...)` needs no separate add_profile. Other formats
+    declare none ([]); the builder uses the config's profiles when it has any."""
+    if model_kind(model) == "entry_point":
+        model, returned = load_entry_point(model)
+        options = {**returned, **options}
+    graph = parse_any(model, config, **options)
+    if model_kind(model) != "torch" or not options.get("dynamic_shapes"):
+        return graph, []
+    from .torch import declared_profile
+
+    profile = declared_profile([graph.value(v.name) for v in graph.inputs], options.get("example_inputs"),
+                               options["dynamic_shapes"])
+    return graph, [profile] if profile is not None else []
+
+
 def parse_any(model, config=None, **options):
     """kiln's IR from whatever the user brought: an ONNX path or ModelProto, a torch.nn.Module (with
     example_inputs=, dynamic_shapes=, input_names=, output_names=), a Keras model, a .keras file, a SavedModel

@@ -56,11 +56,27 @@ def export(module, example_inputs=None, *, dynamic_shapes=None, input_names=None
     finally:
         module.train(was_training)
     _rename(program, "input", program.model.graph.inputs, input_names)
-    _rename(program, "output", program.model.graph.outputs, output_names or _default_output_names(program))
+    # Default names first, so that an error about the user's names lists the outputs as forward names them.
+    _rename(program, "output", program.model.graph.outputs, _default_output_names(program))
+    _rename(program, "output", program.model.graph.outputs, output_names)
     model = program.model_proto
+    _check_dynamic_dims(model, dynamic_shapes)
     log.verbose("exported %s: inputs %s, outputs %s", type(module).__name__,
                 ", ".join(i.name for i in model.graph.input), ", ".join(o.name for o in model.graph.output))
     return model
+
+
+def _check_dynamic_dims(model, dynamic_shapes) -> None:
+    """torch.export may fix a dimension declared dynamic when the model's code needs one size (a Linear's features):
+    say so, since the engine will then accept only that size."""
+    declared = dim_ranges(dynamic_shapes)
+    kept = {dim.dim_param for info in model.graph.input for dim in info.type.tensor_type.shape.dim if dim.dim_param}
+    for name, (low, high) in declared.items():
+        if name in kept:
+            log.verbose("dynamic dimension %s: %d to %s", name, low, "unbounded" if high is None else high)
+        else:
+            log.warning("dimension %r was declared dynamic, but torch.export fixed it to the example's size (the "
+                        "model's code needs that size); the engine accepts only that size there", name)
 
 
 def _example_arguments(module, example_inputs) -> tuple[tuple, dict]:
@@ -191,6 +207,60 @@ def _all_values(graph) -> list[Any]:
     return values
 
 
+def declared_profile(inputs, example_inputs, dynamic_shapes):
+    """The optimization profile the module's torch.export.Dim declarations describe, for the graph's `inputs`
+    (Values): min and max from each Dim (min at least 1), opt the size of the example traced. None when no input is
+    dynamic. A Dim with no max cannot size an engine: KILN-E202 says how to bound it."""
+    from ..engine.profiles import Profile
+
+    ranges = dim_ranges(dynamic_shapes)
+    dynamic = [value for value in inputs if value.shape is not None and any(isinstance(d, str) for d in value.shape)]
+    if not dynamic:
+        return None
+    examples = _example_sizes(inputs, example_inputs)
+    profile = Profile()
+    for value in dynamic:
+        if any(isinstance(d, str) and d not in ranges for d in value.shape):
+            return None  # a dimension torch named itself (Dim.AUTO): the user's profile must cover it
+        unbounded = [d for d in value.shape if isinstance(d, str) and ranges[d][1] is None]
+        if unbounded:
+            raise BuildError(f"torch.export.Dim {unbounded[0]!r} of input {value.name!r} has no max, so kiln cannot "
+                             "size the engine's optimization profile", code="KILN-E202", where=value.name,
+                             hint=f"bound it: torch.export.Dim({unbounded[0]!r}, min=1, max=64), or give a profile: "
+                                  f"config.add_profile({{{value.name!r}: (min_shape, opt_shape, max_shape)}})")
+        shapes = []
+        for pick in (lambda low, high, seen: low, lambda low, high, seen: min(max(seen, low), high),
+                     lambda low, high, seen: high):
+            shapes.append(tuple(d if isinstance(d, int) else
+                                pick(max(ranges[d][0], 1), ranges[d][1], examples.get(d, ranges[d][1])) for d in value.shape))
+        profile.set_shape(value.name, *shapes)
+    log.verbose("optimization profile from torch.export.Dim ranges: %s", profile)
+    return profile
+
+
+def _example_sizes(inputs, example_inputs) -> dict[str, int]:
+    """Each symbolic dim's size in the example traced: the graph's inputs are the example's tensors, flattened in
+    order (positional, then keyword), so they pair up when the counts agree."""
+    import torch
+    from torch.utils import _pytree
+
+    if isinstance(example_inputs, dict):
+        leaves = _pytree.tree_leaves(example_inputs)
+    elif isinstance(example_inputs, (list, tuple)):
+        leaves = _pytree.tree_leaves(tuple(example_inputs))
+    else:
+        leaves = [example_inputs]
+    shapes = [tuple(leaf.shape) for leaf in leaves if isinstance(leaf, torch.Tensor) or hasattr(leaf, "shape")]
+    sizes: dict[str, int] = {}
+    if len(shapes) != len(inputs):
+        return sizes
+    for value, shape in zip(inputs, shapes):
+        for dim, size in zip(value.shape or (), shape):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(size))
+    return sizes
+
+
 def dim_ranges(dynamic_shapes) -> dict[str, tuple[int, int | None]]:
     """{Dim name: (min, max)} for every torch.export.Dim in a dynamic_shapes structure (max None: unbounded)."""
     ranges: dict[str, tuple[int, int | None]] = {}
@@ -203,8 +273,7 @@ def dim_ranges(dynamic_shapes) -> dict[str, tuple[int, int | None]]:
             for value in item:
                 visit(value)
         elif hasattr(item, "__name__") and hasattr(item, "min") and hasattr(item, "max"):
-            upper = int(item.max) if item.max is not None and int(item.max) < 2**62 else None
-            ranges[item.__name__] = (int(item.min), upper)
+            ranges[item.__name__] = (_bound(item.min) or 0, _bound(item.max))
 
     visit(dynamic_shapes)
     return ranges
@@ -216,3 +285,12 @@ def from_torch(module, example_inputs, config=None, *, dynamic_shapes=None, inpu
 
     return build(module, config, example_inputs=example_inputs, dynamic_shapes=dynamic_shapes,
                  input_names=input_names, output_names=output_names)
+
+
+def _bound(value) -> int | None:
+    """A Dim's min or max as an int; None for unbounded (torch uses sympy's infinity there)."""
+    try:
+        number = int(value)
+    except Exception:  # noqa: BLE001 (sympy's infinities raise several types on int())
+        return None
+    return number if abs(number) < 2**62 else None
