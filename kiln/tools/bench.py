@@ -265,7 +265,10 @@ def benchmark(engine, feed: dict, *, warmup_ms: float = 200.0, iterations: int =
     latency = [a + b + c for a, b, c in zip(h2d, compute, d2h)]
     result = BenchResult(engine.device, {"warmUp_ms": warmup_ms, "iterations": iterations, "duration_s": duration_s,
                                          "useCudaGraph": use_cuda_graph, "noDataTransfers": no_data_transfers,
-                                         "separateProfileRun": separate_profile_run, "cudaGraph": runner.cuda_graph},
+                                         "separateProfileRun": separate_profile_run,
+                                         # profiling inside the timed runs runs them step by step, never as a graph
+                                         "cudaGraph": "off while profiling (use --separateProfileRun)"
+                                         if profile_inline and runner.cuda else runner.cuda_graph},
                          latency, h2d, compute, d2h, starts, wall, memory=monitor.summary(),
                          outputs={name: value if isinstance(value, np.ndarray) else _to_numpy(value)
                                   for name, value in outputs.items() if value is not None and not isinstance(value, list)})
@@ -301,7 +304,7 @@ def format_result(result: BenchResult) -> str:
     if result.device == "cuda":
         lines.append("  split (mean ms): " + "  ".join(f"{label} {result.stats(key)['mean']:.3f}" for label, key in
                                                        (("host-to-device", "h2d"), ("compute", "compute"), ("device-to-host", "d2h"))))
-        lines.append(f"  CUDA graph: {result.settings.get('cudaGraph', '?')} (per-layer profiles always run step by step)")
+        lines.append(f"  CUDA graph: {result.settings.get('cudaGraph', '?')}")
         if result.settings["noDataTransfers"]:
             lines.append("  (--noDataTransfers: inputs stay on the device and outputs are not copied back)")
     memory = result.memory
