@@ -89,3 +89,18 @@ def test_bf16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
     with pytest.raises(PrecisionError) as caught:
         kiln.BuilderConfig(bf16=True).validate()
     assert caught.value.code == "KILN-E301" and "AVX512-BF16" in caught.value.message and caught.value.hint
+
+
+@pytest.mark.parametrize("attrs, size", [({"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}, 112),
+                                         ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, 55),
+                                         ({"kernel_shape": [2, 2], "strides": [2, 2], "pads": [0, 0, 1, 1]}, 9)])
+def test_max_pool_fast_path_matches_onnxruntime(attrs, size):
+    from helpers import assert_close, make_model, run_onnxruntime
+    from onnx import helper
+
+    x = rng.standard_normal((1, 4, size, size)).astype(np.float32)
+    model = make_model([helper.make_node("MaxPool", ["x"], ["y"], **attrs)], {"x": x}, ["y"])
+    engine = kiln.build(model)
+    symmetric = "pads" not in attrs or attrs["pads"][:2] == attrs["pads"][2:]
+    assert [layer["tactic"] for layer in engine.plan.layers.values()] == ["torch-pool" if symmetric else "torch"]
+    assert_close(engine.run({"x": x})["y"], run_onnxruntime(model, {"x": x})["y"], rtol=0, atol=0)

@@ -65,6 +65,10 @@ def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
             return tactic
     if node.domain == "kiln" and node.op == "Attention":
         return _attention(node, bf16)
+    if not node.domain and node.op == "MaxPool":
+        tactic = _max_pool(node, graph)
+        if tactic is not None:
+            return tactic
     if node.domain == "kiln" and node.op in ("QGemm", "QConv"):  # int8 layers (kiln/quant): their kernel is the tactic
         return Tactic(_meet_in_fp32(bind_kernel(node, opset)), "torch-int8", "int8")
     kernel = bind_kernel(node, opset)
@@ -163,6 +167,39 @@ def _gemm(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
         return linear(x, packed, bias, attr, scalars, algorithm)
 
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
+
+
+def _max_pool(node: Node, graph: Graph) -> Tactic | None:
+    """MaxPool with symmetric padding as torch's own padded pooling: the reference kernel pads with a copy
+    first, because ONNX allows asymmetric pads; where they are symmetric the copy is wasted."""
+    import torch.nn.functional as F
+
+    from ...ops.nn import resolve_pads
+
+    x, y = graph.value(node.inputs[0]), graph.value(node.outputs[0])
+    if not x.is_static or not y.is_static or len(x.shape) != 4 or len([o for o in node.outputs if o]) != 1:
+        return None
+    kernel = list(node.attrs["kernel_shape"])
+    strides = list(node.attrs.get("strides") or [1, 1])
+    dilations = list(node.attrs.get("dilations") or [1, 1])
+    pads = resolve_pads(node.attrs.get("auto_pad", "NOTSET"), list(x.shape[2:]), kernel, strides, dilations, node.attrs.get("pads"))
+    ceil_mode = bool(node.attrs.get("ceil_mode", 0))
+    if pads[:2] != pads[2:] or any(2 * p > k for p, k in zip(pads[:2], kernel)):
+        return None
+    # torch's output size rule must give the size ONNX shape inference gave, or the fallback runs
+    for size, k, s, d, p, out in zip(x.shape[2:], kernel, strides, dilations, pads[:2], y.shape[2:]):
+        span = size + 2 * p - d * (k - 1) - 1
+        expected = (-(-span // s) if ceil_mode else span // s) + 1
+        if ceil_mode and (expected - 1) * s >= size + p:
+            expected -= 1
+        if expected != out:
+            return None
+    padding = pads[:2]
+
+    def run(x):
+        return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
+
+    return Tactic(run, "torch-pool", "input")
 
 
 def _attention(node: Node, bf16: bool) -> Tactic:
