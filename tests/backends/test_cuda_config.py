@@ -69,3 +69,24 @@ def test_gpu_options_on_a_cpu_build_are_refused(tmp_path, capsys):
         assert main(["build", str(model), *option]) != 0
         err = capsys.readouterr().err
         assert "KILN-E203" in err and "--device cuda" in err, option
+
+
+def test_residual_add_folds_into_the_layernorm_it_feeds():
+    import numpy as np
+    from helpers import make_model
+    from onnx import helper
+
+    from kiln.backends.cuda.lowering import fuse_add_layernorm
+    from kiln.frontend.onnx import parse
+
+    x = np.zeros((2, 8), np.float32)
+    model = make_model([helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+                        helper.make_node("LayerNormalization", ["s", "w", "bias"], ["y"], name="norm"),
+                        helper.make_node("Add", ["y", "a"], ["t"], name="kept_add"),  # feeds the output: stays
+                        helper.make_node("LayerNormalization", ["t", "w"], ["z"], name="norm2", axis=0)],
+                       {"a": x, "b": x}, ["z"], {"w": np.ones(8, np.float32), "bias": np.zeros(8, np.float32)})
+    graph = parse(model)
+    nodes, folded = fuse_add_layernorm(graph)
+    assert folded == {"add": "norm"}, "only an Add feeding a last-axis LayerNorm alone is folded"
+    norm = next(n for n in nodes if n.name == "norm")
+    assert norm.inputs == ("a", "b", "w", "bias") and [n.name for n in nodes] == ["norm", "kept_add", "norm2"]

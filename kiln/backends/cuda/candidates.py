@@ -225,6 +225,29 @@ def layernorm_candidates(node: Node, kernel: Callable, flow) -> list[Candidate]:
     return candidates
 
 
+def add_layernorm_candidates(node: Node, kernel: Callable, flow) -> list[Candidate]:
+    """LayerNorm(a + b) for a residual Add feeding a LayerNorm: torch's two kernels, or kiln's one Triton pass."""
+    import torch
+
+    def reference(a, b, scale, bias=None):
+        return kernel(a + b, scale, bias)
+
+    candidates = [Candidate("torch-add+layernorm", _precision_of(flow), reference)]
+    if triton_available():
+        from .triton_kernels import add_layernorm
+
+        eps = float(node.attrs.get("epsilon", 1e-5))
+        for warps in (4, 8):
+            def run(a, b, scale, bias=None, warps=warps):
+                if a.shape != b.shape or a.shape[-1] > 16384 or not (a.is_contiguous() and b.is_contiguous()) \
+                        or a.dtype != b.dtype or not isinstance(a, torch.Tensor):
+                    return reference(a, b, scale, bias)
+                return add_layernorm(a, b, _cast(scale, a.dtype), _cast(bias, a.dtype), eps, warps)
+
+            candidates.append(Candidate(f"triton-add-layernorm-w{warps}", _precision_of(flow), run))
+    return candidates
+
+
 def softmax_candidates(node: Node, kernel: Callable, flow, opset: int) -> list[Candidate]:
     candidates = [Candidate("torch", _precision_of(flow), kernel)]
     axis = int(node.attrs.get("axis", -1 if opset >= 13 else 1))

@@ -209,6 +209,31 @@ def _full_precision(graph: Graph, name: str):
     return numpy_to_torch(graph.initializers[name]).to("cuda")
 
 
+def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str]]:
+    """The node list with each residual Add that feeds only a LayerNormalization (last axis) folded into it:
+    the LayerNorm node then takes (a, b, scale, bias). GPU-only, so it lives here and not in kiln/passes.
+    Returns the nodes and {folded Add's name: LayerNorm's name}."""
+    consumers = graph.consumers()
+    producers = graph.producers()
+    outputs = set(graph.output_names())
+    folded: dict[str, str] = {}
+    replaced: dict[str, Node] = {}
+    for node in graph.nodes:
+        if node.domain != "" or node.op != "LayerNormalization" or int(node.attrs.get("axis", -1)) != -1:
+            continue
+        if len([o for o in node.outputs if o]) != 1 or not node.inputs[0]:
+            continue
+        add = producers.get(node.inputs[0])
+        if add is None or add.domain != "" or add.op != "Add" or add.outputs[0] in outputs:
+            continue
+        if len(consumers.get(add.outputs[0], [])) != 1 or any(n in graph.initializers for n in add.inputs):
+            continue
+        folded[add.name] = node.name
+        replaced[node.name] = node.replace(inputs=(add.inputs[0], add.inputs[1], *node.inputs[1:]))
+    nodes = [replaced.get(n.name, n) for n in graph.nodes if n.name not in folded]
+    return nodes, folded
+
+
 def lower(plan) -> CudaProgram:
     import torch
 
@@ -239,10 +264,12 @@ def lower(plan) -> CudaProgram:
     layer_info: dict = {}
     env = dict(constants)
     env.update(feed)
-    last_use = _last_use(graph)
+    nodes, folded = fuse_add_layernorm(graph)
+    fused_norms = set(folded.values())
+    last_use = _last_use(nodes)
     outputs = set(graph.output_names())
-    with torch.inference_mode(), Progress("kiln tactics", total=len(graph.nodes)) as bar:
-        for index, node in enumerate(graph.nodes):
+    with torch.inference_mode(), Progress("kiln tactics", total=len(nodes)) as bar:
+        for index, node in enumerate(nodes):
             opset = graph.opsets.get(node.domain, graph.opset)
             kernel = _in_flow(bind_kernel(node, opset), flow_dtype, node)
             positions = frozenset(SHAPE_POSITIONS.get(node.op, ()) if node.domain == "" else ())
@@ -254,11 +281,17 @@ def lower(plan) -> CudaProgram:
             from .program import _same_device
 
             args = _same_device(args, positions)
-            options = _candidates(node, graph, kernel, constants, allowed, flow_dtype)
+            if node.name in fused_norms:
+                options = cands.add_layernorm_candidates(node, kernel, flow_dtype)
+                plain_kernel = bind_kernel(node, opset)
+                reference_kernel = lambda a, b, *rest, k=plain_kernel: k(a + b, *rest)  # noqa: E731
+            else:
+                options = _candidates(node, graph, kernel, constants, allowed, flow_dtype)
+                reference_kernel = bind_kernel(node, opset)
             if tuned and node.name in tuned:  # a reloaded engine runs the tactics its build chose
                 options = [c for c in options if c.key == tuned[node.name]] or options[:1]
             if len(options) > 1:
-                chosen, record = choose(options, args, lambda: _reference(bind_kernel(node, opset), args),
+                chosen, record = choose(options, args, lambda: _reference(reference_kernel, args),
                                         _signature(node, args, allowed, flow), cache, workspace_limit)
             else:
                 chosen, record = options[0], {}
@@ -297,24 +330,26 @@ def lower(plan) -> CudaProgram:
     float_inputs = {v.name: flow_dtype for v in graph.inputs if graph.value(v.name).dtype is DType.float32}
     float_outputs = {v.name: torch.float32 for v in graph.outputs if graph.value(v.name).dtype is DType.float32}
     program = CudaProgram(steps, constants, float_inputs, float_outputs, graph.output_names(), use_cuda_graph)
+    for add, norm in folded.items():
+        layer_info[add] = {"tactic": f"fused into {norm}", "precision": layer_info[norm]["precision"]}
     program.layer_info = layer_info
     program.tuning = {"seconds": round(time.perf_counter() - started, 3), "cache_hits": cache.hits,
                       "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
                       "allowed": allowed, "cuda_graph": use_cuda_graph}
     if not tuned:  # the build itself, not a reload
         plan.build_info["cuda_tuning"] = program.tuning
-        plan.build_info["cuda_tactics"] = {step.name: f"{info['tactic']}/{info['precision']}" for step, info in
-                                           zip(steps, layer_info.values())}
+        plan.build_info["cuda_tactics"] = {step.name: f"{layer_info[step.name]['tactic']}/{layer_info[step.name]['precision']}"
+                                           for step in steps}
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
 
 
-def _last_use(graph: Graph) -> dict[str, int]:
+def _last_use(nodes: list[Node]) -> dict[str, int]:
     from ...ir import subgraphs
 
     last: dict[str, int] = {}
-    for index, node in enumerate(graph.nodes):
+    for index, node in enumerate(nodes):
         for name in node.inputs:
             if name:
                 last[name] = index

@@ -105,3 +105,33 @@ def softmax(x, warps: int = 4):
     y = torch.empty_like(x)
     _softmax_kernel[(x.numel() // columns,)](x, y, columns, BLOCK=triton.next_power_of_2(columns), num_warps=warps)
     return y
+
+
+@triton.jit
+def _add_layernorm_kernel(x_ptr, r_ptr, w_ptr, b_ptr, y_ptr, columns, eps, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < columns
+    x = tl.load(x_ptr + row * columns + offsets, mask=mask, other=0.0).to(tl.float32)
+    x += tl.load(r_ptr + row * columns + offsets, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / columns
+    centered = tl.where(mask, x - mean, 0.0)
+    variance = tl.sum(centered * centered, axis=0) / columns
+    y = centered * tl.math.rsqrt(variance + eps)
+    y = y * tl.load(w_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(y_ptr + row * columns + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layernorm(x, residual, weight, bias, eps: float, warps: int = 4):
+    """LayerNorm(x + residual) over the last axis in one pass (a transformer's residual add and norm);
+    x and residual contiguous, of one shape."""
+    import torch
+
+    columns = x.shape[-1]
+    y = torch.empty_like(x)
+    _add_layernorm_kernel[(x.numel() // columns,)](x, residual, weight, bias if bias is not None else weight, y, columns, eps,
+                                                   HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(columns),
+                                                   num_warps=warps)
+    return y
