@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--exportProfile", metavar="FILE.json", help="write the per-layer profile as JSON")
     group.add_argument("--exportOutput", metavar="FILE.json", help="write the last iteration's outputs as JSON")
     shared.add_build_arguments(parser)
+    shared.add_profile_arguments(parser)
 
 
 def run(args) -> int:

@@ -29,6 +29,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--save-outputs", metavar="FILE.npz", help="write both sides' outputs as kiln/NAME and onnxruntime/NAME")
     group.add_argument("--json", action="store_true", help="print the comparison as JSON")
     shared.add_build_arguments(parser)
+    shared.add_profile_arguments(parser)
 
 
 def run(args) -> int:

@@ -28,6 +28,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--output", metavar="PATH", help="where --fix writes (default: MODEL.opsetN.onnx beside the model)")
     group.add_argument("--json", action="store_true", help="print the findings as JSON")
     shared.add_build_arguments(parser)
+    shared.add_profile_arguments(parser)
     if "--calib" not in parser._option_string_actions:  # the INT8 build flags may define it already
         group.add_argument("--calib", metavar="PATH", help="calibration data: an .npz feed or a directory of them")
 

@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance of the comparison (default 1e-4)")
     group.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of the comparison (default 1e-3)")
     shared.add_build_arguments(parser)
+    shared.add_profile_arguments(parser)
 
 
 def run(args) -> int:

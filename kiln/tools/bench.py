@@ -35,9 +35,18 @@ def open_engine(path: str, config=None, monitor: MemoryMonitor | None = None):
 
 
 def sample_feed(engine, seed: int = 0, shapes: dict[str, tuple] | None = None, given: dict | None = None) -> dict:
-    """Fixed-seed random inputs for every binding not `given`, with the `shapes` asked for dynamic inputs."""
+    """Fixed-seed random inputs for every binding not `given`: dynamic inputs take the `shapes` asked for, else,
+    as in trtexec, the opt shapes of the engine's first optimization profile."""
     from .inputs import random_feed
 
+    shapes = dict(shapes or {})
+    profiles = getattr(engine.plan, "profiles", None) or []
+    if profiles:
+        from ..engine.profiles import as_profile
+
+        first = as_profile(profiles[0])
+        for name in first.shapes:
+            shapes.setdefault(name, first.shape(name, "opt"))
     feed = random_feed(engine.inputs, seed=seed, shapes=shapes)
     feed.update(given or {})
     return feed

@@ -2,6 +2,7 @@
 each finding its symptom, its cause and the fix, the way TensorRT's troubleshooting guides list them."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,21 +137,25 @@ def check_operators(graph) -> Finding:
                    " | ".join(fixes[:4]), "KILN-E101", {"nodes": problems})
 
 
-def check_dynamic(graph, config, shapes: dict) -> Finding:
-    dynamic = {v.name: list(graph.value(v.name).shape or []) for v in graph.inputs
-               if graph.value(v.name).shape is None or not graph.value(v.name).is_static}
+def check_dynamic(graph, config) -> Finding:
+    """Dynamic inputs need an optimization profile (or --useModelShapes with declared sizes): the build's own check."""
+    from ..engine.profiles import resolve_profiles
+
+    inputs = [graph.value(v.name) for v in graph.inputs]
+    dynamic = {v.name: list(v.shape or []) for v in inputs if v.shape is None or not v.is_static}
     if not dynamic:
         return Finding("dynamic shapes", "ok", "every input has a fixed shape")
-    unprofiled = {name: dims for name, dims in dynamic.items() if not config.profiles and name not in shapes}
     listing = ", ".join(f"{n}[{'x'.join('?' if d is None else str(d) for d in dims)}]" for n, dims in dynamic.items())
-    if not unprofiled:
-        return Finding("dynamic shapes", "ok", f"dynamic inputs {listing} have shapes given", details={"inputs": dynamic})
-    example = ",".join(f"{n}:{'x'.join(str(d) if isinstance(d, int) else '1' for d in dims)}" for n, dims in unprofiled.items())
-    return Finding("dynamic shapes", "warning", f"input(s) {listing} have dynamic dimensions and no optimization profile",
-                   "an engine is tuned for the shapes its profile names; without one kiln assumes 1 for every unknown "
-                   "dimension when it samples, times and estimates memory",
-                   f"give the range the model will see: --minShapes {example} --optShapes ... --maxShapes ... "
-                   f"(or --shapes {example} to check one shape)", "KILN-E202", {"inputs": unprofiled})
+    try:
+        profiles = resolve_profiles(inputs, list(config.profiles), getattr(config, "use_model_shapes", False))
+    except KilnError as error:
+        finding = from_error("dynamic shapes", error)
+        finding.symptom = f"dynamic input(s) {listing}: {finding.symptom}"
+        finding.cause = ("an engine is built for the shape ranges its optimization profiles name; "
+                         "a dynamic dimension without one cannot be planned or tuned")
+        return finding
+    return Finding("dynamic shapes", "ok", f"dynamic input(s) {listing} are covered by {len(profiles)} optimization profile(s)",
+                   details={"inputs": dynamic})
 
 
 def check_inputs(bindings, given: dict) -> Finding:
@@ -272,73 +277,71 @@ def memory_finding(weights: int, activations: int, feed: dict, device: str, meas
                    "KILN-E601", details)
 
 
-def read_calibration(path: str) -> list[dict[str, np.ndarray]]:
-    """Calibration feeds: one .npz (one feed) or a directory of .npz files (one feed each)."""
-    source = Path(path)
-    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
-    feeds = []
-    for file in files:
-        try:
-            with np.load(file, allow_pickle=False) as data:
-                feeds.append({name: data[name] for name in data.files})
-        except (OSError, ValueError, AttributeError) as error:
-            raise KilnError(f"cannot read calibration data {str(file)!r}: {error}", code="KILN-E302",
-                            hint="give an .npz file, or a directory of them, each mapping input names to arrays") from None
-    if not feeds:
-        raise KilnError(f"no calibration batches in {path!r}", code="KILN-E302", hint="put .npz files (one feed each) there")
-    return feeds
+def calibrated_ranges(graph, config, calib, wanted: list[str]) -> tuple[dict[str, dict], int, str]:
+    """The per-tensor int8 thresholds the build would use, computed by kiln.quant exactly as the build does:
+    from the calibration cache when it exists, else from the calibration data. ({tensor: {amax, low, high}},
+    number of feeds, where they came from)."""
+    from ..quant import cache, calibrators
+    from ..quant.calibrate import collect
+
+    if config.calib_cache and Path(config.calib_cache).exists() and calib is None:
+        _calibrator, tensors = cache.read(config.calib_cache)
+        return {name: t for name, t in tensors.items() if name in wanted}, 0, f"calibration cache {config.calib_cache}"
+    histograms, count = collect(graph, calib, wanted, limit=config.calib_batches)
+    ranges = {name: {"amax": calibrators.amax(h, config.calibrator), "low": float(h.low), "high": float(h.high)}
+              for name, h in histograms.items() if h.total}
+    return ranges, count, f"{count} calibration feed(s), {config.calibrator} calibrator"
 
 
-def check_calibration(model, config, calib: str | None, sample_values: dict) -> Finding:
-    """INT8 needs ranges; with calibration data, compare its ranges against the sample data's values."""
-    from .compare import reference_model, run_reference
-
+def check_calibration(model, graph, config, calib, sample_values: dict) -> Finding:
+    """INT8 needs thresholds; with calibration data, how much of the sample data each threshold would clip."""
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    calib = calib if calib is not None else getattr(config, "calib", None)
+    cache_path = getattr(config, "calib_cache", None)
     if not config.int8:
         return Finding("calibration", "n/a", "not an INT8 build (--int8 not given)")
-    if has_qdq and not calib:
+    if has_qdq and calib is None:
         return Finding("calibration", "ok", "the model carries its own quantization (QuantizeLinear/DequantizeLinear nodes)")
-    if not calib:
+    if calib is None and not (cache_path and Path(cache_path).exists()):
         return Finding("calibration", "error", "--int8 was asked for, but there is no calibration data and the model has no QDQ nodes",
                        "INT8 layers need the range of every activation, measured on representative inputs",
                        "give --calib DIR (a directory of .npz feeds, 100-500 real inputs), or quantize the model to QDQ first",
                        "KILN-E302")
-    feeds = read_calibration(calib)
-    names = sorted(name for name, array in sample_values.items() if array.dtype.kind == "f")
-    ranges: dict[str, list[float]] = {}
     try:
-        runnable = reference_model(model, names)
-        for feed in feeds:
-            for name, array in run_reference(runnable, feed, names).items():
-                if array.size:
-                    low, high = float(np.min(array)), float(np.max(array))
-                    old = ranges.get(name, [low, high])
-                    ranges[name] = [min(old[0], low), max(old[1], high)]
+        import kiln.quant.calibrate  # noqa: F401 (the INT8 support may be absent from a trimmed install)
+    except ImportError:
+        return Finding("calibration", "n/a", "kiln.quant is not available here, so calibration cannot be checked")
+    produced = {name for node in graph.nodes for name in node.outputs}
+    wanted = sorted(name for name, array in sample_values.items() if array.dtype.kind == "f" and name in produced)
+    try:
+        ranges, count, source = calibrated_ranges(graph, config, calib, wanted)
     except KilnError as error:
         finding = from_error("calibration", error)
-        finding.symptom = "the calibration data does not run through the model: " + finding.symptom
-        finding.code = "KILN-E302"
+        finding.symptom = "the calibration data cannot be used: " + finding.symptom
         return finding
     rows = []
-    for name, (low, high) in ranges.items():
+    for name, limits in ranges.items():
         sample = sample_values[name].astype(np.float64)
-        clipped = float(np.mean((sample < low) | (sample > high)))
-        span = float(sample.max() - sample.min())
-        coverage = min(1.0, (high - low) / span) if span > 0 else 1.0
-        rows.append({"tensor": name, "calibrated": [low, high], "sample": [float(sample.min()), float(sample.max())],
+        threshold = float(limits["amax"])
+        clipped = float(np.mean(np.abs(sample) > threshold)) if sample.size else 0.0
+        span = float(sample.max() - sample.min()) if sample.size else 0.0
+        coverage = min(1.0, (limits["high"] - limits["low"]) / span) if span > 0 else 1.0
+        rows.append({"tensor": name, "threshold": threshold, "calibrated": [limits["low"], limits["high"]],
+                     "sample": [float(sample.min()), float(sample.max())] if sample.size else [0.0, 0.0],
                      "clipping_rate": clipped, "coverage": coverage})
     rows.sort(key=lambda r: -r["clipping_rate"])
     bad = [r for r in rows if r["clipping_rate"] > CLIPPING_WARN_RATE]
-    details = {"batches": len(feeds), "tensors": rows}
+    details = {"batches": count, "source": source, "tensors": rows}
     if not bad:
-        return Finding("calibration", "ok", f"{len(feeds)} calibration batch(es) cover the sample data: the worst tensor clips "
+        return Finding("calibration", "ok", f"the thresholds from {source} cover the sample data: the worst tensor clips "
                        f"{100 * (rows[0]['clipping_rate'] if rows else 0):.2f}% of its values", details=details)
     worst = ", ".join(f"{r['tensor']} clips {100 * r['clipping_rate']:.1f}% (covers {100 * r['coverage']:.0f}% of the range)" for r in bad[:4])
     return Finding("calibration", "warning", f"calibration data looks unrepresentative: {len(bad)} tensor(s) clip more than "
-                   f"{100 * CLIPPING_WARN_RATE:g}% of the sample values: {worst}",
+                   f"{100 * CLIPPING_WARN_RATE:g}% of the sample values at the int8 thresholds from {source}: {worst}",
                    "the calibration inputs do not span the values the model sees on the sample data, so INT8 saturates",
-                   "calibrate on more, and more varied, real inputs (a few hundred drawn like production data); keep the "
-                   "worst layers in higher precision", "KILN-E302", details)
+                   "calibrate on more, and more varied, real inputs (a few hundred drawn like production data), "
+                   "preprocessed exactly as at inference; keep the worst layers in higher precision (--layerPrecisions NAME:fp32)",
+                   "KILN-E302", details)
 
 
 def check_precision_fallback(engine, asked: list[str]) -> Finding:
@@ -473,7 +476,9 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
         return report
     graph = prepared_graph(converted)
     report.add(check_operators(graph))
-    report.add(check_dynamic(graph, config, shapes))
+    if shapes and not config.profiles:  # as in trtexec, shapes alone make one profile of exactly those shapes
+        config = dataclasses.replace(config, profiles=[{name: (shape, shape, shape) for name, shape in shapes.items()}])
+    report.add(check_dynamic(graph, config))
     from ..engine.bindings import Binding
 
     bindings = [Binding.of(graph.value(v.name)) for v in graph.inputs]
@@ -491,7 +496,7 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
                                "the fp16-range, memory and calibration checks need activations", "", error.code))
         if values:
             report.add(check_fp16_overflow(values, graph.initializers, config))
-        report.add(check_calibration(converted, config, calib, values) if values or not config.int8 else
+        report.add(check_calibration(converted, graph, config, calib, values) if values or not config.int8 else
                    Finding("calibration", "n/a", "no sample activations to check calibration against"))
         engine = None
         if not report.blocked:

@@ -29,8 +29,13 @@ def model_path(tmp_path_factory):
     return path
 
 
+def build(path):
+    """The engine of the dynamic-batch model, for batches 1 to 8."""
+    return kiln.build(str(path), kiln.BuilderConfig(profiles=[{"x": ((1, 256), (8, 256), (8, 256))}]))
+
+
 def test_statistics_profile_and_outputs(model_path):
-    engine = kiln.build(str(model_path))
+    engine = build(model_path)
     x = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
     result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=6, duration_s=0, profile=True, progress=False)
     assert result.iterations >= 6
@@ -50,12 +55,22 @@ def test_statistics_profile_and_outputs(model_path):
 
 
 def test_separate_profile_run_and_no_data_transfers(model_path):
-    engine = kiln.build(str(model_path))
+    engine = build(model_path)
     x = np.ones((2, 256), np.float32)
     result = benchmark(engine, {"x": x}, warmup_ms=0, iterations=3, duration_s=0, profile=True, separate_profile_run=True,
                        no_data_transfers=True, progress=False)
     assert result.profile_iterations == 3 and len(result.profile_compute_ms) == 3
     assert result.settings["separateProfileRun"] and result.outputs["y"].shape == (2, 128)
+
+
+def test_inputs_default_to_the_profiles_opt_shapes(model_path, tmp_path):
+    assert main(["bench", str(model_path), "--warmUp", "0", "--iterations", "2", "--duration", "0", "--minShapes", "x:1x256",
+                 "--optShapes", "x:5x256", "--maxShapes", "x:8x256", "--exportOutput", str(tmp_path / "o.json")]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())[0]["dimensions"] == "5x128"
+    engine = build(model_path)  # opt batch 8
+    from kiln.tools.bench import sample_feed
+
+    assert sample_feed(engine)["x"].shape == (8, 256) and sample_feed(engine, shapes={"x": (3, 256)})["x"].shape == (3, 256)
 
 
 def test_cli_exports(model_path, tmp_path, capsys):
@@ -77,14 +92,16 @@ def test_cli_exports(model_path, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, code", [(["--iterations", "0"], "KILN-E203"), (["--useCudaGraph"], "KILN-E203"),
-                                        (["--shapes", "x=3x256"], "KILN-E405"), (["--shapes", "x:3x255"], "KILN-E405")])
+                                        (["--shapes", "x=3x256"], "KILN-E405"), (["--shapes", "x:3x255"], "KILN-E203"),
+                                        ([], "KILN-E202")])
 def test_bad_options_are_clear_errors(model_path, capsys, argv, code):
-    assert main(["bench", str(model_path), "--warmUp", "0", "--duration", "0", *argv]) == 1
+    profile = [] if any(a.startswith("--shapes") for a in argv) or not argv else ["--shapes", "x:2x256"]
+    assert main(["bench", str(model_path), "--warmUp", "0", "--duration", "0", *profile, *argv]) == 1
     assert code in capsys.readouterr().err
 
 
 def test_progress_bar_runs_to_the_end(model_path, capsys):
-    engine = kiln.build(str(model_path))
+    engine = build(model_path)
     benchmark(engine, {"x": np.ones((1, 256), np.float32)}, warmup_ms=0, iterations=4, duration_s=0, progress=True)
     drawn = capsys.readouterr().err
     assert "kiln bench [" in drawn and "100/100" in drawn and "4 runs" in drawn

@@ -79,9 +79,12 @@ def test_opset_too_new_blocks(tmp_path):
 
 def test_dynamic_dims_without_profile_and_with_shapes(tmp_path):
     path = save(tmp_path, mlp(batch="batch"))
-    finding = by_check(doctor.diagnose(path, BuilderConfig()))["dynamic shapes"]
-    assert finding.status == "warning" and finding.code == "KILN-E202" and "--minShapes x:1x8" in finding.fix
-    assert by_check(doctor.diagnose(path, BuilderConfig(), shapes={"x": (4, 8)}))["dynamic shapes"].status == "ok"
+    report = doctor.diagnose(path, BuilderConfig())
+    finding = by_check(report)["dynamic shapes"]
+    assert finding.status == "error" and finding.code == "KILN-E202" and "--minShapes x:" in finding.fix and report.blocked
+    covered = doctor.diagnose(path, BuilderConfig(), shapes={"x": (4, 8)})
+    assert by_check(covered)["dynamic shapes"].status == "ok" and not covered.blocked
+    assert main(["doctor", path, "--shapes", "x:4x8"]) == 0
 
 
 def test_batch_mismatch_against_a_given_input(tmp_path, capsys):
@@ -112,13 +115,13 @@ def test_calibration_missing_unrepresentative_and_good(tmp_path):
     for i in range(3):
         np.savez(narrow / f"{i}.npz", x=rng.uniform(0, 0.05, (2, 8)).astype(np.float32))
         np.savez(wide / f"{i}.npz", x=(8 * rng.standard_normal((2, 8))).astype(np.float32))
-    bad = by_check(doctor.diagnose(path, BuilderConfig(int8=True), calib=str(narrow)))["calibration"]
+    bad = by_check(doctor.diagnose(path, BuilderConfig(int8=True, calibrator="minmax"), calib=str(narrow)))["calibration"]
     assert bad.status == "warning" and "unrepresentative" in bad.symptom
     rates = {row["tensor"]: row["clipping_rate"] for row in bad.details["tensors"]}
     w = onnx.numpy_helper.to_array(mlp().graph.initializer[0]).astype(np.float64)
     calibrated = np.concatenate([np.load(narrow / f"{i}.npz")["x"].astype(np.float64) @ w for i in range(3)])
     sample = np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32).astype(np.float64) @ w  # doctor's sample
-    expected = np.mean((sample < calibrated.min()) | (sample > calibrated.max()))
+    expected = np.mean(np.abs(sample) > np.abs(calibrated).max())  # minmax: the threshold is the largest |x| calibrated
     assert rates["h"] == pytest.approx(expected, abs=1 / sample.size) and rates["h"] > 0.01
     good = by_check(doctor.diagnose(path, BuilderConfig(int8=True), calib=str(wide)))["calibration"]
     assert good.status == "ok" and good.details["batches"] == 3
