@@ -79,3 +79,37 @@ def test_layerwise_capture_and_device_memory_peak():
         block = torch.ones(64 << 20, device="cuda")  # 256 MiB
         del block
     assert memory.peak_device_bytes >= 256 << 20 and "peak device memory" in memory.describe()
+
+
+def conv_model_path(tmp_path):
+    import onnx
+    from helpers import make_model
+    from onnx import helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("GlobalAveragePool", ["r"], ["y"], name="pool")]
+    weights = {"w": rng.standard_normal((16, 8, 3, 3)).astype(np.float32) / 8, "b": rng.standard_normal(16).astype(np.float32)}
+    path = tmp_path / "conv.onnx"
+    onnx.save(make_model(nodes, {"x": (np.float32, [2, 8, 32, 32])}, ["y"], weights), str(path))
+    return path
+
+
+def test_kiln_cuda_engine_through_bench_compare_and_doctor(tmp_path):
+    import kiln
+    from kiln.tools.bench import benchmark, sample_feed
+    from kiln.tools.compare import compare
+    from kiln.tools.doctor import diagnose
+
+    path = conv_model_path(tmp_path)
+    engine = kiln.build(str(path), kiln.BuilderConfig(device="cuda"))
+    feed = sample_feed(engine)
+    result, _, _ = compare(str(path), engine, feed, atol=1e-3, rtol=1e-3, layerwise=True)
+    assert result.passed and result.layers, result.to_json()
+    for graph in (False, True):
+        timed = benchmark(engine, feed, warmup_ms=0, iterations=10, duration_s=0, use_cuda_graph=graph, progress=False)
+        assert timed.settings["cudaGraph"] != "off" or not graph
+        np.testing.assert_allclose(timed.outputs["y"], engine.run(feed)["y"], rtol=1e-5, atol=1e-6)
+        assert timed.memory["peak_device_bytes"] > 0
+    report = diagnose(str(path), kiln.BuilderConfig(device="cuda"))
+    assert not report.blocked and report.memory["peak_device_bytes"] > 0, [f.symptom for f in report.findings if f.blocks]
