@@ -107,3 +107,39 @@ def randomized_light_model(model_name: str, seed: int = 0) -> onnx.ModelProto:
     model.graph.input.extend(inputs)
     model.ir_version = 8
     return model
+
+
+def build_for_data(case):
+    """An engine for an ONNX backend test case (.model, .data_sets), with a profile spanning the shapes its data
+    sets feed to its dynamic inputs."""
+    import kiln
+
+    config = kiln.BuilderConfig()
+    names = [i.name for i in case.model.graph.input]
+    ranges = {}
+    for inputs, _ in case.data_sets:
+        for name, value in zip(names, inputs):
+            if isinstance(value, np.ndarray):
+                low, high = ranges.get(name, (value.shape, value.shape))
+                ranges[name] = (tuple(map(min, low, value.shape)), tuple(map(max, high, value.shape)))
+    dynamic = [i.name for i in case.model.graph.input if i.type.HasField("tensor_type") and (
+        not i.type.tensor_type.HasField("shape") or any(not d.HasField("dim_value") for d in i.type.tensor_type.shape.dim))]
+    if any(name in ranges for name in dynamic):
+        config.add_profile({name: (ranges[name][0], ranges[name][1], ranges[name][1]) for name in dynamic if name in ranges})
+    return kiln.build(case.model, config)
+
+
+def onnx_node_cases(*modules: str) -> dict:
+    """ONNX's node test cases (name -> case with .model, .data_sets, .rtol, .atol) from the given modules of
+    onnx.backend.test.case.node only: importing a module generates its cases, and importing all of them
+    (collect_testcases) takes many seconds."""
+    import importlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in modules:
+            importlib.import_module(f"onnx.backend.test.case.node.{module}")
+        from onnx.backend.test.case.node import _NodeTestCases
+
+    return {case.name: case for case in _NodeTestCases}

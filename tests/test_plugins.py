@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +51,15 @@ def _split_scaled_model(domain_opset=1):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(DOMAIN, domain_opset)])
 
 
+def _build(model):
+    config = kiln.BuilderConfig()
+    config.add_profile({"x": ((1, 6), (4, 6), (8, 6))})
+    return kiln.build(model, config)
+
+
 def test_plugin_runs_and_its_infer_rule_types_what_follows():
     _register_split_scaled()
-    engine = kiln.build(_split_scaled_model())
+    engine = _build(_split_scaled_model())
     # ONNX cannot infer the custom node; the plugin's rule typed a/b and ONNX carried it on to y.
     assert str(engine.outputs[0]) == "y: float32[nx3]"
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
@@ -84,7 +91,7 @@ def test_plugin_inside_a_branch_is_recorded_and_runs():
 
 def test_engine_needs_the_same_plugin_version_to_load():
     _register_split_scaled("1.0")
-    blob = kiln.build(_split_scaled_model()).serialize()
+    blob = _build(_split_scaled_model()).serialize()
     unregister_plugin("SplitScaled", DOMAIN)
     with pytest.raises(kiln.KilnError) as caught:
         kiln.load(blob)
@@ -102,7 +109,7 @@ def test_engine_needs_the_same_plugin_version_to_load():
 def test_opset_range_is_enforced():
     _register_split_scaled(since=1, until=2)
     with pytest.raises(kiln.KilnError) as caught:
-        kiln.build(_split_scaled_model(domain_opset=3))
+        _build(_split_scaled_model(domain_opset=3))
     assert caught.value.code == "KILN-E101" and "covers opsets 1 to 2" in str(caught.value)
 
 
@@ -172,12 +179,18 @@ def _python(script: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_documented_mish_example_end_to_end(tmp_path):
+def test_documented_mish_example_end_to_end(tmp_path, monkeypatch, capsys):
     assert _doc_files(tmp_path) == ["mish_plugin.py", "build_mish.py", "run_mish.py", "mish_triton.py"]
     compile((tmp_path / "mish_triton.py").read_text(), "mish_triton.py", "exec")  # no triton here: syntax only
-    built = _python(open(tmp_path / "build_mish.py").read(), tmp_path)
-    assert built.returncode == 0, built.stderr
-    assert "y: float32[batchx4]" in built.stdout and (tmp_path / "mish.kiln").exists()
+    # Build here (the script registers the plugin in this process), load and run in fresh processes.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        runpy.run_path(str(tmp_path / "build_mish.py"), run_name="__main__")
+    finally:
+        unregister_plugin("Mish", "com.example")
+        sys.modules.pop("mish_plugin", None)
+    assert "y: float32[batchx4]" in capsys.readouterr().out and (tmp_path / "mish.kiln").exists()
     ran = _python(open(tmp_path / "run_mish.py").read(), tmp_path)  # a fresh process: load, run, compare
     assert ran.returncode == 0, ran.stderr
     difference = float(re.search(r"max abs difference to the reference: (\S+)", ran.stdout).group(1))

@@ -2,16 +2,13 @@
 engine files that keep their subgraphs; checked against onnxruntime and ONNX's own node test cases."""
 from __future__ import annotations
 
-import functools
-import warnings
-
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
 
 import kiln
-from helpers import assert_close, run_onnxruntime
+from helpers import assert_close, build_for_data, onnx_node_cases, run_onnxruntime
 
 F = TensorProto.FLOAT
 
@@ -21,9 +18,16 @@ def _model(nodes, inputs, outputs, opset=18):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _check(model, feed, tmp_path=None, rtol=1e-6, atol=1e-6):
+def _build(model, profile=None):
+    config = kiln.BuilderConfig()
+    if profile:
+        config.add_profile(profile)
+    return kiln.build(model, config)
+
+
+def _check(model, feed, tmp_path=None, rtol=1e-6, atol=1e-6, profile=None):
     """kiln's outputs equal onnxruntime's; with tmp_path, also after a save/load round trip."""
-    engine = kiln.build(model)
+    engine = _build(model, profile)
     expected = run_onnxruntime(model, feed)
     engines = [engine]
     if tmp_path is not None:
@@ -89,6 +93,9 @@ def test_branches_read_outer_values_that_optimizations_rewrite():
         _check(model, {"x": x, "flag": np.array(flag)}, rtol=1e-5, atol=1e-5)
 
 
+ROWS = {"rows0": ((1, 4), (1, 4), (4, 4))}  # the initial rows: 1 to 4 of them
+
+
 def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
     # Each iteration appends a row to the carried `rows` (its shape changes every time), reads `step` from
     # the outer graph, stops by its own condition once the running sum passes `limit`, and emits a scan output.
@@ -117,8 +124,8 @@ def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
     for trips, limit in ((6, 1e9), (50, 12.0), (0, 1e9)):  # by trip count, by condition, no iteration at all
         feed = {"trip_count": np.array(trips, np.int64), "total0": np.zeros(4, np.float32),
                 "rows0": np.zeros((1, 4), np.float32), "step": step, "limit": np.array(limit, np.float32)}
-        _check(model, feed, tmp_path if trips == 6 else None)
-    engine = kiln.build(model)
+        _check(model, feed, tmp_path if trips == 6 else None, profile=ROWS)
+    engine = _build(model, ROWS)
     assert engine.run({**feed, "trip_count": np.array(0, np.int64)})["totals"].shape == (0, 4)
 
 
@@ -169,7 +176,7 @@ def test_scan_with_axes_directions_and_outer_values(tmp_path):
 
 def test_a_body_failing_on_the_users_data_is_a_kiln_error():
     # The body adds the outer `offset` to a width-2 running sum: an offset of width 3 fails inside the body.
-    engine = kiln.build(_scan_model(offset_shape=("width",)))
+    engine = _build(_scan_model(offset_shape=("width",)), {"offset": ((1,), (2,), (4,))})
     with pytest.raises(kiln.KilnError) as caught:
         engine.run({"init": np.zeros(2, np.float32), "x": np.zeros((2, 5), np.float32), "offset": np.zeros(3, np.float32)})
     assert caught.value.code == "KILN-E407" and "Scan" in str(caught.value)
@@ -183,17 +190,8 @@ NODE_CASES = ["test_if", "test_if_seq", "test_if_opt", "test_loop11", "test_loop
               "test_range_bfloat16_type_positive_delta_expanded"]  # 0-d bfloat16 inputs
 
 
-@functools.lru_cache(maxsize=None)
-def _all_node_cases() -> dict:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from onnx.backend.test.case.node import collect_testcases
-
-        return {case.name: case for case in collect_testcases()}
-
-
 def node_case(name: str):
-    return _all_node_cases()[name]
+    return onnx_node_cases("if_", "loop", "scan", "rangeop")[name]
 
 
 def assert_matches(got, expected, rtol: float, atol: float, what: str) -> None:
@@ -209,7 +207,7 @@ def assert_matches(got, expected, rtol: float, atol: float, what: str) -> None:
 
 def run_node_case(name: str) -> None:
     case = node_case(name)
-    engine = kiln.build(case.model)
+    engine = build_for_data(case)
     names = [i.name for i in case.model.graph.input]
     for inputs, outputs in case.data_sets:
         got = engine.run(dict(zip(names, inputs)))
