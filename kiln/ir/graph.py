@@ -1,7 +1,8 @@
 """kiln's IR: a topologically ordered list of nodes over named, typed values, plus weights.
 
 A Value is a name with a dtype and a shape whose dims are ints, symbol names ("batch") or None
-(unknown). A Node is immutable; `node.replace(**changes)` returns a new one. A Graph owns its
+(unknown), and a kind: a tensor, or a sequence or optional of tensors (dtype and shape then describe the
+tensors inside). A Node is immutable; `node.replace(**changes)` returns a new one. A Graph owns its
 nodes, its input and output bindings, the types of every value it knows, and its weights
 (numpy arrays). Attributes are plain Python values; a subgraph attribute (If, Loop, Scan) is a Graph.
 """
