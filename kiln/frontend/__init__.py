@@ -38,12 +38,12 @@ def model_kind(model) -> str:
 def parse_with_profiles(model, config=None, **options):
     """(graph, profiles the model itself declares): a torch module's torch.export.Dim ranges make one profile, so
     `kiln.build(module, example_inputs=..., dynamic_shapes=...)` needs no separate add_profile. Other formats
-    declare none ([]); the builder uses the config's profiles when it has any."""
+    declare none ([]), and none is derived when the config has profiles of its own, since those take precedence."""
     if model_kind(model) == "entry_point":
         model, returned = load_entry_point(model)
         options = {**returned, **options}
     graph = parse_any(model, config, **options)
-    if model_kind(model) != "torch" or not options.get("dynamic_shapes"):
+    if model_kind(model) != "torch" or not options.get("dynamic_shapes") or (config is not None and config.profiles):
         return graph, []
     from .torch import declared_profile
 

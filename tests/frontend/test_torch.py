@@ -102,6 +102,23 @@ def test_dynamic_batch_runs_at_several_batch_sizes_with_the_dims_name(monkeypatc
         out = engine.run({"features": features})["probabilities"]
         assert out.shape == (size, 3)
         assert_close(out, _expected(model, torch.from_numpy(features)).numpy(), rtol=1e-4, atol=1e-6, what=f"batch {size}")
+    # The Dim's range is the engine's profile, tuned for the example's batch of 4: no add_profile was needed.
+    assert [p.shapes for p in engine.profiles] == [{"features": ((1, 12), (4, 12), (64, 12))}]
+    with pytest.raises(kiln.BindingError) as caught:
+        engine.run({"features": np.zeros((65, 12), np.float32)})
+    assert caught.value.code == "KILN-E406"
+
+
+def test_a_dim_without_max_asks_for_a_bound_unless_the_config_has_a_profile():
+    model = torch.nn.Linear(6, 2)
+    unbounded = ({0: torch.export.Dim("rows")},)
+    with pytest.raises(BuildError) as caught:
+        kiln.build(model, example_inputs=(torch.randn(3, 6),), dynamic_shapes=unbounded)
+    assert caught.value.code == "KILN-E202" and "'rows'" in caught.value.message and "max=" in caught.value.hint
+    config = kiln.BuilderConfig()
+    config.add_profile({"input": ((1, 6), (2, 6), (8, 6))})  # the user's own profile takes precedence
+    engine = kiln.build(model, config, example_inputs=(torch.randn(3, 6),), dynamic_shapes=unbounded)
+    assert engine.inputs[0].shape == ("rows", 6) and engine.profiles[0].shapes["input"][2] == (8, 6)
 
 
 class TwoHeads(torch.nn.Module):
