@@ -129,12 +129,18 @@ class _Runner:
         # kiln's CUDA programs replay their own whole-engine graph unless built with --noCudaGraph;
         # --useCudaGraph turns that on, and programs without one are captured here.
         owns_graphs = hasattr(self.program, "use_cuda_graph")
+        self._engine_graph_setting = getattr(self.program, "use_cuda_graph", None)
         if use_cuda_graph and owns_graphs:
             self.program.use_cuda_graph = True
         elif use_cuda_graph:
             self._capture()
         self.cuda_graph = ("the engine's own" if owns_graphs and self.program.use_cuda_graph else
                            "captured by bench" if self.graph is not None else "off") if self.cuda else "n/a"
+
+    def close(self) -> None:
+        """Leave the engine as it was built (its own CUDA graph setting)."""
+        if self._engine_graph_setting is not None:
+            self.program.use_cuda_graph = self._engine_graph_setting
 
     def _sync(self) -> None:
         if self.cuda:
@@ -228,6 +234,7 @@ def benchmark(engine, feed: dict, *, warmup_ms: float = 200.0, iterations: int =
     own_monitor = monitor._thread is None
     if own_monitor:
         monitor.__enter__()
+    runner = None
     try:
         runner = _Runner(engine, feed, no_data_transfers, use_cuda_graph)
         steps = list(getattr(runner.program, "steps", []))
@@ -268,6 +275,8 @@ def benchmark(engine, feed: dict, *, warmup_ms: float = 200.0, iterations: int =
             for _ in range(iterations):
                 profile_compute.append(runner.once(on_step, start_layer)[1])
     finally:
+        if runner is not None:
+            runner.close()
         if own_monitor:
             monitor.__exit__(None, None, None)
 
