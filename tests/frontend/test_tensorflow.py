@@ -45,13 +45,23 @@ def keras_model():
     return _keras_cnn()
 
 
+# Keras leaves the batch dimension open, so an engine needs a profile for it (as TensorRT does), in Python or as flags.
+PROFILE_FLAGS = ["--minShapes", "image:1x12x12x3", "--optShapes", "image:4x12x12x3", "--maxShapes", "image:8x12x12x3"]
+
+
+def _config(input_name: str = "image"):
+    config = kiln.BuilderConfig()
+    config.add_profile({input_name: ((1, 12, 12, 3), (4, 12, 12, 3), (8, 12, 12, 3))})
+    return config
+
+
 def _images(batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((batch, 12, 12, 3)).astype(np.float32)
 
 
 @needs_extra
 def test_keras_model_matches_keras_at_several_batch_sizes(keras_model):
-    engine = kiln.build(keras_model)
+    engine = kiln.build(keras_model, _config())
     assert [b.name for b in engine.inputs] == ["image"] and engine.inputs[0].shape == ("batch", 12, 12, 3)
     assert [b.name for b in engine.outputs] == ["logits"]
     for batch in (1, 4):
@@ -70,7 +80,7 @@ def test_keras_file_and_saved_model_build_from_the_command_line(keras_model, tmp
     expected = keras_model(images, training=False).numpy()
     for source, engine_file, output in ((keras_file, tmp_path / "cnn.kiln", "logits"),
                                         (saved_model, tmp_path / "cnn_saved_model.kiln", "output_0")):
-        assert main(["build", str(source)]) == 0, capsys.readouterr().err
+        assert main(["build", str(source), *PROFILE_FLAGS]) == 0, capsys.readouterr().err
         assert "image: float32[batchx12x12x3]" in capsys.readouterr().out
         out = kiln.load(str(engine_file)).run({"image": images})
         assert_close(out[output], expected, rtol=1e-4, atol=1e-5, what=str(source))
@@ -78,8 +88,11 @@ def test_keras_file_and_saved_model_build_from_the_command_line(keras_model, tmp
 
 @needs_extra
 def test_user_names_and_a_damaged_saved_model(keras_model, tmp_path):
-    engine = kiln.build(keras_model, input_names=["pixels"], output_names=["scores"])
+    engine = kiln.build(keras_model, _config("pixels"), input_names=["pixels"], output_names=["scores"])
     assert [b.name for b in engine.inputs] == ["pixels"] and [b.name for b in engine.outputs] == ["scores"]
+    with pytest.raises(kiln.BuildError) as caught:
+        kiln.build(keras_model)  # the open batch dimension needs a profile
+    assert caught.value.code == "KILN-E202" and "--minShapes image:1x12x12x3" in caught.value.hint
     with pytest.raises(kiln.BuildError, match="example_inputs"):
         kiln.build(keras_model, example_inputs=(np.zeros((1, 12, 12, 3), np.float32),))
     damaged = tmp_path / "damaged"
