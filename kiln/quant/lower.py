@@ -106,7 +106,14 @@ def _ranges(graph: Graph, config, wanted: list[str]) -> tuple[str, dict[str, dic
         raise PrecisionError("--int8 needs calibration data (or a calibration cache), and the model has no QDQ nodes",
                              code="KILN-E302", hint="give --calib DIR (a directory of .npz feeds, 100-500 real inputs), "
                                                     "or --calibCache FILE written by an earlier build")
-    histograms, count = collect(graph, config.calib, wanted, limit=config.calib_batches)
+    inputs = [v.name for v in graph.inputs if graph.value(v.name).dtype is not None and graph.value(v.name).dtype.is_float]
+    histograms, count = collect(graph, config.calib, sorted(set(wanted) | set(inputs)), limit=config.calib_batches)
+    constant = [name for name in inputs if histograms[name].total and histograms[name].low == histograms[name].high]
+    if constant:
+        raise PrecisionError(f"the calibration data is unusable: input {constant[0]!r} holds the single value "
+                             f"{histograms[constant[0]].low:g} in all {count} feed(s), so no layer sees a real range",
+                             code="KILN-E302", hint="calibrate on real inputs, preprocessed exactly as at inference")
+    histograms = {name: histograms[name] for name in wanted}
     tensors = {}
     for name, histogram in histograms.items():
         tensors[name] = {"amax": calibrators.amax(histogram, config.calibrator), "observed": histogram.amax,
