@@ -43,7 +43,7 @@ def _weights_to_bytes(arrays: dict[str, np.ndarray]) -> tuple[bytes, dict[str, s
         if dtype in _RAW_DTYPES:
             raw[key] = dtype.name
             array = np.ascontiguousarray(array).view(np.uint8)
-        tensors[key] = numpy_to_torch(np.ascontiguousarray(array))
+        tensors[key] = numpy_to_torch(np.ascontiguousarray(array).reshape(array.shape))  # ascontiguousarray makes 0-d 1-d
     return safetensors.torch.save(tensors), raw
 
 

@@ -136,12 +136,13 @@ def resolve_profiles(inputs: list, profiles: list, use_model_shapes: bool = Fals
     declared = {value.name: value.shape for value in inputs if getattr(value, "kind", "tensor") == "tensor"}
     dynamic = [name for name, shape in declared.items() if _dynamic(shape)]
     profiles = [as_profile(p) for p in profiles]
+    given = bool(profiles)
     if not profiles:
         if not dynamic:
             return []
         profiles = [Profile()]
     for index, profile in enumerate(profiles):
-        where = f"profile {index}" if len(profiles) > 1 else "the profile"
+        where = f"profile {index}" if len(profiles) > 1 else "the profile" if given else ""
         unknown = [name for name in profile.shapes if name not in declared]
         if unknown:
             raise BuildError(f"{where} names {', '.join(repr(n) for n in unknown)}, which the model has no tensor input "
@@ -192,7 +193,7 @@ def _symbol_ranges(profile: Profile, declared: dict, where: str) -> dict[str, tu
 
 def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes: bool, where: str) -> None:
     if shape is None:
-        raise BuildError(f"input {name!r} has no declared rank, so {where} must give its shapes", code="KILN-E202",
+        raise BuildError(f"input {name!r} has no declared rank, so {where or 'a profile'} must give its shapes", code="KILN-E202",
                          where=name, hint=f"add --minShapes {name}:... --optShapes {name}:... --maxShapes {name}:... "
                                           "(one size per dimension)")
     missing = [(axis, dim) for axis, dim in enumerate(shape) if not isinstance(dim, int) and dim not in sizes]
@@ -201,7 +202,8 @@ def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes:
         if use_model_shapes:
             message = f"input {name!r} ({_declared_text(shape)}) has dimensions the model gives no size: {dims}"
         else:
-            message = f"input {name!r} ({_declared_text(shape)}) is dynamic and {where} gives no shapes for it"
+            message = (f"input {name!r} ({_declared_text(shape)}) is dynamic and " +
+                       (f"{where} gives no shapes for it" if where else "has no optimization profile"))
         example = lambda size: f"{name}:" + "x".join(str(d) if isinstance(d, int) else size(d) for d in shape)  # noqa: E731
         raise BuildError(message, code="KILN-E202", where=dims,
                          hint=f"add {'--minShapes ' + example(lambda d: '1')} {'--optShapes ' + example(_placeholder)} "
