@@ -105,6 +105,7 @@ def _constants(graph: Graph, flow_dtype) -> tuple[dict, dict]:
 
 def _example_feed(graph: Graph, profiles: list, flow_dtype) -> dict:
     """Fixed-seed random inputs at the shapes the engine is tuned for (a profile's opt shapes, else symbols as 1)."""
+    import numpy as np
     import torch
 
     from ...engine.bindings import Binding
@@ -118,6 +119,10 @@ def _example_feed(graph: Graph, profiles: list, flow_dtype) -> dict:
                 shapes[name] = tuple(entry["opt"])
         break
     feed = random_feed(bindings, seed=0, shapes=shapes)
+    rng = np.random.default_rng(0)
+    for name, array in feed.items():
+        if array.dtype.kind in "iu":  # 0 or 1: in range for every index table, and a valid attention mask
+            feed[name] = rng.integers(0, 2, size=array.shape).astype(array.dtype)
     device_feed = {}
     for name, array in feed.items():
         tensor = torch.from_numpy(array).to("cuda")
