@@ -80,9 +80,8 @@ def pow_(x, y):
 @register("Mod", since=10)
 @widen_unsigned
 def mod(a, b, *, fmod=0):
-    if fmod or a.is_floating_point():
-        return torch.fmod(a, b)
-    return torch.remainder(a, b)
+    # fmod=0 takes the divisor's sign (Python's %), for floats too, as ONNX's reference does.
+    return torch.fmod(a, b) if fmod else torch.remainder(a, b)
 
 
 @register("Identity", since=1)
@@ -137,6 +136,8 @@ def gelu(x, *, approximate="none"):
 
 @register("PRelu", since=9)
 def prelu(x, slope):
+    if slope.dim() == 1 and x.dim() > 2 and slope.shape[0] == x.shape[1] != x.shape[-1]:
+        slope = slope.reshape((-1,) + (1,) * (x.dim() - 2))  # per-channel slope, as opset < 7 exporters wrote it
     return torch.where(x >= 0, x, x * slope)
 
 

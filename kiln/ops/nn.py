@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +70,10 @@ def conv_transpose(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, 
         begin, end = [], []
         for i in range(rank):
             total = strides[i] * (spatial[i] - 1) + output_padding[i] + ((kernel_shape[i] - 1) * dilations[i] + 1) - target[i]
-            total = max(total, 0)
+            if total < 0:  # output_shape asks for more than the kernel covers: zeros added at the end
+                begin.append(0)
+                end.append(total)
+                continue
             if auto_pad == "SAME_UPPER" or (output_shape is not None and auto_pad != "SAME_LOWER"):
                 begin.append(total // 2)
                 end.append(total - total // 2)
@@ -81,10 +85,7 @@ def conv_transpose(x, w, b=None, *, auto_pad="NOTSET", dilations=None, group=1, 
         full = list(pads) if pads else [0] * (2 * rank)
     fn = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[rank]
     y = fn(x, w, b, strides, 0, output_padding, group, dilations)
-    index = [slice(None), slice(None)]
-    for i in range(rank):
-        index.append(slice(full[i], y.shape[2 + i] - full[rank + i]))
-    return y[tuple(index)]
+    return F.pad(y, _torch_pad([-p for p in full]))  # negative pads crop, positive ones add zeros
 
 
 def _pool_output_pads(spatial, kernel, strides, dilations, pads, ceil_mode):
@@ -104,7 +105,7 @@ def _pool_output_pads(spatial, kernel, strides, dilations, pads, ceil_mode):
 
 @register("MaxPool", since=12)
 def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape, pads=None, storage_order=0,
-             strides=None):
+             strides=None, _num_outputs=1):
     rank = x.dim() - 2
     strides, dilations, kernel_shape = _defaults(x, kernel_shape, strides, dilations)
     full = resolve_pads(auto_pad, list(x.shape[2:]), kernel_shape, strides, dilations, pads)
@@ -114,8 +115,23 @@ def max_pool(x, *, auto_pad="NOTSET", ceil_mode=0, dilations=None, kernel_shape,
     source = x if x.is_floating_point() else x.to(torch.float64)
     padded = F.pad(source, _torch_pad(full), value=fill)
     fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[rank]
-    y = fn(padded, kernel_shape, strides, 0, dilations)
-    return y.to(x.dtype)
+    if _num_outputs == 1:
+        return fn(padded, kernel_shape, strides, 0, dilations).to(x.dtype)
+    y, where = fn(padded, kernel_shape, strides, 0, dilations, return_indices=True)
+    # torch indexes the padded plane; ONNX indexes the unpadded tensor, batch and channel included.
+    plane = list(padded.shape[2:])
+    coordinates = []
+    for size in reversed(plane):
+        coordinates.insert(0, where % size)
+        where = where // size
+    coordinates = [c - full[i] for i, c in enumerate(coordinates)]
+    spatial = list(x.shape[2:])
+    order = list(range(rank)) if not storage_order else list(reversed(range(rank)))
+    flat = torch.zeros_like(coordinates[0])
+    for axis in order:
+        flat = flat * spatial[axis] + coordinates[axis]
+    channel = torch.arange(x.shape[0] * x.shape[1]).reshape(x.shape[0], x.shape[1], *([1] * rank))
+    return y.to(x.dtype), flat + channel * int(np.prod(spatial))
 
 
 @register("AveragePool", since=19)
@@ -157,8 +173,15 @@ def global_max_pool(x):
 
 
 @register("BatchNormalization", since=15)
-def batch_normalization(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0):
+def batch_normalization(x, scale, bias, mean, var, *, epsilon=1e-5, momentum=0.9, training_mode=0, _num_outputs=1):
     shape = (1, -1) + (1,) * (x.dim() - 2)
+    if training_mode:  # normalize with the batch's statistics; also return the updated running ones
+        dims = [0] + list(range(2, x.dim()))
+        batch_mean, batch_var = x.mean(dim=dims), x.var(dim=dims, unbiased=False)
+        y = (x - batch_mean.reshape(shape)) / torch.sqrt(batch_var.reshape(shape) + epsilon) * scale.reshape(shape)
+        y = y + bias.reshape(shape)
+        running = (mean * momentum + batch_mean * (1 - momentum), var * momentum + batch_var * (1 - momentum))
+        return (y,) + running[: _num_outputs - 1] if _num_outputs > 1 else y
     inv = scale.reshape(shape) / torch.sqrt(var.reshape(shape).to(x.dtype) + epsilon)
     return (x - mean.reshape(shape).to(x.dtype)) * inv + bias.reshape(shape)
 

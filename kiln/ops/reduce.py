@@ -1,6 +1,8 @@
 """Reductions and index-returning reductions: ReduceSum/Mean/Max/..., ArgMax/ArgMin, TopK."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .registry import register
@@ -38,8 +40,8 @@ def _reduction(fn):
 _REDUCTIONS = {
     "ReduceSum": (lambda x, d: torch.sum(x, dim=d) if d else x, 13),
     "ReduceMean": (lambda x, d: torch.mean(x, dim=d) if d else x, 18),
-    "ReduceMax": (lambda x, d: torch.amax(x, dim=d) if d else x, 18),
-    "ReduceMin": (lambda x, d: torch.amin(x, dim=d) if d else x, 18),
+    "ReduceMax": (lambda x, d: _extreme(x, d, torch.amax, -1), 18),
+    "ReduceMin": (lambda x, d: _extreme(x, d, torch.amin, 1), 18),
     "ReduceProd": (lambda x, d: _prod(x, d), 18),
     "ReduceL1": (lambda x, d: torch.sum(torch.abs(x), dim=d) if d else torch.abs(x), 18),
     "ReduceL2": (lambda x, d: torch.sqrt(torch.sum(x * x, dim=d)) if d else torch.abs(x), 18),
@@ -47,6 +49,22 @@ _REDUCTIONS = {
     "ReduceLogSum": (lambda x, d: torch.log(torch.sum(x, dim=d)) if d else torch.log(x), 18),
     "ReduceLogSumExp": (lambda x, d: torch.logsumexp(x, dim=d) if d else x, 18),
 }
+
+
+def _extreme(x, dims, fn, sign):
+    """Max/min; over an empty set ONNX gives the identity (-inf for max, +inf for min; the type's limit for ints)."""
+    if not dims:
+        return x
+    if any(x.shape[d] == 0 for d in dims):
+        shape = [s for i, s in enumerate(x.shape) if i not in dims]
+        if x.dtype == torch.bool:
+            return torch.full(shape, sign > 0, dtype=torch.bool)
+        limit = (torch.finfo if x.is_floating_point() else torch.iinfo)(x.dtype)
+        value = (math.inf * sign) if x.is_floating_point() else (limit.max if sign > 0 else limit.min)
+        return torch.full(shape, value, dtype=x.dtype)
+    if x.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return fn(x.to(torch.int64), dim=dims).to(x.dtype)
+    return fn(x, dim=dims)
 
 
 def _prod(x, dims):
@@ -78,8 +96,11 @@ register("ArgMin", since=13)(_arg(torch.argmin))
 
 @register("TopK", since=11)
 def top_k(x, k, *, axis=-1, largest=1, sorted=1):  # noqa: A002 (ONNX's name)
-    values, indices = torch.topk(x, int(k.reshape(-1)[0]), dim=axis, largest=bool(largest), sorted=True)
-    return values, indices.to(torch.int64)
+    # A stable sort keeps equal values in index order, as ONNX requires (torch.topk does not promise it).
+    count = int(k.reshape(-1)[0])
+    source = x.to(torch.int64) if x.dtype in (torch.uint16, torch.uint32, torch.uint64) else x
+    values, indices = torch.sort(source, dim=axis, descending=bool(largest), stable=True)
+    return values.narrow(axis, 0, count).to(x.dtype), indices.narrow(axis, 0, count).to(torch.int64)
 
 
 @register("CumSum", since=14)

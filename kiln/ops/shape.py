@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..ir.dtypes import DType, to_torch
+from ..ir.dtypes import CARRIED, DType, to_torch
 from ..tensors import numpy_to_torch
 from .registry import register
 
@@ -181,14 +181,62 @@ def constant(*, value=None, value_float=None, value_floats=None, value_int=None,
 
 @register("Cast", since=13)
 def cast(x, *, to, saturate=1, round_mode="up"):
-    target = to_torch(DType.from_onnx(to))
+    dtype = DType.from_onnx(to)
+    if dtype in CARRIED or dtype in _FLOAT8:
+        return _cast_through_numpy(x, dtype, saturate, round_mode)
+    target = to_torch(dtype)
     if x.is_floating_point() and not target.is_floating_point and target != torch.bool:
         x = torch.trunc(x)
     return x.to(target)
 
 
+_FLOAT8 = (DType.float8e4m3fn, DType.float8e4m3fnuz, DType.float8e5m2, DType.float8e5m2fnuz)
+
+
+def _cast_through_numpy(x, dtype: DType, saturate, round_mode):
+    """Casts into float8 and the carried types (int4, float4, ...) with ml_dtypes' rounding, as ONNX's reference casts.
+
+    saturate=1 clamps out-of-range values (infinities included) to the type's largest finite value first.
+    """
+    import ml_dtypes
+
+    from ..ir.dtypes import to_numpy
+    from ..tensors import numpy_to_torch
+
+    target = to_numpy(dtype)
+    source = x.to(torch.float32) if x.is_floating_point() and x.dtype != torch.float64 else x
+    array = source.numpy()
+    if dtype == DType.float8e8m0:
+        return numpy_to_torch(_to_e8m0(array.astype(np.float32), saturate, round_mode))
+    if saturate and dtype in _FLOAT8 + (DType.float4e2m1,) and array.dtype.kind == "f":
+        largest = float(ml_dtypes.finfo(target).max)
+        array = np.where(np.isnan(array), array, np.clip(array, -largest, largest))
+    return numpy_to_torch(array.astype(target))
+
+
+def _to_e8m0(array, saturate, round_mode):
+    """float32 to float8 e8m0 (a bare exponent): ONNX rounds the mantissa up, down or to nearest."""
+    import ml_dtypes
+
+    bits = array.view(np.uint32)
+    exponent = ((bits >> 23) & 0xFF).astype(np.uint32)
+    mantissa = bits & 0x7FFFFF
+    if round_mode == "up":
+        exponent = exponent + ((mantissa > 0) & (exponent < 254))
+    elif round_mode == "nearest":
+        exponent = exponent + (((mantissa >> 22) & 1).astype(bool) & (exponent < 254))
+    special = np.isnan(array) | (np.isinf(array) & (not saturate))
+    exponent = np.where(np.isinf(array) & bool(saturate), 254, exponent)
+    exponent = np.where(special, 255, exponent)
+    return exponent.astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
+
+
 @register("CastLike", since=15)
 def cast_like(x, like, *, saturate=1, round_mode="up"):
+    if like.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz):
+        from ..ir.dtypes import from_torch
+
+        return _cast_through_numpy(x, from_torch(like.dtype), saturate, round_mode)
     return x.to(like.dtype)
 
 
