@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir.dtypes import DType, from_numpy, from_torch, to_numpy, to_torch
+from .ir.dtypes import CARRIED, DType, from_numpy, from_torch, to_numpy, to_torch
 
 _BIT_VIEWS = {DType.bfloat16: np.uint16, DType.float8e4m3fn: np.uint8, DType.float8e5m2: np.uint8,
               DType.float8e4m3fnuz: np.uint8, DType.float8e5m2fnuz: np.uint8}
@@ -18,8 +18,8 @@ def numpy_to_torch(array: np.ndarray):
     if dtype in _BIT_VIEWS:
         bits = np.ascontiguousarray(array).reshape(array.shape).view(_BIT_VIEWS[dtype])  # ascontiguousarray makes 0-d 1-d
         return torch.from_numpy(bits.copy()).view(to_torch(dtype))
-    if dtype in (DType.int4, DType.uint4, DType.float4e2m1):
-        raise TypeError(f"{dtype.name} tensors have no torch type")
+    if dtype in CARRIED:  # no torch type: carried in a wider one that holds every value exactly
+        return torch.from_numpy(np.asarray(array).astype(CARRIED[dtype]))
     return torch.from_numpy(np.array(array, copy=True))
 
 
@@ -33,3 +33,8 @@ def tensor_to_numpy(tensor) -> np.ndarray:
         bits = tensor.contiguous().view(torch.uint16 if dtype == DType.bfloat16 else torch.uint8).numpy()
         return bits.view(to_numpy(dtype))
     return tensor.numpy()
+
+
+def restore_carried(array: np.ndarray, dtype: DType) -> np.ndarray:
+    """An output computed in a carrier type (int4 in int8, ...) as an array of its real element type."""
+    return array.astype(to_numpy(dtype)) if dtype in CARRIED and isinstance(array, np.ndarray) else array

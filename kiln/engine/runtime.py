@@ -67,7 +67,11 @@ class Engine:
         self.active_profile = check_profiles(tensors, self.profiles, profile)
         with torch.inference_mode():
             results = self.program.execute(tensors)
-        return {name: _deliver(value, uses_torch, name in self.plan.graph.initializers or name in tensors)
+        from ..tensors import restore_carried
+
+        dtypes = {b.name: b.dtype for b in self.outputs}
+        return {name: restore_carried(_deliver(value, uses_torch, name in self.plan.graph.initializers or name in tensors),
+                                      dtypes.get(name))
                 for name, value in results.items()}
 
     # -- files ---------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ class DType(enum.Enum):
     uint4 = 21
     int4 = 22
     float4e2m1 = 23
+    float8e8m0 = 24
+    uint2 = 25
+    int2 = 26
 
     @property
     def is_float(self) -> bool:
@@ -41,7 +44,7 @@ class DType(enum.Enum):
 
     @property
     def itemsize(self) -> int:
-        return 1 if self in (DType.uint4, DType.int4, DType.float4e2m1) else to_numpy(self).itemsize
+        return 1 if self in (DType.uint4, DType.int4, DType.float4e2m1, DType.uint2, DType.int2) else to_numpy(self).itemsize
 
     @staticmethod
     def from_onnx(elem_type: int) -> "DType":
@@ -64,7 +67,12 @@ FLOATS = frozenset({DType.float32, DType.float16, DType.bfloat16, DType.float64,
 BINDABLE = frozenset({DType.float32, DType.float16, DType.bfloat16, DType.float64, DType.int8, DType.uint8,
                       DType.int16, DType.int32, DType.int64, DType.bool,
                       DType.uint16, DType.float8e4m3fn, DType.float8e5m2,  # quantized models' int16/fp8 tensors
-                      DType.uint32, DType.uint64, DType.float8e4m3fnuz, DType.float8e5m2fnuz})  # ONNX's test cases
+                      DType.uint32, DType.uint64, DType.float8e4m3fnuz, DType.float8e5m2fnuz,  # ONNX's test cases
+                      DType.int4, DType.uint4, DType.int2, DType.uint2, DType.float4e2m1, DType.float8e8m0})
+# Element types torch has no tensor type for travel in a wider torch type that holds each of their values exactly;
+# Cast converts into them with ml_dtypes' rounding and wrapping, and engines hand outputs back in the real type.
+CARRIED = {DType.int4: "int8", DType.int2: "int8", DType.uint4: "uint8", DType.uint2: "uint8",
+           DType.float4e2m1: "float32", DType.float8e8m0: "float32"}
 
 
 def to_numpy(dtype: DType) -> np.dtype:
@@ -75,6 +83,7 @@ def to_numpy(dtype: DType) -> np.dtype:
         DType.float8e4m3fnuz: ml_dtypes.float8_e4m3fnuz, DType.float8e5m2: ml_dtypes.float8_e5m2,
         DType.float8e5m2fnuz: ml_dtypes.float8_e5m2fnuz, DType.uint4: ml_dtypes.uint4, DType.int4: ml_dtypes.int4,
         DType.float4e2m1: ml_dtypes.float4_e2m1fn, DType.string: np.object_,
+        DType.float8e8m0: ml_dtypes.float8_e8m0fnu, DType.uint2: ml_dtypes.uint2, DType.int2: ml_dtypes.int2,
     }
     if dtype in special:
         return np.dtype(special[dtype])
@@ -110,6 +119,8 @@ def to_torch(dtype: DType):
         DType.float8e4m3fn: torch.float8_e4m3fn, DType.float8e5m2: torch.float8_e5m2,
         DType.float8e4m3fnuz: torch.float8_e4m3fnuz, DType.float8e5m2fnuz: torch.float8_e5m2fnuz,
     }
+    if dtype in CARRIED:
+        return getattr(torch, CARRIED[dtype])
     if dtype not in table:
         raise ParseError(f"dtype {dtype.name} has no torch tensor type", code="KILN-E101")
     return table[dtype]
