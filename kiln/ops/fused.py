@@ -25,6 +25,13 @@ kiln::Gelu(X) -> Y
     Y = 0.5 * X * (1 + erf(X / sqrt(2))); attribute `approximate` ("none" or "tanh") as ONNX
     Gelu-20. Lets models below opset 20 name GELU as one op.
 
+kiln::Elementwise(X, A1, A2, ...) -> Y
+    A chain of elementwise ops applied in order to a running value that starts as X. Attributes:
+    `ops` (list of ONNX op names: unary Relu, Sigmoid, Tanh, Erf, Exp, Log, Sqrt, Neg, Abs,
+    Reciprocal, Floor, Ceil; binary Add, Sub, Mul, Div, Pow) and `operands` (list of ints, one per
+    op: 0 for a unary op; k > 0 for op(value, input k); -k for op(input k, value)). Numpy
+    broadcasting as in ONNX. One kernel instead of one pass over memory per op.
+
 Activations (the `activation` attribute, with `activation_params`):
     "relu"; "leaky_relu" [alpha]; "clip" [min, max]; "sigmoid"; "tanh"; "gelu" (erf form);
     "gelu_tanh"; "silu" (x * sigmoid(x), also ONNX Swish with alpha 1); "hardswish".
@@ -106,3 +113,26 @@ def gelu(x, *, approximate="none"):
 
     return F.gelu(x, approximate="tanh" if approximate == "tanh" else "none")
 
+
+
+UNARY = {"Relu": "relu", "Sigmoid": "sigmoid", "Tanh": "tanh", "Erf": "erf", "Exp": "exp", "Log": "log", "Sqrt": "sqrt",
+         "Neg": "neg", "Abs": "abs", "Reciprocal": "reciprocal", "Floor": "floor", "Ceil": "ceil"}
+BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow"}
+
+
+@register("Elementwise", since=1, domain="kiln")
+def elementwise(x, *extra, ops=(), operands=()):
+    import torch
+
+    value = x
+    for step, (op, operand) in enumerate(zip(ops, operands)):
+        if op in UNARY:
+            # after the first step the running value is ours, so it is updated in place
+            value = getattr(value, UNARY[op] + "_")() if step else getattr(torch, UNARY[op])(value)
+            continue
+        other = extra[abs(operand) - 1]
+        left, right = (value, other) if operand > 0 else (other, value)
+        function = getattr(torch, BINARY[op])
+        in_place = step and other.dtype == value.dtype and torch.broadcast_shapes(value.shape, other.shape) == value.shape
+        value = function(left, right, out=value) if in_place else function(left, right)
+    return value

@@ -10,6 +10,7 @@ import kiln
 EXPECTED_COUNTERS = {
     "bvlc_alexnet": {"fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
     "densenet121": {"fold_conv_batchnorm": 59, "fold_conv_scale": 59, "fold_conv_shift": 59, "fuse_activation_relu": 59,
+                    "fuse_elementwise_chain": 62,
                     "lower_conv": 121},
     "inception_v1": {"fuse_activation_relu": 57, "lower_conv": 57, "lower_gemm": 1},
     "inception_v2": {"fold_conv_batchnorm": 69, "fold_conv_scale": 69, "fold_conv_shift": 69, "fuse_activation_relu": 69,
@@ -86,7 +87,7 @@ def test_encoder_optimized_equals_unoptimized_and_onnxruntime(encoder):
     path, feed = encoder
     optimized = kiln.build(path)
     assert rewrites(optimized) == {"recognize_attention": 2, "fold_transpose_pair": 2, "fuse_matmul_bias": 8,
-                                   "fuse_activation_gelu": 2}
+                                   "fuse_activation_gelu": 2, "fuse_elementwise_chain": 1}
     ops = [n.op_key for n in optimized.plan.graph.nodes]
     assert ops.count("kiln::Attention") == 2 and ops.count("kiln::Gemm") == 8 and "Softmax" not in ops
     actual = optimized.run(feed)["hidden"]

@@ -175,3 +175,19 @@ def test_attention_is_recognised_and_its_key_transpose_merges():
     assert attention.attrs["scale"] == 0.5 and attention.inputs[3] == "mask"
     keys = next(n for n in graph.nodes if n.outputs[0] == attention.inputs[1])
     assert keys.attrs["perm"] == [0, 2, 1, 3], "K^T's transpose and the head transpose became one"
+
+
+def test_elementwise_chain_fuses_into_one_op():
+    from kiln.passes import fuse_elementwise
+
+    nodes = [helper.make_node("Sub", ["one", "x"], ["a"]), helper.make_node("Mul", ["a", "big"], ["b"]),
+             helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Div", ["z", "c"], ["d"]),
+             helper.make_node("Tanh", ["d"], ["y"]),
+             helper.make_node("Mul", ["y", "y"], ["out"])]  # reads y twice: the chain stops before it
+    inits = {"one": np.array(1.0, np.float32), "big": np.array(-3.0, np.float32)}
+    feed = {"x": randn(2, 1, 4), "z": randn(2, 3, 4)}
+    graph = check_rewrite(make_model(nodes, dict(feed), ["out"], inits), [fuse_elementwise.run],
+                          ["kiln::Elementwise", "Mul"], {"fuse_elementwise_chain": 1}, feed)
+    fused = graph.nodes[0]
+    assert fused.attrs["ops"] == ["Sub", "Mul", "Relu", "Div", "Tanh"]
+    assert fused.attrs["operands"] == [1, 2, 0, -3, 0] and fused.inputs == ("one", "x", "big", "z")
