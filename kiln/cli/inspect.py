@@ -2,7 +2,8 @@
 
   kiln inspect model.onnx     opset, operator histogram, inputs/outputs (dynamic dims), unsupported nodes
   kiln inspect model.kiln     target, build info, bindings, layers after fusion (the model nodes each came
-                              from, op, precision, tactic, shapes), activation memory (peak, naive sum, lower bound)
+                              from, op, precision, tactic, shapes), activation memory (peak, naive sum, lower bound);
+                              precision "follow" marks a layer that runs in the float type its inputs arrive in
   kiln inspect model.kiln --export-onnx fused.onnx
                               also write the optimized graph as ONNX (fused layers in domain "kiln"), for Netron
 """

@@ -31,7 +31,7 @@ _FLOAT_MAX = 3.4e38
 class Tactic:
     run: Callable
     name: str  # what `kiln inspect` shows: "onednn-packed", "torch-sdpa", "torch"
-    precision: str  # "fp32", "bf16", or "input" (runs in whatever float type reaches it)
+    precision: str  # "fp32", "bf16", or "follow" (runs in the float type its inputs arrive in; fp32 where they mix)
 
 
 def bf16_supported() -> bool:
@@ -73,7 +73,7 @@ def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
         return Tactic(_meet_in_fp32(bind_kernel(node, opset)), "torch-int8", "int8")
     kernel = bind_kernel(node, opset)
     if bf16:
-        return Tactic(_meet_in_fp32(kernel), "torch", "input")
+        return Tactic(_meet_in_fp32(kernel), "torch", "follow")
     return Tactic(kernel, "torch", "fp32")
 
 
@@ -199,7 +199,7 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     def run(x):
         return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
 
-    return Tactic(run, "torch-pool", "input")
+    return Tactic(run, "torch-pool", "follow")
 
 
 def _attention(node: Node, bf16: bool) -> Tactic:
