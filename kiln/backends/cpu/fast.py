@@ -68,6 +68,7 @@ def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
     if not node.domain and node.op == "MaxPool":
         tactic = _max_pool(node, graph)
         if tactic is not None:
+            tactic.precision = "follow" if bf16 else "fp32"
             return tactic
     if node.domain == "kiln" and node.op in ("QGemm", "QConv"):  # int8 layers (kiln/quant): their kernel is the tactic
         return Tactic(_meet_in_fp32(bind_kernel(node, opset)), "torch-int8", "int8")
