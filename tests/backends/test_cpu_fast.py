@@ -104,3 +104,10 @@ def test_max_pool_fast_path_matches_onnxruntime(attrs, size):
     symmetric = "pads" not in attrs or attrs["pads"][:2] == attrs["pads"][2:]
     assert [layer["tactic"] for layer in engine.plan.layers.values()] == ["torch-pool" if symmetric else "torch"]
     assert_close(engine.run({"x": x})["y"], run_onnxruntime(model, {"x": x})["y"], rtol=0, atol=0)
+
+
+def test_non_fp32_layers_keep_their_reference_kernel():
+    graph = conv_graph("relu", [])
+    graph.inputs = [Value("x", DType.float16, (2, 8, 10, 10))]
+    graph.values["x"] = graph.inputs[0]
+    assert fast.choose(graph.nodes[0], graph, bf16=False).name == "torch"

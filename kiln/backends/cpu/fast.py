@@ -55,15 +55,17 @@ def check_bf16() -> None:
 def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
     """The fastest tactic kiln has for `node`, falling back to its reference kernel."""
     opset = graph.opsets.get(node.domain, graph.opset)
-    if node.domain == "kiln" and node.op == "Conv":
+    # oneDNN's packed paths here are fp32 (or bf16 by choice); fp16 or float64 models keep the reference kernels
+    fp32 = bool(node.inputs) and graph.value(node.inputs[0]).dtype is DType.float32
+    if node.domain == "kiln" and node.op == "Conv" and fp32:
         tactic = _conv(node, graph, bf16)
         if tactic is not None:
             return tactic
-    if node.domain == "kiln" and node.op == "Gemm":
+    if node.domain == "kiln" and node.op == "Gemm" and fp32:
         tactic = _gemm(node, graph, bf16)
         if tactic is not None:
             return tactic
-    if node.domain == "kiln" and node.op == "Attention":
+    if node.domain == "kiln" and node.op == "Attention" and fp32:
         return _attention(node, bf16)
     if not node.domain and node.op == "MaxPool":
         tactic = _max_pool(node, graph)
