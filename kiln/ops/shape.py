@@ -27,8 +27,8 @@ register("Reshape", since=5)(lambda x, shape: reshape(x, shape))
 
 @register("Flatten", since=13)
 def flatten(x, *, axis=1):
-    axis = axis % x.dim() if x.dim() else 0
-    return x.reshape(int(np.prod(x.shape[:axis])), -1)
+    axis = axis + x.dim() if axis < 0 else axis  # axis == rank is valid: (all, 1)
+    return x.reshape(int(np.prod(x.shape[:axis])), int(np.prod(x.shape[axis:])))
 
 
 @register("Transpose", since=13)
