@@ -143,8 +143,11 @@ def test_cuda_graph_replays_per_shape_and_matches_eager():
                                         {"x": (np.float32, ["batch", 32])}, ["y"],
                                         {"w": np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32),
                                          "b": np.ones(64, np.float32)}))
-    graphed = kiln.build(model, BuilderConfig(device="cuda", extra={"use_cuda_graph": True}))
-    eager = kiln.build(model, BuilderConfig(device="cuda", extra={"use_cuda_graph": False}))
+    profile = [{"x": ((1, 32), (4, 32), (8, 32))}]  # tactics are timed at the opt shape
+    graphed = kiln.build(model, BuilderConfig(device="cuda", profiles=profile, extra={"use_cuda_graph": True}))
+    eager = kiln.build(model, BuilderConfig(device="cuda", profiles=profile, extra={"use_cuda_graph": False}))
+    gemm = next(layer for layer in graphed.plan.layers.values() if layer.get("op") == "kiln::Gemm")
+    assert gemm["tactic"] and graphed.plan.build_info["cuda_tuning"]["cuda_graph"] is True
     for batch in (3, 5, 3):
         feed = {"x": torch.randn(batch, 32, device="cuda")}
         a, b = graphed.run(feed)["y"], eager.run(feed)["y"]
