@@ -114,7 +114,7 @@ def run_reference(model, feed: dict[str, np.ndarray], outputs: list[str] | None 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = _session(ort, model, options)
         wanted = {i.name for i in session.get_inputs()}
         names = outputs or [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in wanted})))
@@ -122,6 +122,29 @@ def run_reference(model, feed: dict[str, np.ndarray], outputs: list[str] | None 
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KilnError(f"onnxruntime, the reference, cannot run the model on these inputs: {first}", code="KILN-E408",
                         hint="check the model with onnx.checker.check_model; compare needs a model onnxruntime runs") from None
+
+
+def _session(ort, model, options):
+    """An onnxruntime session; a model stamped with an IR version newer than this onnxruntime reads (a newer onnx
+    package wrote it) is retried at the newest IR version onnxruntime names, which changes nothing it computes."""
+    import re
+
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001
+        newest = re.search(r"Unsupported model IR version: \d+, max supported IR version: (\d+)", str(error))
+        if not newest:
+            raise
+        import onnx
+
+        from .. import log
+
+        log.verbose("onnxruntime %s reads IR versions up to %s; running the reference at that version", ort.__version__,
+                    newest.group(1))
+        older = onnx.ModelProto()
+        older.CopyFrom(model)
+        older.ir_version = int(newest.group(1))
+        return ort.InferenceSession(older.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def model_tensor_names(model) -> set[str]:
