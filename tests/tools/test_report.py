@@ -62,7 +62,10 @@ def chromium_binary() -> str:
         pytest.skip("chromium is not installed and cannot be installed here (needs root and apt-get)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     for command in (["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.skip(f"installing chromium failed: {' '.join(command)} took over 10 minutes (no package mirror reachable?)")
         if done.returncode != 0:
             pytest.skip(f"installing chromium failed ({' '.join(command)}): {done.stderr.strip()[-300:]}")
     found = shutil.which("chromium")
