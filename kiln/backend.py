@@ -62,7 +62,8 @@ class KilnBackend(Backend):
         from .builder import BuilderConfig, build
 
         target = "cuda" if Device(device).type == DeviceType.CUDA else "cpu"
-        engine = build(model, BuilderConfig(device=target, **kwargs))
+        # ONNX's backend API gives the inputs only after prepare: dynamic inputs are built to take any size
+        engine = build(model, BuilderConfig(device=target, **{"unbounded_shapes": True, **kwargs}))
         weights = {t.name for t in model.graph.initializer}
         input_names = [i.name for i in model.graph.input if i.name not in weights]
         return KilnRep(engine, input_names, [o.name for o in model.graph.output])

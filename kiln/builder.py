@@ -28,6 +28,7 @@ class BuilderConfig:
     optimize: bool = True  # run the optimization passes beyond folding and dead-code removal
     profiles: list = field(default_factory=list)  # kiln.Profile or {input: (min, opt, max)}; see add_profile
     use_model_shapes: bool = False  # dynamic inputs without a profile take the sizes the model declares
+    unbounded_shapes: bool = False  # dynamic inputs without a profile take any size (one-off tool builds, onnx backend)
     # int8 (kiln/quant): calibration data is a directory of .npz/.npy feeds or any iterable of feed dicts
     calib: Any = None
     calib_cache: str | None = None  # thresholds written here, and read instead of calibrating when it exists
@@ -113,7 +114,7 @@ def build(model, config: BuilderConfig | None = None, **options):
     with Progress("kiln build", total=3) as bar:
         graph, declared = parse_with_profiles(model, config, **options)  # declared: a torch module's Dim ranges
         profiles = resolve_profiles([graph.value(v.name) for v in graph.inputs], config.profiles or declared,
-                                    config.use_model_shapes)
+                                    config.use_model_shapes, config.unbounded_shapes)
         bar.advance("parsed")
         ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
         optimize(graph, ctx, config=config)

@@ -128,17 +128,18 @@ def _dynamic(shape) -> bool:
     return shape is None or any(not isinstance(d, int) for d in shape)
 
 
-def resolve_profiles(inputs: list, profiles: list, use_model_shapes: bool = False) -> list[Profile]:
+def resolve_profiles(inputs: list, profiles: list, use_model_shapes: bool = False, unbounded: bool = False) -> list[Profile]:
     """Check `profiles` against the engine's `inputs` (Bindings or Values: name and shape) and complete them: every
     dynamic input gets a range in every profile, from the profile itself, from the dimensions it shares with inputs
     the profile names, or (with `use_model_shapes`) from the sizes the model declares. A dynamic input left without a
-    range fails with KILN-E202, naming it and the flags to add."""
+    range fails with KILN-E202, naming it and the flags to add; with `unbounded` it takes any size instead (tools that
+    build for one run at shapes they choose, and ONNX's backend API, which sees the inputs only after building)."""
     declared = {value.name: value.shape for value in inputs if getattr(value, "kind", "tensor") == "tensor"}
     dynamic = [name for name, shape in declared.items() if _dynamic(shape)]
     profiles = [as_profile(p) for p in profiles]
     given = bool(profiles)
     if not profiles:
-        if not dynamic:
+        if not dynamic or unbounded:
             return []
         profiles = [Profile()]
     for index, profile in enumerate(profiles):
@@ -153,7 +154,7 @@ def resolve_profiles(inputs: list, profiles: list, use_model_shapes: bool = Fals
         sizes = _symbol_ranges(profile, declared, where)
         for name in dynamic:
             if name not in profile.shapes:
-                _complete(profile, name, declared[name], sizes, use_model_shapes, where)
+                _complete(profile, name, declared[name], sizes, use_model_shapes, unbounded, where)
     return profiles
 
 
@@ -191,7 +192,10 @@ def _symbol_ranges(profile: Profile, declared: dict, where: str) -> dict[str, tu
     return {dim: size for dim, (size, _) in sizes.items()}
 
 
-def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes: bool, where: str) -> None:
+def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes: bool, unbounded: bool, where: str) -> None:
+    missing = shape is None or any(not isinstance(d, int) and d not in sizes for d in shape)
+    if missing and unbounded:
+        return
     if shape is None:
         raise BuildError(f"input {name!r} has no declared rank, so {where or 'a profile'} must give its shapes", code="KILN-E202",
                          where=name, hint=f"add --minShapes {name}:... --optShapes {name}:... --maxShapes {name}:... "
