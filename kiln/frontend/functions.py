@@ -32,9 +32,11 @@ def schema_function(node: onnx.NodeProto, opset: int, input_types: list[onnx.Typ
     try:
         if plain:
             body = schema.get_function_with_opset_version(max(plain))
-        elif contextual and all(t is not None for t in input_types):
+        elif contextual and all(t is not None for name, t in zip(node.input, input_types) if name):
+            # An omitted optional input ("") goes to ONNX's function builder as an empty type.
+            types = [t if t is not None else onnx.TypeProto() for t in input_types]
             body = schema.get_context_dependent_function_with_opset_version(
-                max(contextual), node.SerializeToString(), [t.SerializeToString() for t in input_types])
+                max(contextual), node.SerializeToString(), [t.SerializeToString() for t in types])
     except Exception:  # noqa: BLE001 (onnx raises plain errors for types its function builder cannot handle)
         return None
     if isinstance(body, bytes):
@@ -76,7 +78,8 @@ def expand_schema_functions(model: onnx.ModelProto, needs_expansion: Callable[[o
                     visit(attribute.g)
                 for sub in attribute.graphs:
                     visit(sub)
-            if node.domain not in ("", "ai.onnx") or not needs_expansion(node):
+            # ai.onnx.preview operators (FlexAttention) are defined by function bodies over standard operators too.
+            if node.domain not in ("", "ai.onnx", "ai.onnx.preview") or not needs_expansion(node):
                 continue
             input_types = [types.get(name) if name else None for name in node.input]
             function = schema_function(node, opset, input_types)
