@@ -132,8 +132,9 @@ def build(model, config: BuilderConfig | None = None, **options):
             plan.layers.setdefault(name, {}).update(info)
         if config.device == "cpu":
             from .engine.memory import plan_memory
+            from .engine.profiles import largest_sizes
 
-            plan.memory = plan_memory(graph)
+            plan.memory = plan_memory(graph, largest_sizes([graph.value(v.name) for v in graph.inputs], profiles))
         bar.advance("lowered")
     plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
     log.verbose("built %s engine with %d layers in %.2f s", config.device, len(graph.nodes), plan.build_info["build_seconds"])

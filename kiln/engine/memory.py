@@ -33,8 +33,9 @@ def _aligned(size: int) -> int:
     return (size + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-def lifetimes(graph: Graph) -> tuple[list[Tensor], list[str], dict[str, int]]:
-    """The activations with their sizes and lifetimes; names whose size is unknown; symbols assumed 1."""
+def lifetimes(graph: Graph, sizes: dict[str, int] | None = None) -> tuple[list[Tensor], list[str], dict[str, int]]:
+    """The activations with their sizes and lifetimes; names whose size is unknown; symbols assumed 1 (those
+    `sizes` gives, the profiles' max sizes of the inputs' dimensions, take that size)."""
     outputs = set(graph.output_names())
     end = len(graph.nodes)
     born: dict[str, int] = {}
@@ -63,6 +64,8 @@ def lifetimes(graph: Graph) -> tuple[list[Tensor], list[str], dict[str, int]]:
             elif dim is None:
                 unknown.append(name)
                 break
+            elif sizes and dim in sizes:
+                elements *= sizes[dim]
             else:
                 assumed[dim] = 1
         else:
@@ -95,9 +98,10 @@ def lower_bound(tensors: list[Tensor], steps: int) -> int:
     return max(live, default=0)
 
 
-def plan_memory(graph: Graph) -> dict:
-    """The memory plan of `graph` as plain data for plan.memory."""
-    tensors, unknown, assumed = lifetimes(graph)
+def plan_memory(graph: Graph, sizes: dict[str, int] | None = None) -> dict:
+    """The memory plan of `graph` as plain data for plan.memory, with dynamic dimensions at `sizes` (the largest
+    each optimization profile allows, so the arena holds any shape the engine accepts)."""
+    tensors, unknown, assumed = lifetimes(graph, sizes)
     peak = place(tensors)
     return {
         "peak_bytes": peak,
@@ -105,6 +109,7 @@ def plan_memory(graph: Graph) -> dict:
         "lower_bound_bytes": lower_bound(tensors, len(graph.nodes)),
         "alignment": ALIGNMENT,
         "assumed": assumed,
+        "planned_at": dict(sizes or {}),
         "unplanned": unknown,
         "buffers": [{"value": t.name, "offset": t.offset, "bytes": t.size, "first": t.first, "last": t.last}
                     for t in sorted(tensors, key=lambda t: t.first)],

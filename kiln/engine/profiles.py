@@ -239,6 +239,15 @@ def symbol_sizes(inputs: list, profile: Mapping | Profile, kind: str = "max") ->
     return sizes
 
 
+def largest_sizes(inputs: list, profiles: list) -> dict[str, int]:
+    """Each named dimension's largest size over all profiles: memory planned at these holds any accepted shape."""
+    sizes: dict[str, int] = {}
+    for profile in profiles:
+        for dim, size in symbol_sizes(inputs, profile, "max").items():
+            sizes[dim] = max(size, sizes.get(dim, 0))
+    return sizes
+
+
 # -- running ------------------------------------------------------------------------------------------------------
 def choose_profile(profiles: list, shapes: Mapping[str, tuple], selected: int | None = None) -> int:
     """The index of the profile to run `shapes` (input name -> shape) with: `selected` when the caller chose one,

@@ -197,3 +197,11 @@ def test_cli_build_takes_trtexec_shape_flags_and_explains_a_missing_profile(tmp_
     assert main(command + flags) == 0
     assert "profile 0: image: [1..5]x3x8x8 (opt 2x3x8x8)" in capsys.readouterr().out
     assert kiln.load(tmp_path / "cnn.kiln").profiles[0].shape("image", "max") == (5, 3, 8, 8)
+
+
+def test_memory_is_planned_for_the_largest_shapes_of_all_profiles(cnn):
+    _, engine = cnn
+    memory = engine.plan.memory
+    assert memory["planned_at"] == {"N": MAX_BATCH} and "N" not in memory["assumed"]
+    first_conv = next(b for b in memory["buffers"] if b["value"] == engine.plan.graph.nodes[0].outputs[0])
+    assert first_conv["bytes"] == MAX_BATCH * 8 * 8 * 8 * 4  # [N, 8, 8, 8] float32 at N = max
