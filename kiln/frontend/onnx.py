@@ -97,6 +97,8 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
                          code="KILN-E103", hint=f"re-export the model with opset {newest} or lower, or upgrade kiln and onnx")
     if opset >= CANONICAL_OPSET:
         return model
+    if not any(o.domain in ("", "ai.onnx") for o in model.opset_import):
+        return model  # nothing in ONNX's default domain to convert (ai.onnx.ml or training-only models)
     from onnx import version_converter
 
     log.verbose("converting model from opset %d to kiln's canonical opset %d", opset, CANONICAL_OPSET)
