@@ -262,3 +262,56 @@ def max_unpool(x, indices, output_shape=None, *, kernel_shape, pads=None, stride
         target = [int(v) for v in output_shape.tolist()][2:]
         out = F.pad(out, _torch_pad([0] * rank + [t - s for t, s in zip(target, spatial)]))
     return out
+
+
+@register("DeformConv", since=19)
+def deform_conv(x, w, offset, b=None, mask=None, *, dilations=None, group=1, kernel_shape=None, offset_group=1,
+                pads=None, strides=None):
+    """2-D deformable convolution: each kernel tap samples the input bilinearly (zeros outside) at its own offset."""
+    n, channels, height, width = x.shape
+    out_channels = w.shape[0]
+    kh, kw = kernel_shape or list(w.shape[2:])
+    sh, sw = strides or [1, 1]
+    dh, dw = dilations or [1, 1]
+    pt, pl, pb, pr = pads or [0, 0, 0, 0]
+    oh, ow = offset.shape[2], offset.shape[3]
+    offsets = offset.reshape(n, offset_group, kh * kw, 2, oh, ow).double()
+    masks = mask.reshape(n, offset_group, kh * kw, oh, ow).double() if mask is not None else None
+    base_y = (torch.arange(oh, dtype=torch.float64) * sh - pt).reshape(oh, 1)
+    base_x = (torch.arange(ow, dtype=torch.float64) * sw - pl).reshape(1, ow)
+    per_group = channels // offset_group
+    source = x.double()
+    columns = torch.zeros(n, channels, kh * kw, oh, ow, dtype=torch.float64)
+    for g in range(offset_group):
+        part = source[:, g * per_group:(g + 1) * per_group]
+        for k in range(kh * kw):
+            i, j = divmod(k, kw)
+            y = base_y + i * dh + offsets[:, g, k, 0]
+            xx = base_x + j * dw + offsets[:, g, k, 1]
+            sampled = _bilinear_zero(part, y, xx)
+            if masks is not None:
+                sampled = sampled * masks[:, g, k].unsqueeze(1)
+            columns[:, g * per_group:(g + 1) * per_group, k] = sampled
+    weight = w.double().reshape(group, out_channels // group, -1)
+    columns = columns.reshape(n, group, (channels // group) * kh * kw, oh * ow)
+    y = torch.einsum("gok,ngkp->ngop", weight, columns).reshape(n, out_channels, oh, ow)
+    if b is not None:
+        y = y + b.double().reshape(1, -1, 1, 1)
+    return y.to(x.dtype)
+
+
+def _bilinear_zero(image, y, x):
+    """image [N, C, H, W] sampled at per-batch positions y, x [N, OH, OW]; corners outside the image count as 0."""
+    n, c, height, width = image.shape
+    y0, x0 = torch.floor(y), torch.floor(x)
+    result = torch.zeros(n, c, *y.shape[1:], dtype=image.dtype)
+    flat = image.reshape(n, c, height * width)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            cy, cx = y0 + dy, x0 + dx
+            weight = (1 - torch.abs(y - cy)) * (1 - torch.abs(x - cx))
+            inside = (cy >= 0) & (cy < height) & (cx >= 0) & (cx < width)
+            index = (cy.clamp(0, height - 1) * width + cx.clamp(0, width - 1)).long().reshape(n, 1, -1).expand(n, c, -1)
+            values = torch.gather(flat, 2, index).reshape(n, c, *y.shape[1:])
+            result = result + values * (weight * inside).unsqueeze(1)
+    return result
