@@ -185,6 +185,8 @@ def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list
         found = cands.attention_candidates(node, allowed, flow_dtype)
     elif key == ("", "LayerNormalization"):
         found = cands.layernorm_candidates(node, kernel, flow_dtype)
+    elif key == ("", "MaxPool"):
+        found = cands.maxpool_candidates(node, kernel, flow_dtype)
     elif key == ("", "Softmax"):
         found = cands.softmax_candidates(node, kernel, flow_dtype, graph.opsets.get("", graph.opset))
     if node.domain == "kiln" or node.op in MATRIX_LIKE:

@@ -135,3 +135,41 @@ def add_layernorm(x, residual, weight, bias, eps: float, warps: int = 4):
                                                    HAS_BIAS=bias is not None, BLOCK=triton.next_power_of_2(columns),
                                                    num_warps=warps)
     return y
+
+
+@triton.jit
+def _maxpool_nhwc_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW, SH, SW, PH, PW, KH: tl.constexpr, KW: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < total
+    c = offsets % C
+    rest = offsets // C
+    ow = rest % OW
+    rest = rest // OW
+    oh = rest % OH
+    n = rest // OH
+    best = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for kh in tl.static_range(KH):
+        for kw in tl.static_range(KW):
+            ih = oh * SH - PH + kh
+            iw = ow * SW - PW + kw
+            inside = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            value = tl.load(x_ptr + ((n * H + ih) * W + iw) * C + c, mask=inside, other=float("-inf"))
+            best = tl.maximum(best, value.to(tl.float32))
+    tl.store(y_ptr + offsets, best.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def maxpool_nhwc(x, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
+                 block: int = 1024, warps: int = 4):
+    """2-D max pooling of a channels-last x (ONNX MaxPool, no dilation, floor mode): one pass, no index
+    output (torch's CUDA max_pool2d writes an int64 index per output as well)."""
+    import torch
+
+    n, c, h, w = x.shape
+    oh = (h + pads[0] + pads[2] - kernel[0]) // strides[0] + 1
+    ow = (w + pads[1] + pads[3] - kernel[1]) // strides[1] + 1
+    y = torch.empty((n, c, oh, ow), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    total = y.numel()
+    _maxpool_nhwc_kernel[(triton.cdiv(total, block),)](x, y, total, c, h, w, oh, ow, strides[0], strides[1], pads[0], pads[1],
+                                                        KH=kernel[0], KW=kernel[1], BLOCK=block, num_warps=warps)
+    return y
