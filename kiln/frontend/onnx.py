@@ -106,6 +106,9 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         converted = version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as error:  # noqa: BLE001 (the converter raises RuntimeError/ConvertError with its reason)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if _runs_at_own_opset(model):  # e.g. Scan-8 with sequence_lens, which the converter refuses
+            log.warning("onnx's version converter cannot convert the model (%s); kiln runs it at its opset %d", reason, opset)
+            return model
         raise ParseError(f"cannot convert the model from opset {opset} to opset {CANONICAL_OPSET}: {reason}",
                          code="KILN-E102", hint=f"re-export the model from its framework at opset {CANONICAL_OPSET} or newer") from None
     if _interface(converted) != _interface(model):
@@ -114,6 +117,24 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         log.warning("onnx's version converter changed the model's inputs or outputs; keeping opset %d", opset)
         return model
     return converted
+
+
+def _runs_at_own_opset(model: onnx.ModelProto) -> bool:
+    """Whether kiln has a kernel for every node (subgraphs included) at the opsets the model declares."""
+    from ..ops import registry
+
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
+
+    def every_node(graph: onnx.GraphProto):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    yield from every_node(sub)
+
+    return all(registry.lookup(node.op_type, "" if node.domain == "ai.onnx" else node.domain,
+                               opsets.get("" if node.domain == "ai.onnx" else node.domain, 1)) is not None
+               for node in every_node(model.graph))
 
 
 def _interface(model: onnx.ModelProto) -> list:

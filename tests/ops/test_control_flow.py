@@ -174,6 +174,22 @@ def test_scan_with_axes_directions_and_outer_values(tmp_path):
     _check(_scan_model(), feed, tmp_path)
 
 
+def test_scan8_with_sequence_lengths_runs_at_its_own_opset():
+    # onnx's converter refuses Scan-8 with sequence_lens; kiln has a Scan-8 kernel, so it runs the model as it is.
+    # Each batch item is scanned backwards over its own length; outputs past it are zero.
+    body = helper.make_graph([helper.make_node("Add", ["s_in", "x_t"], ["s_out"]), helper.make_node("Mul", ["s_out", "x_t"], ["y_t"])],
+                             "body", [helper.make_tensor_value_info("s_in", F, [2]), helper.make_tensor_value_info("x_t", F, [2])],
+                             [helper.make_tensor_value_info("s_out", F, [2]), helper.make_tensor_value_info("y_t", F, [2])])
+    node = helper.make_node("Scan", ["lens", "s0", "x"], ["s", "y"], body=body, num_scan_inputs=1, directions=[1])
+    model = _model([node], [helper.make_tensor_value_info("lens", TensorProto.INT64, [3]), helper.make_tensor_value_info("s0", F, [3, 2]),
+                            helper.make_tensor_value_info("x", F, [3, 4, 2])],
+                   [helper.make_tensor_value_info("s", F, [3, 2]), helper.make_tensor_value_info("y", F, [3, 4, 2])], opset=8)
+    model.ir_version = 3
+    rng = np.random.default_rng(5)
+    _check(model, {"lens": np.array([4, 2, 3], np.int64), "s0": rng.standard_normal((3, 2)).astype(np.float32),
+                   "x": rng.standard_normal((3, 4, 2)).astype(np.float32)})
+
+
 def test_a_body_failing_on_the_users_data_is_a_kiln_error():
     # The body adds the outer `offset` to a width-2 running sum: an offset of width 3 fails inside the body.
     engine = _build(_scan_model(offset_shape=("width",)), {"offset": ((1,), (2,), (4,))})
