@@ -87,15 +87,15 @@ class ExecutionContext:
     each run picks the first profile that fits its shapes)."""
 
     def __init__(self, engine: Engine, profile: int | None = None):
+        self.engine = engine
+        self.set_optimization_profile(profile)
+
+    def set_optimization_profile(self, profile: int | None) -> None:
         from .profiles import choose_profile
 
         if profile is not None:
-            choose_profile(engine.profiles, {}, profile)  # an index that does not exist fails here, not at run
-        self.engine = engine
+            choose_profile(self.engine.profiles, {}, profile)  # an index that does not exist fails here, not at run
         self.profile = profile
-
-    def set_optimization_profile(self, profile: int | None) -> None:
-        self.__init__(self.engine, profile)
 
     def run(self, feed: dict[str, Any]) -> dict[str, Any]:
         return self.engine.run(feed, profile=self.profile)
