@@ -51,6 +51,8 @@ def way_out(node: Node, opset: int, reason: str) -> str:
         return f"kiln implements {node.op} from opset {min(known)}: {convert.format(min(known))}"
     if here is not None:
         function_opset = _function_from(here)
+        if function_opset is None and newest is not None:  # a later version of the operator has a body
+            function_opset = _function_from(newest)
         if function_opset is not None and function_opset > opset:
             return (f"ONNX defines {node.op} as a function from opset {function_opset}, which kiln expands automatically: "
                     f"{convert.format(function_opset)}")

@@ -90,6 +90,26 @@ def test_operator_with_an_onnx_function_body_runs_without_a_kernel(kiln_lacks):
     assert_close(engine.run({"x": x})["y"], run_onnxruntime(model, {"x": x})["y"], rtol=1e-6, atol=1e-6)
 
 
+def test_function_body_from_a_newer_opset_is_suggested_and_works(kiln_lacks):
+    # ONNX gives DepthToSpace a function body from opset 28 on. Without a kernel, a model at opset 18 is told
+    # to convert; after the suggested conversion kiln expands the body and matches onnxruntime on the original.
+    from onnx import version_converter
+
+    kiln_lacks("DepthToSpace")
+    node = helper.make_node("DepthToSpace", ["x"], ["y"], blocksize=2, mode="CRD", name="d2s")
+    model = _model([node], [helper.make_tensor_value_info("x", F, [1, 8, 2, 3])], [helper.make_tensor_value_info("y", F, None)],
+                   {"": 18})
+    with pytest.raises(kiln.ParseError) as caught:
+        kiln.build(model)
+    text = str(caught.value)
+    assert "ONNX defines DepthToSpace as a function from opset 28" in text and "convert_version(model, 28)" in text
+    converted = version_converter.convert_version(model, 28)
+    engine = kiln.build(converted)
+    assert "DepthToSpace" not in {n.op for n in engine.plan.graph.nodes}
+    x = np.random.default_rng(1).standard_normal((1, 8, 2, 3)).astype(np.float32)
+    assert_close(engine.run({"x": x})["y"], run_onnxruntime(model, {"x": x})["y"], rtol=0, atol=0)
+
+
 def test_kernel_from_a_newer_opset_suggests_the_conversion(monkeypatch):
     # Pretend kiln's only Det kernel starts at opset 22: a model at opset 18 is told to convert to 22.
     monkeypatch.setitem(registry._REGISTRY, ("", "Det"), [])  # put back as it was after the test
