@@ -49,12 +49,15 @@ def export(module, example_inputs=None, *, dynamic_shapes=None, input_names=None
         raise BuildError(f"expected a torch.nn.Module, got {type(module).__name__}", code="KILN-E203",
                          hint="pass the module itself (not its state_dict or a file path)")
     args, kwargs = _example_arguments(module, example_inputs)
-    was_training = module.training
-    module.eval()  # an engine is for inference: dropout off, batch norm on its running statistics
+    # An engine is for inference: dropout off, batch norm on its running statistics. Each submodule's own mode is
+    # restored afterwards (a model in training with frozen, eval-mode parts keeps them so).
+    modes = [(layer, layer.training) for layer in module.modules()]
+    module.eval()
     try:
         program = _run_export(module, args, kwargs, dynamic_shapes)
     finally:
-        module.train(was_training)
+        for layer, training in modes:
+            layer.training = training
     _rename(program, "input", program.model.graph.inputs, input_names)
     # Default names first, so that an error about the user's names lists the outputs as forward names them.
     _rename(program, "output", program.model.graph.outputs, _default_output_names(program))

@@ -134,9 +134,10 @@ class TwoHeads(torch.nn.Module):
 
 def test_dict_outputs_are_named_by_their_keys_and_the_module_keeps_its_training_mode():
     model = TwoHeads().train()
+    model.features.eval()  # a frozen part inside a model in training
     x, scale = torch.randn(3, 4), torch.tensor(2.0)
     engine = kiln.build(model, example_inputs={"x": x, "scale": scale})
-    assert model.training  # built in eval mode (dropout off), handed back as it came
+    assert model.training and model.dropout.training and not model.features.training  # handed back as it came
     assert [b.name for b in engine.inputs] == ["x", "scale"]
     assert [b.name for b in engine.outputs] == ["scores", "total"]
     out = engine.run({"x": x.numpy(), "scale": scale.numpy()})
