@@ -114,6 +114,25 @@ def test_an_op_tf2onnx_cannot_convert_is_reported_by_name():
     assert caught.value.code == "KILN-E101" and "Erfc" in caught.value.message
 
 
+@needs_extra
+def test_an_entry_point_may_return_a_keras_model(tmp_path, monkeypatch, capsys):
+    (tmp_path / "kiln_keras_models.py").write_text(
+        "import keras\n\n"
+        "def make_model():\n"
+        "    keras.utils.set_random_seed(0)\n"
+        "    x = keras.Input((5,), name='x')\n"
+        "    return keras.Model(x, keras.layers.Dense(2, activation='sigmoid', name='y')(x))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["build", "kiln_keras_models:make_model", "--minShapes", "x:1x5", "--optShapes", "x:2x5",
+                 "--maxShapes", "x:4x5"]) == 0, capsys.readouterr().err
+    assert "x: float32[batchx5]" in capsys.readouterr().out
+    from kiln_keras_models import make_model
+
+    features = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    out = kiln.load(str(tmp_path / "make_model.kiln")).run({"x": features})["y"]
+    assert_close(out, make_model()(features).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_without_the_extra_a_saved_model_gets_the_install_line(tmp_path, monkeypatch):
     saved_model = tmp_path / "exported"
     saved_model.mkdir()
