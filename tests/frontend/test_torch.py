@@ -153,9 +153,11 @@ class BranchesOnValues(torch.nn.Module):
         return x - 1
 
 
-def test_data_dependent_branch_is_a_kiln_error_with_torchs_reason_and_the_line():
+def test_data_dependent_branch_is_a_kiln_error_with_torchs_reason_and_the_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ParseError) as caught:
         kiln.build(BranchesOnValues(), example_inputs=(torch.randn(3),))
+    assert not list(tmp_path.iterdir())  # the export leaves no report or model files in the working directory
     error = caught.value
     assert error.code == "KILN-E107"
     assert "data-dependent" in error.message and "BranchesOnValues" in error.message
