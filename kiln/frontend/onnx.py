@@ -52,7 +52,8 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ParseError(f"{path.name}: {what}", code="KILN-E106", hint=hint)
     if not path.exists():
         raise ParseError(f"model file {str(path)!r} does not exist", code="KILN-E104",
-                         hint="check the path; kiln build accepts .onnx files")
+                         hint="check the path; kiln build takes an .onnx or .keras file, a SavedModel directory, or "
+                              "a PyTorch entry point written as a dotted module path: my_package.models:make_model")
     if path.is_dir():
         raise ParseError(f"{str(path)!r} is a directory, not an ONNX file", code="KILN-E104",
                          hint="kiln build takes an .onnx file, a .keras file, or a TensorFlow SavedModel directory "
