@@ -10,10 +10,10 @@ kiln::Conv(X, W, B?, R?) -> Y
     `activation` (str, "" for none; see ACTIVATIONS) and `activation_params` (list of floats).
     R is an optional residual of Y's shape, added before the activation (ResNet's Add + Relu).
 
-kiln::Gemm(X, W, B?) -> Y
-    Y = activation(X @ W^T + B), X of any rank >= 2 contracting its last axis, W of shape [N, K]
-    (already transposed the way torch.nn.Linear stores it), B of shape [N]. Attributes:
-    `activation`, `activation_params`. Comes from Gemm with a constant B and from MatMul with a
+kiln::Gemm(X, W, B?, R?) -> Y
+    Y = activation(X @ W^T + B + R), X of any rank >= 2 contracting its last axis, W of shape [N, K]
+    (already transposed the way torch.nn.Linear stores it), B of shape [N], R an optional residual
+    of Y's shape (a transformer's skip connection). Attributes: `activation`, `activation_params`. Comes from Gemm with a constant B and from MatMul with a
     constant 2-D right operand followed by Add of a constant bias.
 
 kiln::Attention(Q, K, V, M?) -> Y
@@ -91,10 +91,13 @@ def conv(x, w, b=None, residual=None, *, dilations=None, group=1, kernel_shape=N
 
 
 @register("Gemm", since=1, domain="kiln")
-def gemm(x, w, b=None, *, activation="", activation_params=()):
+def gemm(x, w, b=None, residual=None, *, activation="", activation_params=()):
     import torch.nn.functional as F
 
-    return apply_activation(F.linear(x, w, b), activation, activation_params)
+    y = F.linear(x, w, b)
+    if residual is not None:
+        y = y + residual
+    return apply_activation(y, activation, activation_params)
 
 
 @register("Attention", since=1, domain="kiln")

@@ -1,8 +1,8 @@
 """Bias + residual + activation fusion: the elementwise work right after a kiln::Conv or kiln::Gemm
 runs inside it (oneDNN post-ops on CPU), instead of as separate passes over memory.
 
-kiln::Conv takes a residual Add or two-input Sum (same shape, before any activation) and then an activation;
-kiln::Gemm takes an activation. Activations: Relu, LeakyRelu, Clip with constant bounds, Sigmoid,
+kiln::Conv and kiln::Gemm take a residual Add or two-input Sum (same shape, before any activation) and
+then an activation. Activations: Relu, LeakyRelu, Clip with constant bounds, Sigmoid,
 Tanh, Gelu (ONNX or kiln), HardSwish, Swish, and x * Sigmoid(x) (SiLU)."""
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def _fuse_once(graph: Graph, ctx: PassContext) -> bool:
             continue
         if user is None or id(user) in replaced:
             continue
-        if node.op == "Conv" and user.op in ("Add", "Sum") and len(user.inputs) == 2 and not user.domain and len(node.inputs) < 4:
+        if user.op in ("Add", "Sum") and len(user.inputs) == 2 and not user.domain and len(node.inputs) < 4:
             other = user.inputs[1] if user.inputs[0] == node.outputs[0] else user.inputs[0]
             mine = static_shape(graph, node.outputs[0])
             if other != node.outputs[0] and other not in graph.initializers and mine is not None and static_shape(graph, other) == mine \
@@ -50,7 +50,7 @@ def _fuse_once(graph: Graph, ctx: PassContext) -> bool:
                 replaced[id(node)] = None
                 replaced[id(user)] = node.replace(inputs=(node.inputs[0], node.inputs[1], bias, other), outputs=user.outputs,
                                                   origin=merged_origin(node, user))
-                ctx.counters["fuse_conv_residual"] += 1
+                ctx.counters[f"fuse_{node.op.lower()}_residual"] += 1
                 log.verbose("fuse_activation: residual %s into %s", user.describe(), node.describe())
             continue
         activation = _activation(graph, user)

@@ -111,3 +111,20 @@ def test_non_fp32_layers_keep_their_reference_kernel():
     graph.inputs = [Value("x", DType.float16, (2, 8, 10, 10))]
     graph.values["x"] = graph.inputs[0]
     assert fast.choose(graph.nodes[0], graph, bf16=False).name == "torch"
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_onednn_linear_with_residual(bf16):
+    if bf16 and not fast.bf16_supported():
+        pytest.skip("this CPU has no AVX512-BF16/AMX")
+    node = Node("Gemm", ("x", "w", "b", "r"), ("y",), {"activation": "relu", "activation_params": []}, name="fc", domain="kiln")
+    graph = Graph([node], [Value("x", DType.float32, (3, 5, 16)), Value("r", DType.float32, (3, 5, 24))],
+                  [Value("y", DType.float32, (3, 5, 24))],
+                  initializers={"w": rng.standard_normal((24, 16)).astype(np.float32) * 0.3,
+                                "b": rng.standard_normal(24).astype(np.float32)}, opsets={"": 18, "kiln": 1})
+    feed = {"x": torch.randn(3, 5, 16), "r": torch.randn(3, 5, 24)}
+    with torch.inference_mode():
+        actual = fast.choose(node, graph, bf16=bf16).run(feed["x"], None, None, feed["r"])
+    expected = reference(graph, feed)
+    assert actual.dtype == torch.float32, "an fp32 residual keeps the sum in fp32"
+    assert (actual - expected).norm() / expected.norm() < (1e-2 if bf16 else 1e-6)

@@ -87,7 +87,8 @@ def test_encoder_optimized_equals_unoptimized_and_onnxruntime(encoder):
     path, feed = encoder
     optimized = kiln.build(path)
     assert rewrites(optimized) == {"recognize_attention": 2, "fold_transpose_pair": 2, "fuse_matmul_bias": 8,
-                                   "fuse_activation_gelu": 2, "fuse_elementwise_chain": 1}
+                                   "fuse_activation_gelu": 2, "fuse_elementwise_chain": 1,
+                                   "fuse_gemm_residual": 4}
     ops = [n.op_key for n in optimized.plan.graph.nodes]
     assert ops.count("kiln::Attention") == 2 and ops.count("kiln::Gemm") == 8 and "Softmax" not in ops
     actual = optimized.run(feed)["hidden"]

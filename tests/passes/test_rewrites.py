@@ -191,3 +191,12 @@ def test_elementwise_chain_fuses_into_one_op():
     fused = graph.nodes[0]
     assert fused.attrs["ops"] == ["Sub", "Mul", "Relu", "Div", "Tanh"]
     assert fused.attrs["operands"] == [1, 2, 0, -3, 0] and fused.inputs == ("one", "x", "big", "z")
+
+
+def test_gemm_takes_the_residual_add_then_the_activation():
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
+             helper.make_node("Add", ["x", "h"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    graph = check_rewrite(make_model(nodes, {"x": randn(2, 5, 8)}, ["y"], {"w": randn(8, 8), "b": randn(8)}),
+                          [fuse_gemm.run, fuse_activation.run], ["kiln::Gemm"],
+                          {"fuse_matmul_bias": 1, "fuse_gemm_residual": 1, "fuse_activation_relu": 1}, {"x": randn(2, 5, 8)})
+    assert graph.nodes[0].inputs[3] == "x"

@@ -163,11 +163,24 @@ def _gemm(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
     linear = torch.ops.mkldnn._linear_pointwise
+    if len(node.inputs) > 3 and node.inputs[3]:
+        from ...ops.fused import apply_activation
 
-    def run(x, *unused):
-        if x.dtype != dtype:
-            x = x.to(dtype)
-        return linear(x, packed, bias, attr, scalars, algorithm)
+        activation, params = node.attrs.get("activation", ""), node.attrs.get("activation_params", [])
+
+        def run(x, w_unused, b_unused, residual):
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            if residual.dtype == dtype:  # oneDNN adds the residual as a post-op
+                y = linear.binary(x, residual.contiguous(), packed, bias, "add")
+            else:  # a bf16 product meets an fp32 residual stream: the sum stays fp32
+                y = linear(x, packed, bias, "none", [], "") + residual
+            return apply_activation(y, activation, params)
+    else:
+        def run(x, *unused):
+            if x.dtype != dtype:
+                x = x.to(dtype)
+            return linear(x, packed, bias, attr, scalars, algorithm)
 
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
