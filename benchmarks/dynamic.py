@@ -52,6 +52,7 @@ def resnet50(workdir: Path):
     static = light_model("resnet50", batch)
     dynamic = light_model("resnet50", 1)
     dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    del dynamic.graph.value_info[:]  # the opset conversion recorded shapes at batch 1
     for node in dynamic.graph.node:  # the classifier's Reshape (1, -1): copy the batch instead (0)
         if node.op_type == "Reshape":
             for tensor in dynamic.graph.initializer:

@@ -52,17 +52,18 @@ def check_bf16() -> None:
                                                     "(Intel Cooper Lake, Sapphire Rapids or newer; AMD Zen 4 or newer)")
 
 
-def choose(node: Node, graph: Graph, bf16: bool) -> Tactic:
-    """The fastest tactic kiln has for `node`, falling back to its reference kernel."""
+def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic:
+    """The fastest tactic kiln has for `node`, falling back to its reference kernel; `sizes` are the dynamic
+    dimensions' opt sizes (kiln/engine/profiles.py), which weights are packed for."""
     opset = graph.opsets.get(node.domain, graph.opset)
     # oneDNN's packed paths here are fp32 (or bf16 by choice); fp16 or float64 models keep the reference kernels
     fp32 = bool(node.inputs) and graph.value(node.inputs[0]).dtype is DType.float32
     if node.domain == "kiln" and node.op == "Conv" and fp32:
-        tactic = _conv(node, graph, bf16)
+        tactic = _conv(node, graph, bf16, sizes)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Gemm" and fp32:
-        tactic = _gemm(node, graph, bf16)
+        tactic = _gemm(node, graph, bf16, sizes)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Attention" and fp32:
@@ -88,21 +89,23 @@ def _post_op(node: Node) -> tuple[str, list, str | None]:
     return name, params, algorithm
 
 
-def _example_shape(graph: Graph, name: str) -> list[int] | None:
+def _example_shape(graph: Graph, name: str, sizes: dict[str, int] | None = None) -> list[int] | None:
     shape = graph.value(name).shape
     if shape is None:
         return None
-    return [d if isinstance(d, int) else 1 for d in shape]  # a symbolic batch: pack for 1, any batch still runs
+    # a symbolic batch: pack for the profile's opt size (1 without one); any batch still runs, but oneDNN's weight
+    # layout for batch 1 costs ResNet-50 about a quarter more at batch 4 (benchmarks/dynamic.py)
+    return [d if isinstance(d, int) else (sizes or {}).get(d, 1) for d in shape]
 
 
-def _conv(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic | None:
     import torch
 
     weight = graph.initializers.get(node.inputs[1])
     pads = list(node.attrs["pads"])
     if weight is None or weight.ndim != 4 or pads[:2] != pads[2:] or not torch.backends.mkldnn.is_available():
         return None
-    example = _example_shape(graph, node.inputs[0])
+    example = _example_shape(graph, node.inputs[0], sizes)
     if example is None or len(example) != 4:
         return None
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -148,14 +151,14 @@ def _conv(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
 
-def _gemm(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic | None:
     import torch
 
     weight = graph.initializers.get(node.inputs[1])
     if weight is None or weight.ndim != 2 or not torch.backends.mkldnn.is_available():
         return None
     dtype = torch.bfloat16 if bf16 else torch.float32
-    example = _example_shape(graph, node.inputs[0])
+    example = _example_shape(graph, node.inputs[0], sizes)
     rows = math.prod(example[:-1]) if example else None
     w = torch.from_numpy(weight.copy()).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
@@ -261,9 +264,13 @@ def lower(plan):
     if bf16:
         check_bf16()
     chosen: dict[int, Tactic] = {}
+    from ...engine.profiles import symbol_sizes
+
+    # tuned for the first profile's opt shapes, as TensorRT tunes each profile at its opt
+    opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], plan.profiles[0], "opt") if plan.profiles else {}
 
     def kernel_for(node: Node):
-        tactic = choose(node, graph, bf16)
+        tactic = choose(node, graph, bf16, opt)
         chosen[id(node)] = tactic
         return tactic.run
 
