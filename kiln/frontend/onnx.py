@@ -152,25 +152,33 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def name_unknown_dims(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Give each unnamed dynamic dimension of a graph input the name `<input>_dim<axis>`, so that it stays one
-    symbol through shape inference (onnx would invent a new `unk__N` at every use) and profiles and errors can
-    name it. The caller's model is left as it was."""
+def prepare_dynamic_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For a model with a dynamic input: give each unnamed dynamic dimension of a graph input the name
+    `<input>_dim<axis>`, so that it stays one symbol through shape inference (onnx would invent a new `unk__N` at
+    every use) and profiles and errors can name it; and forget the fixed shapes value_info records for
+    intermediates (element types stay), because tools that make a batch dynamic often edit only the inputs and
+    leave value_info at the old size, which constant folding would then bake in. ONNX shape inference
+    recomputes them from the inputs. The caller's model is left as it was."""
     weights = {t.name for t in model.graph.initializer}
 
-    def unnamed(info):
-        shape = info.type.tensor_type.shape if info.type.HasField("tensor_type") else None
-        return [] if shape is None or info.name in weights else [
-            (axis, dim) for axis, dim in enumerate(shape.dim) if not dim.HasField("dim_value") and not dim.dim_param]
+    def dims(info) -> list:
+        if info.name in weights or not info.type.HasField("tensor_type") or not info.type.tensor_type.HasField("shape"):
+            return []
+        return list(info.type.tensor_type.shape.dim)
 
-    if not any(unnamed(info) for info in model.graph.input):
+    if all(dim.HasField("dim_value") for info in model.graph.input for dim in dims(info)):
         return model
-    named = onnx.ModelProto()
-    named.CopyFrom(model)
-    for info in named.graph.input:
-        for axis, dim in unnamed(info):
-            dim.dim_param = f"{info.name}_dim{axis}"
-    return named
+    prepared = onnx.ModelProto()
+    prepared.CopyFrom(model)
+    for info in prepared.graph.input:
+        for axis, dim in enumerate(dims(info)):
+            if not dim.HasField("dim_value") and not dim.dim_param:
+                dim.dim_param = f"{info.name}_dim{axis}"
+    for info in prepared.graph.value_info:
+        shape = dims(info)
+        if shape and all(dim.HasField("dim_value") for dim in shape):
+            info.type.tensor_type.ClearField("shape")
+    return prepared
 
 
 def _value_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
@@ -288,7 +296,7 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
         raise ParseError("the model has an empty graph", code="KILN-E104", hint="check that the export wrote the network")
     model = normalize_opset(model)
     model = inline_local_functions(model)
-    model = name_unknown_dims(model)
+    model = prepare_dynamic_inputs(model)
     model = infer_shapes(model)
     model = apply_infer_rules(model, infer_shapes)  # custom-domain nodes: ONNX cannot type their outputs, plugins can
     opset = model_opset(model)

@@ -205,3 +205,17 @@ def test_memory_is_planned_for_the_largest_shapes_of_all_profiles(cnn):
     assert memory["planned_at"] == {"N": MAX_BATCH} and "N" not in memory["assumed"]
     first_conv = next(b for b in memory["buffers"] if b["value"] == engine.plan.graph.nodes[0].outputs[0])
     assert first_conv["bytes"] == MAX_BATCH * 8 * 8 * 8 * 4  # [N, 8, 8, 8] float32 at N = max
+
+
+def test_sizes_left_in_value_info_by_making_a_batch_dynamic_are_not_baked_in():
+    # the usual way to make a batch dynamic edits the input only: value_info still says batch 2 everywhere
+    stale = onnx.shape_inference.infer_shapes(cnn_model(batch=2))
+    stale.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    config = kiln.BuilderConfig()
+    config.add_profile({"image": ((1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))})
+    engine = kiln.build(stale, config)
+    assert "Shape" in [node.op for node in engine.plan.graph.nodes]
+    assert stale.graph.value_info[0].type.tensor_type.shape.dim[0].dim_value == 2  # the caller's model is untouched
+    image = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    expected = run_onnxruntime(cnn_model(), {"image": image})["logits"]  # onnxruntime trusts the stale sizes: the clean model
+    assert_close(engine.run({"image": image})["logits"], expected, rtol=1e-4, atol=1e-4)
