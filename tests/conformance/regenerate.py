@@ -36,6 +36,35 @@ def _work(args):
             "kiln": kiln[0], "kiln_reason": kiln[1], "onnxruntime": ort[0], "onnxruntime_reason": ort[1]}
 
 
+# Why whole groups of cases fail, by case name; anything else gets its error's first line.
+KNOWN = [
+    (r"string|strnorm|regex_full_match|label_encoder|equal_string",
+     "strings: kiln engines run on torch tensors, which hold no strings (string operators out of scope)"),
+    (r"image_decoder", "ImageDecoder: decoding image files inside an engine is out of scope (no image codec dependency)"),
+    (r"bernoulli|training_dropout",
+     "random: the expected values come from numpy's generator, which kiln's torch sampling does not reproduce"),
+    (r"gradient_of", "Gradient (ai.onnx.preview.training) needs automatic differentiation of the graph: out of scope"),
+    (r"quantizelinear_(u?int[24])",
+     "QuantizeLinear into 2/4-bit types saturates to the 8-bit range (kiln/ops/quantize.py, INT8 engineer's)"),
+    (r"^test_mvn$", "MeanVarianceNormalization's function body uses a Constant with an attribute reference the "
+                    "frontend's inliner leaves unresolved"),
+    (r"attention_4d_causal_fp16", "fp16: 2 of 192 values differ by one fp16 ulp (0.0005) from the reference, "
+                                  "with or without optimization; the case's atol 1e-7 allows none"),
+    (r"dft_inverse", "inverse DFT in complex64: 10 of 200 imaginary parts are 1.9e-7 where numpy gives 0; atol is 1e-7"),
+    (r"flexattention_score_mod", "the optimizer's attention fusion (kiln::Attention) makes a layer that fails on this "
+                                 "score_mod graph (IndexError, 0-d operand); passes with optimize=False"),
+]
+
+
+def _known_reason(result: dict) -> str | None:
+    import re
+
+    for pattern, reason in KNOWN:
+        if re.search(pattern, result["name"]):
+            return reason
+    return None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=2)
@@ -47,13 +76,14 @@ def main() -> int:
     results.sort(key=lambda r: (r["kind"] != "node", r["kind"], r["name"]))
     harness.RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
-    old = harness.read_expected_failures()
+    old = {name: reason for name, reason in harness.read_expected_failures().items()
+           if not reason.startswith(("error:", "wrong:"))}  # reasons written by hand are kept
     lines = ["# Cases kiln does not pass, one per line: name  # reason.",
              "# tests/conformance/test_conformance.py enforces this list both ways; regenerate with",
              "# .venv/bin/python tests/conformance/regenerate.py"]
     for r in results:
         if r["kiln"] != "pass":
-            reason = old.get(r["name"]) or f"{r['kiln']}: {r['kiln_reason']}"
+            reason = old.get(r["name"]) or _known_reason(r) or f"{r['kiln']}: {r['kiln_reason']}"
             lines.append(f"{r['name']}  # {reason}")
     harness.EXPECTED_FAILURES.write_text("\n".join(lines) + "\n")
     for kind in ("node", "model"):
