@@ -32,9 +32,14 @@ def run(graph: Graph, ctx) -> bool:
     if config is None or not getattr(config, "int8", False):
         return False
     if any(node.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for node in graph.nodes):
-        log.info("int8: the model carries its own quantization (QDQ / QLinear nodes); kiln keeps its scales and does not calibrate")
-        config.extra["quantization"] = {"mode": "explicit (QDQ)"}
-        return False
+        from .qdq import fold
+
+        folded = fold(graph)
+        log.info("int8: the model carries its own quantization (QDQ / QLinear nodes); kiln keeps its scales and does not "
+                 "calibrate; %d layer(s) with symmetric int8 inputs run as kiln int8 layers", len(folded))
+        config.extra["quantization"] = {"mode": "explicit (QDQ)", "folded": folded}
+        ctx.counters["int8_layers"] += len(folded)
+        return bool(folded)
     layers = [n for n in graph.nodes if (n.domain, n.op) in QUANTIZABLE and n.inputs[1] in graph.initializers]
     if not layers:
         log.info("int8: no convolution or matrix layer with constant weights to quantize; the engine stays fp32")

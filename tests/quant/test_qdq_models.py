@@ -63,3 +63,20 @@ def test_dynamically_quantized_matmul_runs_as_onnxruntime(tmp_path):
     got = kiln.build(str(target)).run({"x": x})["y"]
     want = run_onnxruntime(str(target), {"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_symmetric_qdq_pairs_fold_into_int8_layers(digits, tmp_path):
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    path = str(tmp_path / "digits.sym.onnx")
+    quantize_static(digits["path"], path, _Reader(batches(digits["calib"][0][:100])), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    engine = kiln.build(path, config(int8=True))
+    folded = engine.plan.build_info["quantization"]["folded"]
+    assert len(folded) == 4 and all(engine.plan.layers[name]["precision"] == "int8" for name in folded)
+    images = digits["val"][0]
+    got = np.concatenate([engine.run(f)["logits"] for f in batches(images)])
+    want = np.concatenate([run_onnxruntime(path, f)["logits"] for f in batches(images)])
+    assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.99
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
