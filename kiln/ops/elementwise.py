@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from .registry import register
@@ -18,7 +19,7 @@ _UNARY = {
 }
 _BINARY = {
     "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Pow": None, "And": torch.logical_and,
-    "Or": torch.logical_or, "Xor": torch.logical_xor, "Equal": torch.eq, "Less": torch.lt, "LessOrEqual": torch.le,
+    "Or": torch.logical_or, "Xor": torch.logical_xor, "Equal": None, "Less": torch.lt, "LessOrEqual": torch.le,
     "Greater": torch.gt, "GreaterOrEqual": torch.ge, "BitwiseAnd": torch.bitwise_and, "BitwiseOr": torch.bitwise_or,
     "BitwiseXor": torch.bitwise_xor,
 }
@@ -61,6 +62,14 @@ for _op, _fn in _UNARY.items():
 for _op, _fn in _BINARY.items():
     if _fn is not None:
         _register_binary(_op, _fn)
+
+
+@register("Equal", since=1)
+@widen_unsigned
+def equal(a, b):
+    if not isinstance(a, torch.Tensor):  # string tensors are numpy object arrays
+        return torch.from_numpy(np.asarray(np.equal(a, b), dtype=bool))
+    return torch.eq(a, b)
 
 
 @register("Div", since=1)
