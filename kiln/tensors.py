@@ -15,6 +15,8 @@ def numpy_to_torch(array: np.ndarray):
 
     array = np.asarray(array)
     dtype = from_numpy(array.dtype)
+    if dtype == DType.string:  # torch holds no strings: string tensors stay numpy object arrays
+        return np.array(array, dtype=object, copy=True)
     if dtype in _BIT_VIEWS:
         bits = np.ascontiguousarray(array).reshape(array.shape).view(_BIT_VIEWS[dtype])  # ascontiguousarray makes 0-d 1-d
         return torch.from_numpy(bits.copy()).view(to_torch(dtype))
@@ -25,6 +27,8 @@ def numpy_to_torch(array: np.ndarray):
 
 def tensor_to_numpy(tensor) -> np.ndarray:
     """A numpy array holding `tensor`'s values (sharing memory where the dtype allows)."""
+    if isinstance(tensor, np.ndarray):  # a string tensor
+        return tensor
     tensor = tensor.detach().cpu()
     dtype = from_torch(tensor.dtype)
     if dtype in _BIT_VIEWS:

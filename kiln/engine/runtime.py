@@ -108,7 +108,7 @@ def _deliver(value, as_torch: bool, aliased: bool):
     if isinstance(value, list):  # a sequence's tensors may be inputs or weights themselves: always copy
         return [_deliver(item, as_torch, True) for item in value]
     if aliased:
-        value = value.clone()
+        value = value.copy() if hasattr(value, "copy") and not hasattr(value, "clone") else value.clone()  # strings: numpy
     if as_torch:
         return value
     from ..tensors import tensor_to_numpy

@@ -68,7 +68,8 @@ BINDABLE = frozenset({DType.float32, DType.float16, DType.bfloat16, DType.float6
                       DType.int16, DType.int32, DType.int64, DType.bool,
                       DType.uint16, DType.float8e4m3fn, DType.float8e5m2,  # quantized models' int16/fp8 tensors
                       DType.uint32, DType.uint64, DType.float8e4m3fnuz, DType.float8e5m2fnuz,  # ONNX's test cases
-                      DType.int4, DType.uint4, DType.int2, DType.uint2, DType.float4e2m1, DType.float8e8m0})
+                      DType.int4, DType.uint4, DType.int2, DType.uint2, DType.float4e2m1, DType.float8e8m0,
+                      DType.string})  # strings travel as numpy object arrays (kiln/ops/strings.py)
 # Element types torch has no tensor type for travel in a wider torch type that holds each of their values exactly;
 # Cast converts into them with ml_dtypes' rounding and wrapping, and engines hand outputs back in the real type.
 CARRIED = {DType.int4: "int8", DType.int2: "int8", DType.uint4: "uint8", DType.uint2: "uint8",
