@@ -38,8 +38,6 @@ def _work(args):
 
 # Why whole groups of cases fail, by case name; anything else gets its error's first line.
 KNOWN = [
-    (r"string|strnorm|regex_full_match|label_encoder|equal_string",
-     "strings: kiln engines run on torch tensors, which hold no strings (string operators out of scope)"),
     (r"image_decoder", "ImageDecoder: decoding image files inside an engine is out of scope (no image codec dependency)"),
     (r"bernoulli|training_dropout",
      "random: the expected values come from numpy's generator, which kiln's torch sampling does not reproduce"),
