@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one device call: kiln's CUDA tests, then the GPU benchmark, logs and results under $OUT.
+# The GPU check in one device call: every test marked gpu, then the GPU benchmark, logs and results under $OUT.
 #   bash scripts/gpu_check.sh [tests|bench|all] [extra benchmark arguments...]
 # Runs with the device machine's python3 (torch+CUDA, triton, torchvision, transformers) and this checkout on PYTHONPATH.
 set -o pipefail
@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv |
 python3 -c "import torch, triton, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/backends/test_cuda.py tests/backends/test_cuda_config.py -rs 2>&1 | tee "$OUT/tests.log" || status=1
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests -rs 2>&1 | tee "$OUT/tests.log" || status=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 benchmarks/gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" || status=1
