@@ -197,6 +197,24 @@ def quantize_activation(x, x_scale: float):
     return torch.clamp(torch.round(x.to(torch.float32) * (1.0 / x_scale)), -128, 127).to(torch.int8)
 
 
+def int_matmul(a, b):
+    """a [M, K] int8 @ b [K, N] int8 -> int32 [M, N]. On CUDA, torch._int_mm wants M > 16 and K, N multiples of 8:
+    zero rows and columns are added and cut off again (zeros add nothing to the sums)."""
+    import torch
+    import torch.nn.functional as F
+
+    if not a.is_cuda:
+        return torch._int_mm(a, b)
+    rows, inner, cols = a.shape[0], a.shape[1], b.shape[1]
+    pad_rows = max(17 - rows, (-rows) % 8)
+    pad_inner, pad_cols = (-inner) % 8, (-cols) % 8
+    if pad_rows or pad_inner:
+        a = F.pad(a, (0, pad_inner, 0, pad_rows))
+    if pad_inner or pad_cols:
+        b = F.pad(b, (0, pad_cols, 0, pad_inner))
+    return torch._int_mm(a, b)[:rows, :cols]
+
+
 @register("QGemm", since=1, domain="kiln")
 def qgemm(x, wq, w_scale, b=None, *, x_scale, activation="", activation_params=()):
     import torch
@@ -205,7 +223,7 @@ def qgemm(x, wq, w_scale, b=None, *, x_scale, activation="", activation_params=(
 
     rows = math.prod(x.shape[:-1])
     xq = quantize_activation(x, x_scale).reshape(rows, x.shape[-1])
-    accumulated = torch._int_mm(xq, wq.t())  # int8 x int8 -> int32, exact
+    accumulated = int_matmul(xq, wq.t())  # int8 x int8 -> int32, exact
     y = accumulated.to(torch.float32) * (w_scale * x_scale)
     if b is not None:
         y = y + b
