@@ -11,7 +11,7 @@ import math
 from .. import log
 from ..ir import Graph
 from .context import PassContext
-from .matching import Neighbours, constant, merged_origin, rewrite, static_shape
+from .matching import Neighbours, constant, known_shape, merged_origin, rewrite
 
 FUSABLE = ("Conv", "Gemm")
 
@@ -43,8 +43,8 @@ def _fuse_once(graph: Graph, ctx: PassContext) -> bool:
             continue
         if user.op in ("Add", "Sum") and len(user.inputs) == 2 and not user.domain and len(node.inputs) < 4:
             other = user.inputs[1] if user.inputs[0] == node.outputs[0] else user.inputs[0]
-            mine = static_shape(graph, node.outputs[0])
-            if other != node.outputs[0] and other not in graph.initializers and mine is not None and static_shape(graph, other) == mine \
+            mine = known_shape(graph, node.outputs[0])  # a symbolic batch fuses too
+            if other != node.outputs[0] and other not in graph.initializers and mine is not None and known_shape(graph, other) == mine \
                     and graph.value(other).dtype == graph.value(node.outputs[0]).dtype:
                 bias = node.inputs[2] if len(node.inputs) > 2 else ""
                 replaced[id(node)] = None

@@ -97,6 +97,15 @@ def _rename_outer(sub: Graph, renames: dict[str, str], resolve) -> None:
                    for v in sub.outputs]
 
 
+def known_shape(graph: Graph, name: str) -> tuple | None:
+    """The shape with every dimension a size or a symbol (None where any is unknown). Two equal known shapes are
+    the same at every run: a symbol is one size wherever it appears, so a dynamic batch still compares equal."""
+    if name in graph.initializers:
+        return tuple(graph.initializers[name].shape)
+    shape = graph.value(name).shape
+    return tuple(shape) if shape is not None and all(d is not None for d in shape) else None
+
+
 def static_shape(graph: Graph, name: str) -> tuple[int, ...] | None:
     if name in graph.initializers:
         return tuple(graph.initializers[name].shape)

@@ -219,3 +219,18 @@ def test_sizes_left_in_value_info_by_making_a_batch_dynamic_are_not_baked_in():
     image = np.random.default_rng(5).standard_normal((3, 3, 8, 8)).astype(np.float32)
     expected = run_onnxruntime(cnn_model(), {"image": image})["logits"]  # onnxruntime trusts the stale sizes: the clean model
     assert_close(engine.run({"image": image})["logits"], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_residual_fusion_fires_with_a_symbolic_batch():
+    rng = np.random.default_rng(6)
+    weights = {"w": rng.standard_normal((3, 3, 3, 3)).astype(np.float32) * 0.3, "b": rng.standard_normal(3).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["image", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "image"], ["sum"]), helper.make_node("Relu", ["sum"], ["out"])]
+    model = make_model(nodes, {"image": (np.float32, ["N", 3, 8, 8])}, ["out"], weights)
+    config = kiln.BuilderConfig()
+    config.add_profile({"image": ((1, 3, 8, 8), (2, 3, 8, 8), (3, 3, 8, 8))})
+    engine = kiln.build(model, config)
+    assert engine.plan.build_info["counters"].get("fuse_conv_residual") == 1 and len(engine.plan.graph.nodes) == 1
+    for batch in (1, 3):
+        image = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        assert_close(engine.run({"image": image})["out"], run_onnxruntime(model, {"image": image})["out"], rtol=1e-4, atol=1e-4)

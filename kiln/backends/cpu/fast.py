@@ -267,7 +267,8 @@ def lower(plan):
     from ...engine.profiles import symbol_sizes
 
     # tuned for the first profile's opt shapes, as TensorRT tunes each profile at its opt
-    opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], plan.profiles[0], "opt") if plan.profiles else {}
+    profiles = getattr(plan, "profiles", None)  # a bare graph to lower (tests) has none
+    opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], profiles[0], "opt") if profiles else {}
 
     def kernel_for(node: Node):
         tactic = choose(node, graph, bf16, opt)
