@@ -134,13 +134,15 @@ def _conv_run(w, b, geometry, memory_format, dtype, flow, set_math, activation, 
 
 
 def gemm_candidates(node: Node, weight, bias, precisions: list[str], flow) -> list[Candidate]:
-    """x @ W^T + b with the activation: cuBLAS then torch, cuBLASLt's fused epilogue, or cuBLAS then Triton."""
+    """x @ W^T + b (+ residual) with the activation: cuBLAS then torch, cuBLASLt's fused epilogue, or cuBLAS
+    then one kiln Triton pass for bias, residual and activation."""
     import torch
     import torch.nn.functional as F
 
     from ...ops.fused import apply_activation
 
     activation, params = node.attrs.get("activation", ""), list(node.attrs.get("activation_params", []))
+    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
     use_triton = triton_available() and activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid")
     candidates = []
     for precision in precisions:
@@ -148,15 +150,18 @@ def gemm_candidates(node: Node, weight, bias, precisions: list[str], flow) -> li
         w, b = weight.to(dtype).contiguous(), _cast(bias, dtype)
         wt = w.t()
 
-        def plain(x, *unused, w=w, b=b, dtype=dtype, set_math=set_math):
+        def plain(x, w_unused=None, b_unused=None, residual=None, w=w, b=b, dtype=dtype, set_math=set_math):
             set_math()
-            return _cast(apply_activation(F.linear(_cast(x, dtype), w, b), activation, params), flow)
+            y = F.linear(_cast(x, dtype), w, b)
+            if residual is not None:
+                y = y.add_(_cast(residual, dtype))
+            return _cast(apply_activation(y, activation, params), flow)
 
         candidates.append(Candidate("cublas", precision, plain))
         # cuBLASLt's GELU epilogue is the tanh form: offered for erf GELU only in half precision, where the
         # difference (under 1e-3) is below the rounding already accepted; the tolerance check still applies
         lt_gelu = activation == "gelu_tanh" or (activation == "gelu" and precision in ("fp16", "bf16"))
-        if b is not None and (activation in ("", "relu") or lt_gelu):
+        if b is not None and not has_residual and (activation in ("", "relu") or lt_gelu):
             def lt(x, *unused, wt=wt, b=b, dtype=dtype, set_math=set_math):
                 set_math()
                 x = _cast(x, dtype)
@@ -169,14 +174,19 @@ def gemm_candidates(node: Node, weight, bias, precisions: list[str], flow) -> li
 
             name = "cublaslt-tanh-gelu-epilogue" if activation == "gelu" else "cublaslt-epilogue"
             candidates.append(Candidate(name, precision, lt))
-        if use_triton and (b is not None or activation):
+        if use_triton and (b is not None or activation or has_residual):
             from .triton_kernels import epilogue as fused_epilogue
 
-            def tri(x, *unused, wt=wt, b=b, dtype=dtype, set_math=set_math):
+            def tri(x, w_unused=None, b_unused=None, residual=None, wt=wt, b=b, dtype=dtype, set_math=set_math, plain=plain):
                 set_math()
                 x = _cast(x, dtype)
                 y = torch.matmul(x, wt)
-                return _cast(fused_epilogue(y, b, None, activation), flow)
+                if residual is not None:
+                    residual = _cast(residual, dtype)
+                    if residual.shape != y.shape:  # a broadcast residual: one flat index cannot walk it
+                        return plain(x, None, None, residual)
+                    residual = residual.contiguous()
+                return _cast(fused_epilogue(y, b, residual, activation), flow)
 
             candidates.append(Candidate("cublas+triton-epilogue", precision, tri))
     return candidates
