@@ -103,6 +103,8 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     from onnx import version_converter
 
     log.verbose("converting model from opset %d to kiln's canonical opset %d", opset, CANONICAL_OPSET)
+    if _same_schemas(model, opset):
+        return _with_opset(model, CANONICAL_OPSET)  # no operator changed between the two opsets: nothing to rewrite
     try:
         converted = version_converter.convert_version(model, CANONICAL_OPSET)
     except Exception as error:  # noqa: BLE001 (the converter raises RuntimeError/ConvertError with its reason)
@@ -136,6 +138,43 @@ def _runs_at_own_opset(model: onnx.ModelProto) -> bool:
     return all(registry.lookup(node.op_type, "" if node.domain == "ai.onnx" else node.domain,
                                opsets.get("" if node.domain == "ai.onnx" else node.domain, 1)) is not None
                for node in every_node(model.graph))
+
+
+def _same_schemas(model: onnx.ModelProto, opset: int) -> bool:
+    """True when every default-domain operator in the model (subgraphs included) has the same schema version at
+    `opset` and at the canonical opset: the converter would only change the opset number, and it is slow (most of
+    the build time of a small model)."""
+    if model.functions:
+        return False
+
+    def nodes(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from nodes(attribute.g)
+                for sub in attribute.graphs:
+                    yield from nodes(sub)
+
+    for node in nodes(model.graph):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            if onnx.defs.get_schema(node.op_type, opset).since_version != \
+                    onnx.defs.get_schema(node.op_type, CANONICAL_OPSET).since_version:
+                return False
+        except onnx.defs.SchemaError:
+            return False
+    return True
+
+
+def _with_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for entry in copy.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    return copy
 
 
 def _interface(model: onnx.ModelProto) -> list:
