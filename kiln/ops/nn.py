@@ -276,3 +276,12 @@ def gemm(a, b, c=None, *, alpha=1.0, beta=1.0, transA=0, transB=0):  # noqa: N80
 @register("MatMul", since=13)
 def matmul(a, b):
     return torch.matmul(a, b)
+
+
+@register("MeanVarianceNormalization", since=13)
+def mean_variance_normalization(x, *, axes=(0, 2, 3)):
+    """(x - E[x]) / (sqrt(E[x^2] - E[x]^2) + 1e-9), ONNX's function body computed directly."""
+    dims = tuple(a % x.dim() for a in axes)
+    mean = x.mean(dim=dims, keepdim=True)
+    std = torch.sqrt((x * x).mean(dim=dims, keepdim=True) - mean * mean)
+    return (x - mean) / (std + 1e-9)

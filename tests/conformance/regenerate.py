@@ -44,11 +44,8 @@ KNOWN = [
     (r"gradient_of", "Gradient (ai.onnx.preview.training) needs automatic differentiation of the graph: out of scope"),
     (r"quantizelinear_(u?int[24])",
      "QuantizeLinear into 2/4-bit types saturates to the 8-bit range (kiln/ops/quantize.py, INT8 engineer's)"),
-    (r"^test_mvn$", "MeanVarianceNormalization's function body uses a Constant with an attribute reference the "
-                    "frontend's inliner leaves unresolved"),
     (r"attention_4d_causal_fp16", "fp16: 2 of 192 values differ by one fp16 ulp (0.0005) from the reference, "
                                   "with or without optimization; the case's atol 1e-7 allows none"),
-    (r"dft_inverse", "inverse DFT in complex64: 10 of 200 imaginary parts are 1.9e-7 where numpy gives 0; atol is 1e-7"),
     (r"flexattention_score_mod", "the optimizer's attention fusion (kiln::Attention) makes a layer that fails on this "
                                  "score_mod graph (IndexError, 0-d operand); passes with optimize=False"),
 ]
