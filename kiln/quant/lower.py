@@ -150,13 +150,14 @@ def _by_speed_or_request(graph: Graph, layers: list[Node], int8: dict[str, Node]
     chosen = set()
     # TensorRT ignores --layerPrecisions without constraints; kiln reads them as "prefer" rather than drop them
     forced = config.precision_constraints in ("prefer", "obey") or bool(config.layer_precisions)
+    sizes = _opt_sizes(graph, config)
     for node in layers:
         entry = report["layers"].setdefault(node.name, {"op": node.op})
         if forced and asked.get(node.name) == "int8":
             chosen.add(node.name)
             entry.update(precision="int8", why="asked")
             continue
-        fp32_ms, int8_ms = _timings(graph, node, int8[node.name], bf16=bool(config.bf16))
+        fp32_ms, int8_ms = _timings(graph, node, int8[node.name], bf16=bool(config.bf16), sizes=sizes)
         entry.update(fp32_ms=round(fp32_ms, 4), int8_ms=round(int8_ms, 4))
         if int8_ms < fp32_ms:
             chosen.add(node.name)
@@ -172,16 +173,26 @@ def _by_speed_or_request(graph: Graph, layers: list[Node], int8: dict[str, Node]
     return chosen
 
 
-def _timings(graph: Graph, fp32: Node, int8: Node, bf16: bool) -> tuple[float, float]:
-    """Best of a few runs of each kernel on this layer's shape (symbolic dims as 1)."""
+def _opt_sizes(graph: Graph, config) -> dict[str, int]:
+    """Named dimensions at the first profile's opt shapes, where the engine is tuned to run."""
+    if not config.profiles:
+        return {}
+    from ..engine.profiles import symbol_sizes
+
+    return symbol_sizes([graph.value(v.name) for v in graph.inputs], config.profiles[0], "opt")
+
+
+def _timings(graph: Graph, fp32: Node, int8: Node, bf16: bool, sizes: dict | None = None) -> tuple[float, float]:
+    """Best of a few runs of each kernel on this layer's shape at the opt sizes (other symbolic dims as 1)."""
     import torch
 
     from ..backends.cpu.fast import choose
     from ..backends.cpu.kernels import bind_kernel
     from ..tensors import numpy_to_torch
 
-    shape = [d if isinstance(d, int) else 1 for d in (graph.value(fp32.inputs[0]).shape or ())]
-    out_shape = [d if isinstance(d, int) else 1 for d in (graph.value(fp32.outputs[0]).shape or ())]
+    sizes = sizes or {}
+    shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in (graph.value(fp32.inputs[0]).shape or ())]
+    out_shape = [d if isinstance(d, int) else sizes.get(d, 1) for d in (graph.value(fp32.outputs[0]).shape or ())]
     if not shape:
         return 0.0, float("inf")  # unknown shape: no evidence that int8 pays off
     generator = torch.Generator().manual_seed(0)
