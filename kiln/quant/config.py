@@ -8,6 +8,9 @@ PRECISIONS = ("int8", "fp32")
 
 
 def check_config(config) -> None:
+    if config.int8 and not config.optimize:
+        raise BuildError("--int8 quantizes the fused convolution and matrix layers, which --noOptimize does not form",
+                         code="KILN-E203", hint="drop --noOptimize, or build without --int8")
     if config.calibrator not in CALIBRATORS:
         raise BuildError(f"unknown calibrator {config.calibrator!r}", code="KILN-E203", hint=f"choose one of: {', '.join(CALIBRATORS)}")
     if config.precision_constraints not in CONSTRAINTS:

@@ -129,3 +129,16 @@ def test_bad_options_are_clear_errors(digits):
         kiln.build(digits["path"], config(int8=True, calib=batches(digits["calib"][0]),
                                           layer_precisions={"/4/MaxPool": "int8"}, precision_constraints="obey"))
     assert error.value.code == "KILN-E301"
+
+
+def test_calibration_reads_npy_directories_and_generators(digits, tmp_path):
+    images = digits["calib"][0][:100]
+    for index, feed in enumerate(batches(images)):
+        np.save(tmp_path / f"{index}.npy", feed["image"])
+    from_files = kiln.build(digits["path"], config(int8=True, calib=str(tmp_path), layer_precisions=ALL_INT8))
+    from_generator = kiln.build(digits["path"], config(int8=True, calib=(feed for feed in batches(images)),
+                                                       layer_precisions=ALL_INT8))
+    feed = batches(digits["val"][0])[0]
+    np.testing.assert_array_equal(from_files.run(feed)["logits"], from_generator.run(feed)["logits"])
+    assert from_files.plan.config["calib"] == str(tmp_path)
+    assert from_generator.plan.config["calib"] == "<python iterable>"
