@@ -315,3 +315,22 @@ def _bilinear_zero(image, y, x):
             values = torch.gather(flat, 2, index).reshape(n, c, *y.shape[1:])
             result = result + values * (weight * inside).unsqueeze(1)
     return result
+
+
+@register("ImageDecoder", since=20)
+def image_decoder(encoded_stream, *, pixel_format="RGB"):
+    """Decode an encoded image (JPEG, PNG, BMP, TIFF, WebP, ...) to uint8 HWC with Pillow (the "images" extra)."""
+    import io
+
+    try:
+        from PIL import Image
+    except ImportError:
+        from ..errors import BuildError
+
+        raise BuildError("ImageDecoder needs Pillow", code="KILN-E101",
+                         hint="pip install 'kiln[images]' (or pillow)") from None
+    image = Image.open(io.BytesIO(encoded_stream.numpy().tobytes()))
+    if pixel_format == "Grayscale":
+        return torch.from_numpy(np.asarray(image.convert("L"))[..., None].copy())
+    pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy((pixels[..., ::-1] if pixel_format == "BGR" else pixels).copy())

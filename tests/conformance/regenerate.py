@@ -38,7 +38,6 @@ def _work(args):
 
 # Why whole groups of cases fail, by case name; anything else gets its error's first line.
 KNOWN = [
-    (r"image_decoder", "ImageDecoder: decoding image files inside an engine is out of scope (no image codec dependency)"),
     (r"bernoulli|training_dropout",
      "random: the expected values come from numpy's generator, which kiln's torch sampling does not reproduce"),
     (r"gradient_of", "Gradient (ai.onnx.preview.training) needs automatic differentiation of the graph: out of scope"),
