@@ -136,7 +136,7 @@ def resolve_profiles(inputs: list, profiles: list, use_model_shapes: bool = Fals
     build for one run at shapes they choose, and ONNX's backend API, which sees the inputs only after building)."""
     declared = {value.name: value.shape for value in inputs if getattr(value, "kind", "tensor") == "tensor"}
     dynamic = [name for name, shape in declared.items() if _dynamic(shape)]
-    profiles = [as_profile(p) for p in profiles]
+    profiles = [Profile(dict(as_profile(p).shapes)) for p in profiles]  # completed copies: the caller's stay as given
     given = bool(profiles)
     if not profiles:
         if not dynamic or unbounded:

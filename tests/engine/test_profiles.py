@@ -74,6 +74,7 @@ def test_model_shapes_complete_inputs_that_share_dimensions_with_a_profiled_one(
     ids = Profile().set_shape("input_ids", (1, 4), (2, 16), (4, 32))
     (profile,) = resolve_profiles([IDS, MASK], [ids])
     assert profile.shapes["attention_mask"] == ((1, 4), (2, 16), (4, 32))
+    assert list(ids.shapes) == ["input_ids"]  # the caller's profile is left as given
     assert symbol_sizes([IDS, MASK], profile, "max") == {"batch": 4, "seq": 32}
     assert symbol_sizes([IDS, MASK], profile.to_data(), "opt") == {"batch": 2, "seq": 16}
 
