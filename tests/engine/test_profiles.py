@@ -70,7 +70,7 @@ def test_model_shapes_still_name_a_dimension_without_a_size():
     assert resolve_profiles([static], [], use_model_shapes=True) == []  # nothing dynamic: a static engine
 
 
-def test_model_shapes_complete_inputs_that_share_dimensions_with_a_profiled_one():
+def test_inputs_sharing_dimensions_with_a_profiled_one_take_its_ranges():
     ids = Profile().set_shape("input_ids", (1, 4), (2, 16), (4, 32))
     (profile,) = resolve_profiles([IDS, MASK], [ids])
     assert profile.shapes["attention_mask"] == ((1, 4), (2, 16), (4, 32))
