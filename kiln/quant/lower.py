@@ -187,7 +187,6 @@ def _timings(graph: Graph, fp32: Node, int8: Node, bf16: bool, sizes: dict | Non
     import torch
 
     from ..backends.cpu.fast import choose
-    from ..backends.cpu.kernels import bind_kernel
     from ..tensors import numpy_to_torch
 
     sizes = sizes or {}
@@ -212,7 +211,7 @@ def _timings(graph: Graph, fp32: Node, int8: Node, bf16: bool, sizes: dict | Non
         return args
 
     fp32_run, fp32_args = choose(fp32, graph, bf16).run, arguments(fp32)
-    int8_run, int8_args = bind_kernel(int8, 1), arguments(int8)
+    int8_run, int8_args = choose(int8, graph, bf16).run, arguments(int8)
     timings: dict[str, list[float]] = {"fp32": [], "int8": []}
     with torch.inference_mode():
         fp32_run(*fp32_args), int8_run(*int8_args)  # warm up: packing, first-call allocations

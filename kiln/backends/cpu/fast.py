@@ -73,8 +73,11 @@ def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = 
         if tactic is not None:
             tactic.precision = "follow" if bf16 else "fp32"
             return tactic
-    if node.domain == "kiln" and node.op in ("QGemm", "QConv"):  # int8 layers (kiln/quant): their kernel is the tactic
-        return Tactic(_meet_in_fp32(bind_kernel(node, opset)), "torch-int8", "int8")
+    if node.domain == "kiln" and node.op in ("QGemm", "QConv"):  # int8 layers: tactics in kiln/quant/cpu_tactics.py
+        from ...quant.cpu_tactics import int8_tactic
+
+        run, name = int8_tactic(node, graph, _meet_in_fp32(bind_kernel(node, opset)))
+        return Tactic(run, name, "int8")
     kernel = bind_kernel(node, opset)
     if bf16:
         return Tactic(_meet_in_fp32(kernel), "torch", "follow")
