@@ -201,8 +201,9 @@ def _one_line(error: BaseException, prefix: str = "") -> str:
 
 
 def case_operator(case: Case) -> str:
-    """The operator a node case tests: its single (non-Constant) node, else the name's stem."""
-    ops = [n.op_type for n in case.model.graph.node if n.op_type != "Constant"]
+    """The operator a node case tests ("domain::Op" outside ONNX's default domain): its single non-Constant node."""
+    ops = [n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
+           for n in case.model.graph.node if n.op_type != "Constant"]
     if case.kind == "node" and len(set(ops)) == 1:
         return ops[0]
     return ""
