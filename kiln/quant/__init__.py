@@ -7,7 +7,9 @@ The modules, in the order a build uses them: data (feeds from a directory or an 
 histogram (bounded-memory collection), calibrators (minmax, entropy, percentile, mse -> amax),
 calibrate (run the fp32 graph over the data), cache (the --calibCache file), weights (per-channel
 symmetric int8 weights), lower (the build pass that writes kiln::QGemm / kiln::QConv), budget
-(per-layer sensitivity and the accuracy budget).
+(per-layer sensitivity and the accuracy budget), qdq (explicitly quantized models: symmetric Q/DQ pairs into
+int8 layers), cpu_tactics (oneDNN int8 convolution, torch._int_mm), config (option checks), report (what
+`kiln build` prints). The GPU kernels are in kiln/backends/cuda/int8.py.
 """
 from __future__ import annotations
 
