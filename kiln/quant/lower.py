@@ -157,6 +157,10 @@ def _by_speed_or_request(graph: Graph, layers: list[Node], int8: dict[str, Node]
             chosen.add(node.name)
             entry.update(precision="int8", why="asked")
             continue
+        if config.device != "cpu":  # CPU timings say nothing about a GPU; its tactics are timed by its backend
+            chosen.add(node.name)
+            entry.update(precision="int8", why=f"{config.device} int8")
+            continue
         fp32_ms, int8_ms = _timings(graph, node, int8[node.name], bf16=bool(config.bf16), sizes=sizes)
         entry.update(fp32_ms=round(fp32_ms, 4), int8_ms=round(int8_ms, 4))
         if int8_ms < fp32_ms:
