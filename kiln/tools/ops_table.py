@@ -34,7 +34,7 @@ def summarize(results: list[dict]) -> dict:
             entry["pass"] += 1
             entry["dtypes"].update(result.get("dtypes", []))
         elif len(entry["notes"]) < 2:
-            entry["notes"].append(f"{result['name']}: {result['kiln_reason'][:90]}")
+            entry["notes"].append(f"{result['name']}: {result.get('reason') or result['kiln_reason'][:90]}")
     node = [r for r in results if r["kind"] == "node"]
     models = [r for r in results if r["kind"] != "node"]
     summary = {"node_cases": len(node), "kiln_pass": sum(r["kiln"] == "pass" for r in node),

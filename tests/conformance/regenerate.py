@@ -68,7 +68,6 @@ def main() -> int:
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(_work, work, chunksize=16))
     results.sort(key=lambda r: (r["kind"] != "node", r["kind"], r["name"]))
-    harness.RESULTS.write_text(json.dumps(results, indent=1) + "\n")
 
     old = {name: reason for name, reason in harness.read_expected_failures().items()
            if not reason.startswith(("error:", "wrong:"))}  # reasons written by hand are kept
@@ -77,9 +76,10 @@ def main() -> int:
              "# .venv/bin/python tests/conformance/regenerate.py"]
     for r in results:
         if r["kiln"] != "pass":
-            reason = _known_reason(r) or old.get(r["name"]) or f"{r['kiln']}: {r['kiln_reason']}"
-            lines.append(f"{r['name']}  # {reason}")
+            r["reason"] = _known_reason(r) or old.get(r["name"]) or f"{r['kiln']}: {r['kiln_reason']}"
+            lines.append(f"{r['name']}  # {r['reason']}")
     harness.EXPECTED_FAILURES.write_text("\n".join(lines) + "\n")
+    harness.RESULTS.write_text(json.dumps(results, indent=1) + "\n")
     for kind in ("node", "model"):
         subset = [r for r in results if (r["kind"] == "node") == (kind == "node")]
         k, o = Counter(r["kiln"] for r in subset), Counter(r["onnxruntime"] for r in subset)

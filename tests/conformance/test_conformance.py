@@ -58,7 +58,8 @@ def test_model_cases():
 
 
 def test_stored_results_match_the_list_and_beat_onnxruntime():
-    """The stored run (regenerate.py) agrees with the list, passes >= 97% of node cases and no fewer than onnxruntime."""
+    """The stored run (regenerate.py) agrees with the list, passes at least 97% of node cases and no fewer than
+    onnxruntime through the same harness."""
     results = json.loads(harness.RESULTS.read_text())
     listed = harness.read_expected_failures()
     assert {r["name"] for r in results if r["kiln"] != "pass"} == set(listed)
@@ -67,7 +68,7 @@ def test_stored_results_match_the_list_and_beat_onnxruntime():
     kiln = sum(r["kiln"] == "pass" for r in node)
     ort = sum(r["onnxruntime"] == "pass" for r in node)
     print(f"node cases: kiln {kiln} / {len(node)} ({100 * kiln / len(node):.1f}%), onnxruntime {ort}")
-    assert kiln >= ort
+    assert kiln >= ort and kiln >= 0.97 * len(node)
 
 
 def test_case_comparison_catches_wrong_answers():
