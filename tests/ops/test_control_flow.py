@@ -18,16 +18,16 @@ def _model(nodes, inputs, outputs, opset=18):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def _build(model, profile=None):
-    config = kiln.BuilderConfig()
+def _build(model, profile=None, **options):
+    config = kiln.BuilderConfig(**options)
     if profile:
         config.add_profile(profile)
     return kiln.build(model, config)
 
 
-def _check(model, feed, tmp_path=None, rtol=1e-6, atol=1e-6, profile=None):
+def _check(model, feed, tmp_path=None, rtol=1e-6, atol=1e-6, profile=None, **options):
     """kiln's outputs equal onnxruntime's; with tmp_path, also after a save/load round trip."""
-    engine = _build(model, profile)
+    engine = _build(model, profile, **options)
     expected = run_onnxruntime(model, feed)
     engines = [engine]
     if tmp_path is not None:
@@ -56,13 +56,16 @@ def _if_model():
                   [helper.make_tensor_value_info("y", F, [2, 3])])
 
 
-def test_if_branches_read_outer_values_and_survive_save_load(tmp_path):
+def _if_feeds():
     rng = np.random.default_rng(0)
     bias = rng.standard_normal(3).astype(np.float32)
+    return [{"x": (sign * np.abs(rng.standard_normal((2, 3)))).astype(np.float32), "bias": bias} for sign in (1.0, -1.0)]
+
+
+def test_if_branches_read_outer_values_and_survive_save_load(tmp_path):
     model = _if_model()
-    for sign in (1.0, -1.0):  # one feed takes each branch
-        x = (sign * np.abs(rng.standard_normal((2, 3)))).astype(np.float32)
-        _check(model, {"x": x, "bias": bias}, tmp_path)
+    for feed in _if_feeds():  # one feed takes each branch
+        _check(model, feed, tmp_path)
 
 
 def test_branches_read_outer_values_that_optimizations_rewrite():
@@ -96,7 +99,7 @@ def test_branches_read_outer_values_that_optimizations_rewrite():
 ROWS = {"rows0": ((1, 4), (1, 4), (4, 4))}  # the initial rows: 1 to 4 of them
 
 
-def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
+def _loop_model():
     # Each iteration appends a row to the carried `rows` (its shape changes every time), reads `step` from
     # the outer graph, stops by its own condition once the running sum passes `limit`, and emits a scan output.
     body = helper.make_graph(
@@ -119,17 +122,26 @@ def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
                            helper.make_tensor_value_info("total0", F, [4]), helper.make_tensor_value_info("rows0", F, [None, 4]),
                            helper.make_tensor_value_info("step", F, [4]), helper.make_tensor_value_info("limit", F, [])],
                    [helper.make_tensor_value_info(n, F, None) for n in ("total", "rows", "totals")])
-    rng = np.random.default_rng(1)
-    step = np.abs(rng.standard_normal(4)).astype(np.float32)
-    for trips, limit in ((6, 1e9), (50, 12.0), (0, 1e9)):  # by trip count, by condition, no iteration at all
-        feed = {"trip_count": np.array(trips, np.int64), "total0": np.zeros(4, np.float32),
-                "rows0": np.zeros((1, 4), np.float32), "step": step, "limit": np.array(limit, np.float32)}
-        _check(model, feed, tmp_path if trips == 6 else None, profile=ROWS)
+    return model
+
+
+def _loop_feeds():
+    """By trip count, by condition, and no iteration at all."""
+    step = np.abs(np.random.default_rng(1).standard_normal(4)).astype(np.float32)
+    return [{"trip_count": np.array(trips, np.int64), "total0": np.zeros(4, np.float32),
+             "rows0": np.zeros((1, 4), np.float32), "step": step, "limit": np.array(limit, np.float32)}
+            for trips, limit in ((6, 1e9), (50, 12.0), (0, 1e9))]
+
+
+def test_loop_carries_a_growing_value_and_collects_scan_outputs(tmp_path):
+    model = _loop_model()
+    for feed in _loop_feeds():
+        _check(model, feed, tmp_path if feed["trip_count"] == 6 else None, profile=ROWS)
     engine = _build(model, ROWS)
     assert engine.run({**feed, "trip_count": np.array(0, np.int64)})["totals"].shape == (0, 4)
 
 
-def test_if_nested_in_loop_reads_the_outermost_graph():
+def _nested_model():
     # The If inside the loop body reads `scale`, defined two scopes up.
     then_branch = helper.make_graph([helper.make_node("Mul", ["acc_in", "scale"], ["a"])], "then", [],
                                     [helper.make_tensor_value_info("a", F, [3])])
@@ -149,8 +161,16 @@ def test_if_nested_in_loop_reads_the_outermost_graph():
              helper.make_node("Loop", ["trips", "", "acc0"], ["acc"], body=body)]
     model = _model(nodes, [helper.make_tensor_value_info("acc0", F, [3]), helper.make_tensor_value_info("scale", F, [3])],
                    [helper.make_tensor_value_info("acc", F, [3])])
+    return model
+
+
+def _nested_feed():
     rng = np.random.default_rng(2)
-    _check(model, {"acc0": rng.standard_normal(3).astype(np.float32), "scale": rng.standard_normal(3).astype(np.float32)})
+    return {"acc0": rng.standard_normal(3).astype(np.float32), "scale": rng.standard_normal(3).astype(np.float32)}
+
+
+def test_if_nested_in_loop_reads_the_outermost_graph():
+    _check(_nested_model(), _nested_feed())
 
 
 def _scan_model(offset_shape=(2,)):
@@ -167,11 +187,29 @@ def _scan_model(offset_shape=(2,)):
                   [helper.make_tensor_value_info("final", F, [2]), helper.make_tensor_value_info("ys", F, [2, 5])])
 
 
-def test_scan_with_axes_directions_and_outer_values(tmp_path):
+def _scan_feed():
     rng = np.random.default_rng(3)
-    feed = {"init": rng.standard_normal(2).astype(np.float32), "x": rng.standard_normal((2, 5)).astype(np.float32),
+    return {"init": rng.standard_normal(2).astype(np.float32), "x": rng.standard_normal((2, 5)).astype(np.float32),
             "offset": rng.standard_normal(2).astype(np.float32)}
-    _check(_scan_model(), feed, tmp_path)
+
+
+def test_scan_with_axes_directions_and_outer_values(tmp_path):
+    _check(_scan_model(), _scan_feed(), tmp_path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_control_flow_runs_in_cuda_engines(precision, tmp_path):
+    """If, Loop (with a nested If) and Scan in CUDA engines: the bodies run on the GPU with the values in scope,
+    graph capture is off for them, and a saved engine reloads; fp16 engines within half precision's rounding."""
+    options = {"device": "cuda", "fp16": precision == "fp16"}
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 1e-2, "atol": 1e-2}
+    cases = [(_if_model(), _if_feeds(), None), (_loop_model(), _loop_feeds(), ROWS),
+             (_nested_model(), [_nested_feed()], None), (_scan_model(), [_scan_feed()], None)]
+    for model, feeds, profile in cases:
+        for index, feed in enumerate(feeds):
+            engine = _check(model, feed, tmp_path if index == 0 else None, profile=profile, **tolerance, **options)
+        assert not engine.program.use_cuda_graph
 
 
 def test_scan8_with_sequence_lengths_runs_at_its_own_opset():

@@ -9,7 +9,7 @@ from ... import log
 from ...errors import PrecisionError, ResourceError
 from ...ir import DType, Graph, Node
 from ...progress import Progress
-from ..cpu.kernels import bind_kernel
+from ..cpu.kernels import bind_kernel, wants_env
 from ..tactics import Candidate, choose
 from . import candidates as cands
 from .program import CudaProgram, Step
@@ -161,11 +161,11 @@ def _in_flow(kernel, flow_dtype, node: Node):
     if node.op == "Cast" and node.domain == "" and int(node.attrs.get("to", 0)) == 1:
         return lambda x: x.to(flow_dtype)
 
-    def run(*args):
+    def run(*args, **context):
         if any(isinstance(a, torch.Tensor) and a.dtype == flow_dtype for a in args):
             args = [a.to(flow_dtype) if isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.is_cuda else a
                     for a in args]
-        return kernel(*args)
+        return kernel(*args, **context)
 
     return run
 
@@ -279,6 +279,7 @@ def lower(plan) -> CudaProgram:
         for index, node in enumerate(nodes):
             opset = graph.opsets.get(node.domain, graph.opset)
             kernel = _in_flow(bind_kernel(node, opset), flow_dtype, node)
+            needs_env = wants_env(node, opset)
             positions = frozenset(SHAPE_POSITIONS.get(node.op, ()) if node.domain == "" else ())
             runtime = [env.get(name) for name in node.inputs if name and name not in constants]
             on_host = runtime and all(not (isinstance(a, torch.Tensor) and a.is_cuda) for a in runtime)
@@ -303,7 +304,7 @@ def lower(plan) -> CudaProgram:
             else:
                 chosen, record = options[0], {}
             try:
-                result = chosen.run(*args)
+                result = chosen.run(*args, _env=env) if needs_env else chosen.run(*args)
             except torch.cuda.OutOfMemoryError as error:
                 raise ResourceError(f"layer {node.name!r} ran out of GPU memory during the build: {str(error).splitlines()[0]}",
                                     code="KILN-E601", hint="build with a smaller batch (profile) or on a larger GPU") from None
@@ -314,7 +315,8 @@ def lower(plan) -> CudaProgram:
             release = tuple(n for n, last in last_use.items() if last == index and n not in outputs and n not in constants)
             for name in release:
                 env.pop(name, None)
-            steps.append(Step(node.name, node.op_key, chosen.run, node.inputs, node.outputs, release, step_host, positions))
+            steps.append(Step(node.name, node.op_key, chosen.run, node.inputs, node.outputs, release, step_host, positions,
+                              needs_env))
             info = {"tactic": chosen.name, "precision": chosen.precision}
             info.update(record)
             layer_info[node.name] = info
@@ -336,6 +338,12 @@ def lower(plan) -> CudaProgram:
     cache.save()
     float_inputs = {v.name: flow_dtype for v in graph.inputs if graph.value(v.name).dtype is DType.float32}
     float_outputs = {v.name: torch.float32 for v in graph.outputs if graph.value(v.name).dtype is DType.float32}
+    control = [step.name for step in steps if step.wants_env]
+    if use_cuda_graph and control:
+        # a body's trip count and branch are read on the host at every run: one graph cannot replay them
+        log.info("CUDA graph capture is off: control-flow layer(s) %s decide on the host at run time",
+                 ", ".join(control[:3]) + (" ..." if len(control) > 3 else ""))
+        use_cuda_graph = False
     program = CudaProgram(steps, constants, float_inputs, float_outputs, graph.output_names(), use_cuda_graph)
     for add, norm in folded.items():
         layer_info[add] = {"tactic": f"fused into {norm}", "precision": layer_info[norm]["precision"]}

@@ -28,6 +28,7 @@ class Step:
     release: tuple[str, ...] = ()
     host_constants: dict = field(default_factory=dict)  # small integer constants read as shapes, kept on the host
     shape_positions: frozenset = frozenset()  # input positions read on the host (shapes, axes)
+    wants_env: bool = False  # control flow (If, Loop, Scan, SequenceMap): its bodies read the values in scope
 
 
 @dataclass
@@ -69,7 +70,8 @@ class CudaProgram:
         for step in self.steps:
             args = [None if not name else step.host_constants.get(name, env[name]) for name in step.inputs]
             try:
-                result = step.run(*_same_device(args, step.shape_positions))
+                args = _same_device(args, step.shape_positions)
+                result = step.run(*args, _env=env) if step.wants_env else step.run(*args)
             except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
                 import torch
 
