@@ -65,7 +65,7 @@ class BuilderConfig:
             check_precisions(self)
             parse_workspace(self.extra.get("mem_pool_size"))
 
-        if self.int8 or self.layer_precisions or self.accuracy_budget is not None:
+        if self.int8 or self.fp8 or self.layer_precisions or self.accuracy_budget is not None:
             from .quant.config import check_config
 
             check_config(self)

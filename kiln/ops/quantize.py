@@ -1,11 +1,13 @@
 """Quantization operators: ONNX's QuantizeLinear/DequantizeLinear (per-tensor, per-axis, blocked; int8, uint8,
 int16, uint16, float8), the integer and QLinear operators that quantized models use, and kiln's own int8 layers.
 
-kiln::QGemm(X, Wq, Ws, B?) -> Y
-    Y = activation(dequant(quant(X) @ Wq^T) + B). X float, quantized per tensor, symmetric int8 with the
+kiln::QGemm(X, Wq, Ws, B?, R?) -> Y
+    Y = activation(dequant(quant(X) @ Wq^T) + B + R). X float, quantized per tensor, symmetric int8 with the
     attribute `x_scale` (clamp(round(X / x_scale), -128, 127)); Wq int8 [N, K] quantized per output channel,
     symmetric, with scales Ws [N] (float32); B float [N]. The product accumulates in int32 (torch._int_mm),
-    exactly. Attributes `activation`, `activation_params` as kiln::Gemm. Written by kiln/quant/lower.py.
+    exactly. R is kiln::Gemm's fused residual. Attributes `activation`, `activation_params` and `x_amax` (the
+    largest |X| calibration saw, for the GPU's fp8 tactics; absent without --fp8) as kiln::Gemm. Written by
+    kiln/quant/lower.py.
 
 kiln::QConv(X, Wq, Ws, B?, R?) -> Y
     kiln::Conv with X quantized as above and Wq int8 [C_out, C_in/group, kH, kW] with per-output-channel
@@ -216,7 +218,7 @@ def int_matmul(a, b):
 
 
 @register("QGemm", since=1, domain="kiln")
-def qgemm(x, wq, w_scale, b=None, *, x_scale, activation="", activation_params=()):
+def qgemm(x, wq, w_scale, b=None, residual=None, *, x_scale, activation="", activation_params=(), x_amax=None):
     import torch
 
     from .fused import apply_activation
@@ -227,7 +229,10 @@ def qgemm(x, wq, w_scale, b=None, *, x_scale, activation="", activation_params=(
     y = accumulated.to(torch.float32) * (w_scale * x_scale)
     if b is not None:
         y = y + b
-    return apply_activation(y.reshape(*x.shape[:-1], wq.shape[0]), activation, activation_params)
+    y = y.reshape(*x.shape[:-1], wq.shape[0])
+    if residual is not None:
+        y = y + residual
+    return apply_activation(y, activation, activation_params)
 
 
 @register("QConv", since=1, domain="kiln")

@@ -5,6 +5,9 @@ A layer runs int8 when it was asked to (--layerPrecisions with --precisionConstr
 or, by default, when this CPU runs its int8 kernel faster than its fp32 one; layers kept in fp32 are
 named in the build log with both timings. An accuracy budget then returns the most sensitive layers
 to fp32 until the engine's outputs stay within it (kiln/quant/budget.py).
+
+--fp8 (CUDA) calibrates too: each matrix layer's input gets `x_amax`, the largest |x| the calibration data
+showed, from which the GPU's fp8 tactics take their per-tensor scale (kiln/backends/cuda/int8.py).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ VALIDATION_FEEDS = 256  # the accuracy budget keeps this many validation feeds i
 
 def run(graph: Graph, ctx) -> bool:
     config = ctx.config
+    if config is not None and getattr(config, "fp8", False) and not getattr(config, "int8", False):
+        return _fp8_ranges(graph, ctx)
     if config is None or not getattr(config, "int8", False):
         return False
     if any(node.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul") for node in graph.nodes):
@@ -49,6 +54,8 @@ def run(graph: Graph, ctx) -> bool:
     wanted = sorted({n.inputs[0] for n in layers})
     calibrator, ranges = _ranges(graph, config, wanted)
     int8 = {n.name: _int8_node(graph, n, ranges[n.inputs[0]]["amax"]) for n in layers}
+    if config.fp8:  # int8 layers may still run fp8 on the GPU, where that is faster
+        int8 = {name: _with_fp8_range(node, ranges) if node.op == "QGemm" else node for name, node in int8.items()}
     report = {"calibrator": calibrator, "layers": {}, "warnings": []}
     chosen = _by_speed_or_request(graph, layers, int8, asked, config, report)
     if config.validation is not None:
@@ -74,6 +81,28 @@ def run(graph: Graph, ctx) -> bool:
     ctx.counters["int8_layers"] += len(chosen)
     config.extra["quantization"] = report
     return bool(chosen)
+
+
+def _fp8_ranges(graph: Graph, ctx) -> bool:
+    """--fp8 without --int8: calibrate the matrix layers' inputs and give each its x_amax; nothing is rewritten."""
+    config = ctx.config
+    layers = [n for n in graph.nodes if (n.domain, n.op) == ("kiln", "Gemm") and n.inputs[1] in graph.initializers]
+    if not layers:
+        log.info("fp8: no matrix layer with constant weights; the engine has no fp8 layers")
+        return False
+    calibrator, ranges = _ranges(graph, config, sorted({n.inputs[0] for n in layers}))
+    marked = {n.name: _with_fp8_range(n, ranges) for n in layers}
+    graph.nodes = [marked.get(n.name, n) for n in graph.nodes]
+    ctx.counters["fp8_calibrated_layers"] += len(marked)
+    config.extra["quantization"] = {"mode": f"none; fp8 ranges ({calibrator} calibration data, largest |x|) for "
+                                            f"{len(marked)} matrix layer(s)"}
+    return True
+
+
+def _with_fp8_range(node: Node, ranges: dict) -> Node:
+    """The layer with x_amax: fp8 has exponent bits to spare, so it takes the largest |x| seen, not a clipped one."""
+    entry = ranges[node.inputs[0]]
+    return node.replace(attrs=dict(node.attrs, x_amax=float(entry.get("observed", entry["amax"]))))
 
 
 def _asked(graph: Graph, layers: list[Node], config) -> dict[str, str]:
@@ -108,7 +137,8 @@ def _ranges(graph: Graph, config, wanted: list[str]) -> tuple[str, dict[str, dic
         log.info("int8: thresholds read from calibration cache %s (%s calibrator)", config.calib_cache, calibrator)
         return calibrator, tensors
     if config.calib is None:
-        raise PrecisionError("--int8 needs calibration data (or a calibration cache), and the model has no QDQ nodes",
+        raise PrecisionError(f"--{'int8' if config.int8 else 'fp8'} needs calibration data (or a calibration cache), "
+                             "and the model has no QDQ nodes",
                              code="KILN-E302", hint="give --calib DIR (a directory of .npz feeds, 100-500 real inputs), "
                                                     "or --calibCache FILE written by an earlier build")
     inputs = [v.name for v in graph.inputs if graph.value(v.name).dtype is not None and graph.value(v.name).dtype.is_float]

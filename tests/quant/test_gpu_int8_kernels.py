@@ -43,3 +43,73 @@ def test_fp8_linear_close_to_fp32():
     want = x @ weight.t() + bias
     # e4m3 keeps 3 mantissa bits: a few percent per product, averaging out over the 40-long sums
     assert float((got - want).norm() / want.norm()) < 0.05
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_as_int8_gemm_matches_qconv(stride):
+    """A 1x1 convolution as _int_mm over channels-last pixels (stride 2 samples first) = kiln::QConv's reference."""
+    from kiln.backends.cuda.int8 import _pointwise
+    from kiln.ops.quantize import qconv
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 24, 7, 9, generator=g)
+    wq = torch.randint(-127, 128, (16, 24, 1, 1), generator=g, dtype=torch.int8)
+    w_scale, bias, x_scale = torch.rand(16, generator=g) * 0.01 + 0.001, torch.randn(16, generator=g), 0.02
+    residual = torch.randn(2, 16, (7 - 1) // stride + 1, (9 - 1) // stride + 1, generator=g)
+    layer = Int8Linear.prepare(wq.reshape(16, 24), w_scale, bias, x_scale, "relu", device="cpu")
+    got = _pointwise(layer, [stride, stride])(x, None, None, None, residual)
+    want = qconv(x, wq, w_scale, bias, residual, x_scale=x_scale, strides=[stride, stride], pads=[0, 0, 0, 0],
+                 dilations=[1, 1], group=1, kernel_shape=[1, 1], activation="relu")
+    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_linear_epilogue_in_half():
+    """Bias inside _scaled_mm, then residual and activation, handed on in fp16."""
+    g = torch.Generator().manual_seed(4)
+    x, weight, bias = torch.randn(9, 48, generator=g), torch.randn(32, 48, generator=g) * 0.1, torch.randn(32, generator=g)
+    residual = torch.randn(9, 32, generator=g)
+    layer = Fp8Linear.prepare(weight, bias, x_amax=float(x.abs().max()), device="cpu", activation="relu",
+                              out_dtype=torch.float16)
+    got = layer(x.half(), residual.half())
+    want = torch.relu(x @ weight.t() + bias + residual)
+    assert got.dtype == torch.float16 and float((got.float() - want).norm() / want.norm()) < 0.05
+
+
+TRITON_CHECK = """
+import torch
+from kiln.backends.cuda import int8_kernels as K
+from kiln.ops.quantize import qconv, qgemm, quantize_activation
+g = torch.Generator().manual_seed(0)
+x = torch.randn(2, 24, 9, 7, generator=g)
+wq = torch.randint(-127, 128, (20, 24, 3, 3), generator=g, dtype=torch.int8)
+ws, b, xs = torch.rand(20, generator=g) * 0.01, torch.randn(20, generator=g), 0.02
+res = torch.randn(2, 20, 5, 4, generator=g)
+want = qconv(x, wq, ws, b, res, x_scale=xs, strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1], group=1,
+             kernel_shape=[3, 3], activation="relu")
+weight_k = wq.permute(2, 3, 1, 0).reshape(-1, 20).contiguous()
+got = K.conv_int8(x, weight_k, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (32, 32, 32, 4, 2))
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+xg, wg, r = torch.randn(3, 5, 40, generator=g), torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8), torch.randn(3, 5, 24, generator=g)
+want = qgemm(xg, wg, ws.repeat(2)[:24], None, r, x_scale=xs, activation="gelu")
+got = K.gemm_int8(xg, wg.t().contiguous(), ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+assert torch.equal(K.quantize(xg * 3, xs), quantize_activation(xg * 3, xs))
+acc = torch.randint(-1000, 1000, (6, 12), dtype=torch.int32)[:, :10]
+torch.testing.assert_close(K.dequantize(acc, ws[:10], b[:10], None, "", torch.float32), acc.float() * ws[:10] + b[:10])
+print("ok")
+"""
+
+
+def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
+    """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU; the
+    fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
+    sums, the same rounding as kiln::QConv / kiln::QGemm."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")  # read when the kernels are decorated: a fresh process
+    done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]

@@ -41,3 +41,21 @@ def test_fast_int8_tactics_match_reference_kernels():
         want = reference.execute({"x": numpy_to_torch(x)})["y"].numpy()
     got = engine.run({"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fp8_pass_gives_matrix_layers_their_calibrated_input_range():
+    """--fp8 (a CUDA build) calibrates and sets x_amax, the largest |x| seen, on each kiln::Gemm; nothing is rewritten."""
+    from kiln.frontend import parse_with_profiles
+    from kiln.passes.context import PassContext
+    from kiln.passes.pipeline import optimize
+
+    rng = np.random.default_rng(0)
+    model, x = _residual_model(rng)
+    calib = [{"x": rng.standard_normal(x.shape).astype(np.float32)} for _ in range(3)]
+    config = kiln.BuilderConfig(fp8=True, calib=calib)  # not validated: the CPU refuses fp8, the pass does not care
+    graph, _ = parse_with_profiles(model, config)
+    ctx = optimize(graph, PassContext(config=config), config=config)
+    gemms = [n for n in graph.nodes if n.op_key == "kiln::Gemm"]
+    assert len(gemms) == 1 and ctx.counters["fp8_calibrated_layers"] == 1
+    assert not any(n.op in ("QGemm", "QConv") for n in graph.nodes)
+    assert np.isfinite(gemms[0].attrs["x_amax"]) and gemms[0].attrs["x_amax"] > 0

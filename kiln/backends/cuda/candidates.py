@@ -1,7 +1,8 @@
 """The candidate implementations of each step on the GPU: cuDNN convolutions in NCHW or channels-last,
 cuBLAS / cuBLASLt matrix products with their epilogue in torch, in cuBLASLt or in a kiln Triton kernel,
-torch's fused attention backends, Triton LayerNorm and Softmax, each in every precision the build
-allows. Every other step runs its registry kernel (plain torch) on CUDA tensors.
+torch's fused attention backends and kiln's Triton flash attention, Triton LayerNorm, Softmax and
+elementwise chains, each in every precision the build allows. Every other step runs its registry
+kernel (plain torch) on CUDA tensors.
 
 A candidate takes the step's inputs as they arrive (any float dtype, any layout), casts them to the
 precision it computes in, and hands its output on in the engine's activation dtype ("flow")."""
@@ -193,11 +194,10 @@ def gemm_candidates(node: Node, weight, bias, precisions: list[str], flow) -> li
 
 
 def attention_candidates(node: Node, precisions: list[str], flow) -> list[Candidate]:
-    """Fused scaled-dot-product attention through torch's backends (flash, memory-efficient, cuDNN), and
-    the unfused math as a baseline."""
+    """Fused scaled-dot-product attention through torch's backends (flash, memory-efficient, cuDNN), the
+    unfused math as a baseline, and kiln's own Triton flash kernel in a few block shapes."""
     import torch
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import SDPBackend
 
     scale = float(node.attrs.get("scale", 1.0))
     backends = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -208,16 +208,79 @@ def attention_candidates(node: Node, precisions: list[str], flow) -> list[Candid
         for name, backend in backends.items():
             if name in ("sdpa-flash", "sdpa-cudnn") and dtype == torch.float32:
                 continue  # fp32 attention runs only on the efficient and math backends
+            candidates.append(Candidate(name, precision, _sdpa_run(scale, dtype, set_math, backend, flow)))
+    if triton_available():
+        for precision in precisions:
+            fallback = _sdpa_run(scale, torch_dtype(precision), math_mode(precision), SDPBackend.MATH, flow)
+            for block_m, block_n, warps, stages in FLASH_VARIANTS:
+                run = _flash_run(scale, precision, flow, (block_m, block_n, warps, stages), fallback)
+                candidates.append(Candidate(f"triton-flash-m{block_m}-n{block_n}-w{warps}-s{stages}", precision, run))
+    return candidates
 
-            def run(q, k, v, mask=None, dtype=dtype, set_math=set_math, backend=backend):
-                set_math()
-                q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
-                if mask is not None and mask.dtype.is_floating_point:
-                    mask = mask.to(dtype)
-                with sdpa_kernel(backend):
-                    return _cast(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), flow)
 
-            candidates.append(Candidate(name, precision, run))
+# Triton flash attention launch variants: (query rows per program, keys per step, warps, pipeline stages).
+FLASH_VARIANTS = ((64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3))
+
+
+def _sdpa_run(scale: float, dtype, set_math: Callable, backend, flow) -> Callable:
+    """One torch SDPA backend in one precision; an additive float mask is cast along, a bool one kept."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v, mask=None):
+        set_math()
+        q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+        if mask is not None and mask.dtype.is_floating_point:
+            mask = mask.to(dtype)
+        with sdpa_kernel(backend):
+            return _cast(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale), flow)
+
+    return run
+
+
+def _flash_run(scale: float, precision: str, flow, launch: tuple, fallback: Callable) -> Callable:
+    """kiln's Triton flash attention in one precision and launch variant; inputs it does not take (rank above
+    4, heads wider than 128, a non-float mask) run `fallback`, SDPA's math backend, instead."""
+    from .triton_attention import flash_attention, flash_supported
+
+    dtype = torch_dtype(precision)
+    products = "ieee" if precision == "fp32" else "tf32"  # fp32 keeps full-precision products; tf32 asks for tf32
+    block_m, block_n, warps, stages = launch
+
+    def run(q, k, v, mask=None):
+        q, k, v = _cast(q, dtype), _cast(k, dtype), _cast(v, dtype)
+        if not flash_supported(q, k, v, mask):
+            return fallback(q, k, v, mask)
+        return flash_attention(q, k, v, mask, scale, flow, block_m, block_n, warps, stages, products)
+
+    return run
+
+
+# Triton elementwise chain launch variants: (elements per program, warps).
+CHAIN_VARIANTS = ((512, 4), (1024, 4), (2048, 8))
+
+
+def elementwise_candidates(node: Node, kernel: Callable, flow) -> list[Candidate]:
+    """torch's registry kernel (one pass over memory per op), and kiln's one-pass Triton chain where every
+    op of the node has a Triton form. Inputs of mixed or non-float dtypes go to the registry kernel."""
+    import torch
+
+    candidates = [Candidate("torch", _precision_of(flow), kernel)]
+    ops, operands = list(node.attrs.get("ops", [])), [int(o) for o in node.attrs.get("operands", [])]
+    if not triton_available():
+        return candidates
+    from .triton_elementwise import elementwise_chain, supported
+
+    if not supported(ops, operands):
+        return candidates
+    for block, warps in CHAIN_VARIANTS:
+        def run(x, *extra, block=block, warps=warps):
+            same = all(isinstance(t, torch.Tensor) and t.dtype == x.dtype and t.device == x.device for t in extra)
+            if not same or x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+                return kernel(x, *extra)
+            return elementwise_chain(x, list(extra), ops, operands, block, warps)
+
+        candidates.append(Candidate(f"triton-chain-b{block}-w{warps}", _precision_of(flow), run))
     return candidates
 
 

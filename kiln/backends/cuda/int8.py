@@ -1,18 +1,30 @@
-"""INT8 and FP8 matrix kernels for the GPU, behind kiln::QGemm / kiln::QConv (kiln/quant writes them):
+"""INT8 and FP8 tactics for the GPU: the candidates of kiln::QGemm / kiln::QConv steps (kiln/quant writes them) and
+the fp8 candidates of matrix layers, which kiln/backends/cuda/lowering.py times against the float ones.
 
-- int8: torch._int_mm (int8 x int8 -> int32 on the tensor cores) with the dequantize epilogue
-  (per-tensor input scale x per-channel weight scale, bias, activation) applied to the int32 result;
-- fp8 e4m3 (compute capability 8.9+): torch._scaled_mm with the two scales passed to the kernel, so the
-  dequantization happens inside the GEMM, and the bias added there too.
+- int8 matrix layers: torch._int_mm (int8 x int8 -> int32 on the tensor cores, cuBLASLt) between a quantize
+  pass and a dequantize epilogue (per-tensor input scale x per-channel weight scale, bias, residual,
+  activation; torch ops or one Triton pass each), or kiln's Triton int8 GEMM doing all three in one kernel;
+- int8 convolutions: 1x1 ones as that int8 GEMM over channels-last pixels (stride 2 by sampling first), any
+  ungrouped one as kiln's Triton implicit-GEMM int8 kernel (kiln/backends/cuda/int8_kernels.py). A grouped
+  convolution has no int8 tactic: it runs its float tactics, and the build log says so, as TensorRT's does;
+- fp8 e4m3 (compute capability 8.9+): torch._scaled_mm with per-tensor scales (the weight's |max|, the
+  input's calibrated |max|) passed to the kernel, so dequantization and bias happen inside the GEMM.
 
-Weights are prepared once at lowering (transposed, padded to the kernels' multiples of 8/16). torch is imported
-inside functions, and CUDA is only touched when a kernel runs, so importing this module needs no GPU.
+Every int8 layer also keeps float candidates ("fallback-..." tactics, in the build's float precisions, on its
+int8 weights dequantized): int8 is allowed, not forced, unless --precisionConstraints obey pins the layer.
+Weights are prepared once at lowering. torch is imported inside functions, and CUDA is only touched when a
+kernel runs, so importing this module needs no GPU.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from ... import log
+from ...errors import PrecisionError
+from ...ir import Node
+from ..tactics import Candidate
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
@@ -34,21 +46,39 @@ class Int8Linear:
     activation: str = ""
     activation_params: tuple = ()
 
-    @classmethod
-    def prepare(cls, wq, w_scale, bias, x_scale: float, activation: str = "", activation_params=(), device="cuda"):
-        return cls(wq.t().contiguous().to(device), (w_scale.float() * x_scale).to(device),
-                   None if bias is None else bias.float().to(device), float(x_scale), activation, tuple(activation_params))
+    out_dtype: Any = None  # the engine's activation dtype; None for float32
+    triton: bool = False  # quantize and dequantize in one Triton pass each, instead of torch's elementwise ops
 
-    def __call__(self, x):
+    @classmethod
+    def prepare(cls, wq, w_scale, bias, x_scale: float, activation: str = "", activation_params=(), device="cuda",
+                out_dtype=None, triton: bool = False):
+        return cls(wq.t().contiguous().to(device), (w_scale.float() * x_scale).to(device),
+                   None if bias is None else bias.float().to(device), float(x_scale), activation, tuple(activation_params),
+                   out_dtype, triton)
+
+    def __call__(self, x, residual=None):
+        import torch
+
         from ...ops.fused import apply_activation
         from ...ops.quantize import int_matmul, quantize_activation
 
-        rows = math.prod(x.shape[:-1])
+        rows, out_features = math.prod(x.shape[:-1]), self.weight_t.shape[1]
+        out_dtype = self.out_dtype or torch.float32
+        if self.triton:
+            from .int8_kernels import dequantize, quantize
+
+            xq = quantize(x, self.x_scale).reshape(rows, x.shape[-1])
+            flat = None if residual is None else residual.reshape(rows, out_features).contiguous()
+            y = dequantize(int_matmul(xq, self.weight_t), self.scale, self.bias, flat, self.activation, out_dtype)
+            return y.reshape(*x.shape[:-1], out_features)
         xq = quantize_activation(x, self.x_scale).reshape(rows, x.shape[-1])
         y = int_matmul(xq, self.weight_t).float().mul_(self.scale)
         if self.bias is not None:
             y.add_(self.bias)
-        return apply_activation(y.reshape(*x.shape[:-1], -1), self.activation, self.activation_params)
+        y = y.reshape(*x.shape[:-1], out_features)
+        if residual is not None:
+            y.add_(residual)
+        return apply_activation(y, self.activation, self.activation_params).to(out_dtype)
 
 
 @dataclass
@@ -60,9 +90,12 @@ class Fp8Linear:
     x_scale: Any  # float32 scalar tensor
     bias: Any
     out_features: int
+    activation: str = ""
+    activation_params: tuple = ()
+    out_dtype: Any = None  # the engine's activation dtype; None for float32
 
     @classmethod
-    def prepare(cls, weight, bias, x_amax: float, device="cuda"):
+    def prepare(cls, weight, bias, x_amax: float, device="cuda", activation: str = "", activation_params=(), out_dtype=None):
         """From the fp32 weight [N, K] and the input's calibrated |x| maximum."""
         import torch
         import torch.nn.functional as F
@@ -75,18 +108,214 @@ class Fp8Linear:
         x_scale = torch.tensor(max(x_amax, 1e-12) / FP8_MAX)
         padded_bias = None if bias is None else F.pad(bias.float(), (0, (-n) % 16))
         return cls(weight_fp8.to(device).t(), w_scale.to(device), x_scale.to(device),
-                   None if padded_bias is None else padded_bias.to(device), n)
+                   None if padded_bias is None else padded_bias.to(device), n, activation, tuple(activation_params), out_dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, residual=None):
         import torch
         import torch.nn.functional as F
+
+        from ...ops.fused import apply_activation
 
         rows, k = math.prod(x.shape[:-1]), x.shape[-1]
         flat = (x.reshape(rows, k).float() / self.x_scale).clamp(-FP8_MAX, FP8_MAX)
         flat = F.pad(flat, (0, (-k) % 16, 0, (-rows) % 16)).to(torch.float8_e4m3fn)
-        # the bias joins inside the kernel only where torch allows it (fp32 output with bias is not supported)
-        y = torch._scaled_mm(flat, self.weight_t, scale_a=self.x_scale, scale_b=self.w_scale, out_dtype=torch.bfloat16)
-        y = y[:rows, :self.out_features].float()
-        if self.bias is not None:
-            y = y + self.bias[:self.out_features]
-        return y.reshape(*x.shape[:-1], self.out_features)
+        # the bias joins inside the kernel, which allows it with a half output (not with fp32)
+        half = self.out_dtype if self.out_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        bias = None if self.bias is None else self.bias.to(half)
+        y = torch._scaled_mm(flat, self.weight_t, bias=bias, scale_a=self.x_scale, scale_b=self.w_scale, out_dtype=half)
+        y = y[:rows, :self.out_features].reshape(*x.shape[:-1], self.out_features)
+        if residual is not None:
+            y = y + residual.to(half)
+        y = apply_activation(y, self.activation, self.activation_params)
+        return y.to(self.out_dtype or torch.float32)
+
+
+# -- candidates ------------------------------------------------------------------------------------------------
+
+def dequantized(wq, w_scale):
+    """The int8 weight in float32 (per-channel scales applied): what the float fallbacks compute with."""
+    return wq.float() * w_scale.float().reshape(-1, *([1] * (wq.dim() - 1)))
+
+
+def int8_candidates(node: Node, wq, w_scale, bias, precisions: list[str], flow, pinned: bool, fp8: bool) -> list[Candidate]:
+    """Candidates of a kiln::QGemm / kiln::QConv step: its int8 tactics, and unless the layer is pinned to int8
+    (obey), its float tactics as fallbacks and, with --fp8, its fp8 ones. Called with the step's inputs
+    (X, Wq, Ws, B?, R?); float weights, bias and scales come prepared from the graph's fp32 initializers."""
+    from . import candidates as cands
+
+    x_scale = float(node.attrs["x_scale"])
+    has_residual = len(node.inputs) > 4 and bool(node.inputs[4])
+    conv = node.op == "QConv"
+    found = _int8_conv(node, wq, w_scale, bias, x_scale, flow) if conv else _int8_gemm(node, wq, w_scale, bias, x_scale, flow)
+    if pinned:
+        if not found:
+            raise PrecisionError(f"layer {node.name!r} ({node.op_key}) has no int8 tactic on CUDA, but obey asks for int8",
+                                 code="KILN-E301", where=node.describe(),
+                                 hint="int8 runs matrix layers and ungrouped 2-D convolutions on CUDA (with triton); use "
+                                      "--precisionConstraints prefer to let this layer fall back to fp16")
+        return found
+    # the float twin of the layer (kiln::Conv / kiln::Gemm on the dequantized weight): its tactics and its reference
+    twin = node.replace(op=node.op[1:], inputs=(node.inputs[0], "", node.inputs[3] if len(node.inputs) > 3 else "",
+                                                 node.inputs[4] if has_residual else ""),
+                        attrs={k: v for k, v in node.attrs.items() if k not in ("x_scale", "x_amax")})
+    weight = dequantized(wq, w_scale)
+    if conv:
+        floats = cands.conv_candidates(twin, weight, bias, precisions, flow)
+    else:
+        floats = cands.gemm_candidates(twin, weight, bias, precisions, flow)
+    reference = _float_reference(twin, weight, bias, residual_at=4)
+    found += [Candidate(f"fallback-{c.name}", c.precision, _from_quantized_args(c.run), reference=reference) for c in floats]
+    if fp8 and not conv:
+        amax = float(node.attrs.get("x_amax") or x_scale * 127.0)
+        found += [Candidate(c.name, c.precision, _from_quantized_args(c.run), reference=reference)
+                  for c in fp8_candidates(twin, weight, bias, amax, flow)]
+    return found
+
+
+def fp8_candidates(node: Node, weight, bias, x_amax: float, flow) -> list[Candidate]:
+    """torch._scaled_mm in e4m3 for a kiln::Gemm step (x, W, B?, R?), per-tensor scales from the weight's |max| and
+    the input's calibrated |max|. Checked against the layer in fp32 (see TOLERANCE['fp8'])."""
+    activation, params = node.attrs.get("activation", ""), tuple(node.attrs.get("activation_params", ()))
+    layer = Fp8Linear.prepare(weight, bias, x_amax, device=weight.device, activation=activation,
+                              activation_params=params, out_dtype=flow)
+
+    def run(x, w_unused=None, b_unused=None, residual=None):
+        return layer(x, residual)
+
+    return [Candidate("fp8-cublaslt", "fp8", run, reference=_float_reference(node, weight, bias, residual_at=3))]
+
+
+def explain(node: Node, chosen: Candidate, offered: list[Candidate], record: dict) -> None:
+    """Say in the build log why an int8 layer does not run int8 on this GPU."""
+    if chosen.precision == "int8":
+        return
+    int8 = [c.key for c in offered if c.precision == "int8"]
+    times = record.get("times_ms", {})
+    if not int8:
+        log.info("int8: layer %s (%s) has no int8 tactic on CUDA; it runs %s (%s)", node.name, _shape_words(node),
+                 chosen.precision, chosen.name)
+        return
+    fastest = min((times[k] for k in int8 if k in times), default=None)
+    why = f"faster than its int8 tactics ({times.get(chosen.key, float('nan')):.4f} ms vs {fastest:.4f} ms)" \
+        if fastest is not None else f"its int8 tactics were rejected: {record.get('rejected', {})}"
+    log.info("int8: layer %s runs %s (%s): %s", node.name, chosen.precision, chosen.name, why)
+
+
+def _shape_words(node: Node) -> str:
+    if node.op != "QConv":
+        return "matrix layer"
+    kernel = "x".join(str(k) for k in node.attrs.get("kernel_shape") or [])
+    group = int(node.attrs.get("group", 1))
+    return f"{kernel} convolution" + (f", {group} groups" if group > 1 else "")
+
+
+def _int8_gemm(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Candidate]:
+    from .candidates import triton_available
+
+    activation, params = node.attrs.get("activation", ""), tuple(node.attrs.get("activation_params", ()))
+    found = []
+    variants = [("int8-cublaslt", False)] + ([("int8-cublaslt+triton", True)] if _triton_epilogue(activation) else [])
+    for name, fused in variants:
+        layer = Int8Linear.prepare(wq, w_scale, bias, x_scale, activation, params, device=wq.device, out_dtype=flow,
+                                   triton=fused)
+        found.append(Candidate(name, "int8", lambda x, wq_=None, ws_=None, b_=None, residual=None, layer=layer: layer(x, residual)))
+    if triton_available() and _triton_epilogue(activation):
+        from .int8_kernels import CONV_CONFIGS, gemm_int8
+
+        weight_k, scale = wq.t().contiguous(), (w_scale.float() * x_scale).contiguous()
+        fp32_bias = None if bias is None else bias.float().contiguous()
+        for config in CONV_CONFIGS:
+            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
+                return gemm_int8(x, weight_k, scale, fp32_bias, residual, x_scale, activation, flow, config)
+
+            found.append(Candidate("triton-int8-gemm-%dx%dx%d" % config[:3], "int8", run))
+    return found
+
+
+def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Candidate]:
+    from .candidates import triton_available
+
+    pads = list(node.attrs.get("pads") or [0, 0, 0, 0])
+    strides, dilations = list(node.attrs["strides"]), list(node.attrs["dilations"])
+    group, activation = int(node.attrs.get("group", 1)), node.attrs.get("activation", "")
+    params = tuple(node.attrs.get("activation_params", ()))
+    if wq.dim() != 4 or group != 1 or pads[:2] != pads[2:]:
+        return []
+    found = []
+    out_channels, channels = wq.shape[:2]
+    scale = (w_scale.float() * x_scale).contiguous()
+    fp32_bias = None if bias is None else bias.float().contiguous()
+    if tuple(wq.shape[2:]) == (1, 1) and not any(pads):
+        for name, fused in [("int8-cublaslt-1x1", False)] + ([("int8-cublaslt-1x1+triton", True)] if _triton_epilogue(activation) else []):
+            layer = Int8Linear.prepare(wq.reshape(out_channels, channels), w_scale, bias, x_scale, activation, params,
+                                       device=wq.device, out_dtype=flow, triton=fused)
+            found.append(Candidate(name, "int8", _pointwise(layer, strides)))
+    if triton_available() and _triton_epilogue(activation):
+        from .int8_kernels import CONV_CONFIGS, conv_int8
+
+        weight_k = wq.permute(2, 3, 1, 0).reshape(-1, out_channels).contiguous()
+        geometry = (tuple(wq.shape[2:]), tuple(strides), tuple(pads[:2]), tuple(dilations))
+        for config in CONV_CONFIGS:
+            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
+                return conv_int8(x, weight_k, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config)
+
+            found.append(Candidate("triton-int8-implicit-gemm-%dx%dx%d" % config[:3], "int8", run))
+    return found
+
+
+def pointwise_rows(x, strides):
+    """A 1x1 convolution's input as a matrix of pixels: [N * H' * W', C], channels-last (a view when x already is),
+    H' and W' sampled by the stride."""
+    import torch
+
+    if strides[0] > 1 or strides[1] > 1:
+        x = x[:, :, ::strides[0], ::strides[1]]
+    x = x.contiguous(memory_format=torch.channels_last)
+    batch, channels, height, width = x.shape
+    return x.permute(0, 2, 3, 1).reshape(batch * height * width, channels), (batch, height, width)
+
+
+def _pointwise(layer: Int8Linear, strides):
+    """A 1x1 convolution through an int8 matrix layer: pixels as rows; the result is NCHW channels-last."""
+    import torch
+
+    def run(x, wq_=None, ws_=None, b_=None, residual=None):
+        rows, (batch, height, width) = pointwise_rows(x, strides)
+        if residual is not None:
+            residual = residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        y = layer(rows, None if residual is None else residual.reshape(rows.shape[0], -1))
+        return y.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+
+    return run
+
+
+def _triton_epilogue(activation: str) -> bool:
+    return activation in ("", "relu", "gelu", "gelu_tanh", "silu", "sigmoid")
+
+
+def _from_quantized_args(run):
+    """A float tactic of the twin layer (x, W, B, R), called with the int8 step's inputs (x, Wq, Ws, B, R)."""
+    def call(x, wq_=None, ws_=None, b_=None, residual=None):
+        return run(x, None, None, residual)
+
+    return call
+
+
+def _float_reference(twin: Node, weight, bias, residual_at: int):
+    """The layer in fp32 on the GPU (tf32 off), from the step's inputs (its residual at position `residual_at`):
+    what a fallback or fp8 tactic is held to."""
+    from ...ops.fused import conv, gemm
+    from .candidates import fp32_reference
+
+    attrs = {k: v for k, v in twin.attrs.items() if k in ("activation", "activation_params")}
+    if twin.op == "Conv":
+        attrs.update({k: twin.attrs[k] for k in ("dilations", "group", "kernel_shape", "pads", "strides") if k in twin.attrs})
+    kernel = conv if twin.op == "Conv" else gemm
+    b = None if bias is None else bias.float()
+
+    def reference(*args):
+        residual = args[residual_at] if len(args) > residual_at else None
+        with fp32_reference():
+            return kernel(args[0].float(), weight, b, None if residual is None else residual.float(), **attrs)
+
+    return reference

@@ -189,6 +189,8 @@ def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list
         found = cands.maxpool_candidates(node, kernel, flow_dtype)
     elif key == ("", "Softmax"):
         found = cands.softmax_candidates(node, kernel, flow_dtype, graph.opsets.get("", graph.opset))
+    elif key == ("kiln", "Elementwise"):
+        found = cands.elementwise_candidates(node, kernel, flow_dtype)
     if node.domain == "kiln" or node.op in MATRIX_LIKE:
         # torch's own flags would let cuDNN use tf32 in an fp32 engine: pin this layer's math mode
         set_math = cands.math_mode("tf32" if "tf32" in allowed and flow_dtype == torch.float32 else "fp32")

@@ -1,5 +1,6 @@
 """Triton kernels kiln owns for the GPU: the epilogue of a matrix or convolution step (bias, residual
-add and activation in one pass over the output), LayerNorm and Softmax over the last axis.
+add and activation in one pass over the output), LayerNorm and Softmax over the last axis. Flash attention
+and elementwise chains live beside it, in triton_attention.py and triton_elementwise.py.
 
 Imported only when a CUDA engine is lowered (it needs triton). Each kernel has a few launch
 variants (block size, warps); the tactic chooser times them against torch's own kernels.

@@ -1,0 +1,159 @@
+"""int8 and fp8 engines on a real GPU: a small CNN (3x3 and 1x1 convolutions, residual, a matrix layer) and a
+small transformer encoder, built with --device cuda --int8 (and --fp8 on compute capability 8.9+) from a few
+random calibration feeds, against onnxruntime in fp32. Marked gpu: skipped where torch sees no CUDA device.
+
+Tolerance: the relative L2 error of the output within 5e-2 and cosine similarity at least 0.99 (int8 per-tensor
+activations and per-channel weights through a few layers; fp8 e4m3 alike)."""
+import numpy as np
+import pytest
+from helpers import make_model, run_onnxruntime
+from onnx import helper
+
+import kiln
+from kiln.builder import BuilderConfig
+
+pytestmark = pytest.mark.gpu
+
+RELATIVE, COSINE = 5e-2, 0.99
+
+
+def agreement(actual, expected) -> tuple[float, float]:
+    actual, expected = np.asarray(actual, np.float64).ravel(), np.asarray(expected, np.float64).ravel()
+    assert np.isfinite(actual).all(), "NaN or inf in the output"
+    relative = float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+    cosine = float(actual @ expected / (np.linalg.norm(actual) * np.linalg.norm(expected)))
+    return relative, cosine
+
+
+def fp8_capable() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def cnn_model(batch=4, channels=32, size=16):
+    """3x3 conv+relu, 1x1 conv with the input as residual, relu, 3x3 stride-2 conv, 1x1 stride-2, pool, Gemm."""
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    b = lambda n: (0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    inits = {"w1": w(channels, channels, 3, 3), "b1": b(channels), "w2": w(channels, channels, 1, 1), "b2": b(channels),
+             "w3": w(2 * channels, channels, 3, 3), "b3": b(2 * channels), "w4": w(2 * channels, 2 * channels, 1, 1),
+             "fc": w(10, 2 * channels), "fcb": b(10)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "x"], ["s"]),
+        helper.make_node("Relu", ["s"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c3"], ["r3"]),
+        helper.make_node("Conv", ["r3", "w4"], ["c4"], strides=[2, 2]),
+        helper.make_node("GlobalAveragePool", ["c4"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["y"], transB=1),
+    ]
+    model = make_model(nodes, {"x": np.zeros((batch, channels, size, size), np.float32)}, ["y"], inits)
+    model.ir_version = 10  # older onnxruntime builds (the GPU machine's) read IR versions up to 13 only
+    return model
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = cnn_model()
+    rng = np.random.default_rng(1)
+    calib = [{"x": rng.standard_normal((4, 32, 16, 16)).astype(np.float32)} for _ in range(8)]
+    feed = {"x": rng.standard_normal((4, 32, 16, 16)).astype(np.float32)}
+    return model, calib, feed, run_onnxruntime(model, feed)["y"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory):
+    import torch
+    from models.test_bert_encoder import TinyBert
+
+    torch.manual_seed(0)
+    module = TinyBert().eval()
+    path = tmp_path_factory.mktemp("encoder") / "bert.onnx"
+    ids, mask = torch.randint(0, 100, (2, 16)), torch.ones(2, 16, dtype=torch.int64)
+    torch.onnx.export(module, (ids, mask), str(path), input_names=["input_ids", "attention_mask"], output_names=["hidden"],
+                      dynamo=True, verbose=False)
+    rng = np.random.default_rng(0)
+    calib = [{"input_ids": rng.integers(0, 100, (2, 16)).astype(np.int64), "attention_mask": np.ones((2, 16), np.int64)}
+             for _ in range(8)]
+    feed = {"input_ids": rng.integers(0, 100, (2, 16)).astype(np.int64), "attention_mask": np.ones((2, 16), np.int64)}
+    return str(path), calib, feed, run_onnxruntime(str(path), feed)["hidden"]
+
+
+def int8_layers(engine) -> dict:
+    return {name: layer for name, layer in engine.plan.layers.items() if layer.get("op") in ("kiln::QConv", "kiln::QGemm")}
+
+
+def timed_int8(layer) -> list[str]:
+    return [key for key in layer.get("times_ms", {}) if key.endswith("/int8")]
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_cnn_int8_matches_onnxruntime_and_times_int8_tactics(cnn, half):
+    model, calib, feed, expected = cnn
+    engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=half, calib=calib))
+    relative, cosine = agreement(engine.run(feed)["y"], expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+    layers = int8_layers(engine)
+    assert len(layers) == 5, "every convolution and the matrix layer was quantized"
+    for name, layer in layers.items():
+        assert timed_int8(layer), f"{name}: no int8 tactic was timed: {layer}"
+        fallbacks = [key for key in layer["times_ms"] if key.startswith("fallback-")]
+        assert fallbacks, f"{name}: the float fallbacks were not timed beside int8"
+        assert layer["precision"] in (("int8", "fp16") if half else ("int8", "fp32")), layer
+    pointwise = [layer for layer in layers.values() if any(k.startswith("int8-cublaslt-1x1") for k in layer["times_ms"])]
+    assert len(pointwise) == 2, "both 1x1 convolutions were offered as int8 GEMMs"
+    assert engine.plan.build_info["cuda_tuning"]["flow"] == ("fp16" if half else "fp32")
+
+
+def test_cnn_int8_obey_runs_every_layer_int8(cnn):
+    model, calib, feed, expected = cnn
+    engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib,
+                                             layer_precisions={"*": "int8"}, precision_constraints="obey"))
+    assert {layer["precision"] for layer in int8_layers(engine).values()} == {"int8"}
+    relative, cosine = agreement(engine.run(feed)["y"], expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+
+
+def test_int8_engine_reloads_with_its_tactics(cnn, tmp_path):
+    model, calib, feed, expected = cnn
+    engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib))
+    engine.save(tmp_path / "e.kiln")
+    again = kiln.load(tmp_path / "e.kiln")
+    assert {k: v["tactic"] for k, v in again.plan.layers.items()} == {k: v["tactic"] for k, v in engine.plan.layers.items()}
+    np.testing.assert_allclose(again.run(feed)["y"], engine.run(feed)["y"], rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+
+def test_encoder_int8_matches_onnxruntime(encoder):
+    path, calib, feed, expected = encoder
+    engine = kiln.build(path, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib))
+    relative, cosine = agreement(engine.run(feed)["hidden"], expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+    layers = int8_layers(engine)
+    assert layers and all(layer["op"] == "kiln::QGemm" for layer in layers.values())
+    assert all(timed_int8(layer) for layer in layers.values()), {k: v.get("times_ms") for k, v in layers.items()}
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="fp8 needs compute capability 8.9+")
+def test_encoder_fp8_matches_onnxruntime_and_times_fp8(encoder):
+    path, calib, feed, expected = encoder
+    engine = kiln.build(path, BuilderConfig(device="cuda", fp8=True, calib=calib))
+    relative, cosine = agreement(engine.run(feed)["hidden"], expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+    gemms = [layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::Gemm"]
+    assert gemms and all("fp8-cublaslt/fp8" in layer.get("times_ms", {}) for layer in gemms), gemms
+    assert engine.plan.build_info["cuda_tuning"]["flow"] == "fp16", "the other layers run fp16"
+
+
+@pytest.mark.skipif("not fp8_capable()", reason="fp8 needs compute capability 8.9+")
+def test_fp8_needs_calibration_data(encoder):
+    from kiln.errors import KilnError
+
+    path = encoder[0]
+    with pytest.raises(KilnError) as caught:
+        kiln.build(path, BuilderConfig(device="cuda", fp8=True))
+    assert caught.value.code == "KILN-E302" and "--fp8" in caught.value.message
