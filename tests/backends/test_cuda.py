@@ -119,7 +119,7 @@ def test_bert_encoder_fp16_uses_fused_attention(tmp_path):
         engine = kiln.build(str(path), BuilderConfig(device="cuda", **flags))
         assert relative_error(engine.run(feed)["hidden"], expected) < RELATIVE[precision] * 3, precision
     tactics = {layer["op"]: layer["tactic"] for layer in engine.plan.layers.values()}
-    assert tactics.get("kiln::Attention", "").startswith("sdpa"), tactics
+    assert tactics.get("kiln::Attention", "").startswith(("sdpa", "triton-flash")), tactics
 
 
 def test_timing_cache_skips_timing_on_the_second_build(block, tmp_path):
@@ -217,3 +217,83 @@ def test_host_input_copy_gives_numpy_and_cuda_input_gives_cuda(block):
     device = engine.run({"x": torch.from_numpy(feed["x"]).cuda()})["y"]
     assert isinstance(host, np.ndarray) and device.is_cuda
     np.testing.assert_allclose(host, device.cpu().numpy(), rtol=1e-6, atol=1e-6)
+
+
+def attention_model(batch=2, heads=4, length=37, head_dim=64, mask_rows=1):
+    """Q @ K^T * scale + mask, Softmax, @ V over [B, H, S, D] inputs, K^T made by a Transpose as a model's head
+    transposes make it: what recognize_attention turns into kiln::Attention. An odd length leaves partial
+    query and key blocks; mask_rows 1 is a padding mask [B, 1, 1, S], S a full one [B, 1, S, S]."""
+    q = np.zeros((batch, heads, length, head_dim), np.float32)
+    mask = np.zeros((batch, 1, mask_rows, length), np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"]),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"]),
+        helper.make_node("Softmax", ["masked"], ["weights"], axis=-1),
+        helper.make_node("MatMul", ["weights", "v"], ["y"]),
+    ]
+    inits = {"scale": np.array(head_dim ** -0.5, np.float32)}
+    return _for_onnxruntime(make_model(nodes, {"q": q, "k": q, "v": q, "mask": mask}, ["y"], inits))
+
+
+def attention_feed(batch=2, heads=4, length=37, head_dim=64, mask_rows=1):
+    rng = np.random.default_rng(3)
+    feed = {name: rng.standard_normal((batch, heads, length, head_dim)).astype(np.float32) for name in ("q", "k", "v")}
+    mask = np.zeros((batch, 1, mask_rows, length), np.float32)
+    mask[0, ..., length - 9:] = -10000.0  # the first sequence is padded, as a BERT mask has it
+    feed["mask"] = mask
+    return feed
+
+
+FLASH = {"triton-flash-m64-n64-w4-s2", "triton-flash-m128-n64-w4-s3", "triton-flash-m128-n128-w8-s2",
+         "triton-flash-m64-n32-w4-s3"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("head_dim, mask_rows", [(64, 1), (80, 37)], ids=["d64-padding-mask", "d80-full-mask"])
+def test_attention_times_kiln_flash_kernels_and_matches_onnxruntime(precision, head_dim, mask_rows):
+    model = attention_model(head_dim=head_dim, mask_rows=mask_rows)
+    feed = attention_feed(head_dim=head_dim, mask_rows=mask_rows)
+    expected = run_onnxruntime(model, feed)["y"]
+    flags = {precision: True} if precision != "fp32" else {}
+    engine = kiln.build(model, BuilderConfig(device="cuda", **flags))
+    assert engine.plan.build_info["counters"].get("recognize_attention") == 1
+    assert relative_error(engine.run(feed)["y"], expected) < RELATIVE[precision]
+    layer = next(layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::Attention")
+    timed = {key.split("/")[0] for key in layer["times_ms"]}
+    assert FLASH & timed, (layer["times_ms"], layer.get("rejected"))
+    if precision != "fp32":  # half heads of 64 or 80 fit every launch variant; fp32 products may not fit the largest
+        assert FLASH <= timed, (layer["times_ms"], layer.get("rejected"))
+
+
+def elementwise_model(shape=(4, 64, 33)):
+    """x * s (last axis) + b (middle axis), Tanh, c - value (operand first), * y (full shape): a chain that
+    fuse_elementwise turns into one kiln::Elementwise with broadcast operands and a reversed Sub."""
+    rng = np.random.default_rng(4)
+    x = np.zeros(shape, np.float32)
+    inits = {"s": rng.standard_normal(shape[-1:]).astype(np.float32),
+             "b": rng.standard_normal((shape[1], 1)).astype(np.float32), "c": np.array(0.5, np.float32)}
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "b"], ["shifted"]),
+        helper.make_node("Tanh", ["shifted"], ["squashed"]),
+        helper.make_node("Sub", ["c", "squashed"], ["flipped"]),
+        helper.make_node("Mul", ["flipped", "y"], ["out"]),
+    ]
+    return _for_onnxruntime(make_model(nodes, {"x": x, "y": x}, ["out"], inits))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_elementwise_chain_times_kiln_triton_kernel_and_matches_onnxruntime(precision):
+    model = elementwise_model()
+    rng = np.random.default_rng(5)
+    feed = {name: rng.standard_normal((4, 64, 33)).astype(np.float32) for name in ("x", "y")}
+    expected = run_onnxruntime(model, feed)["out"]
+    flags = {precision: True} if precision != "fp32" else {}
+    engine = kiln.build(model, BuilderConfig(device="cuda", **flags))
+    assert engine.plan.build_info["counters"].get("fuse_elementwise_chain") == 1
+    assert relative_error(engine.run(feed)["out"], expected) < RELATIVE[precision]
+    layer = next(layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::Elementwise")
+    timed = {key.split("/")[0] for key in layer["times_ms"]}
+    assert {"torch", "triton-chain-b512-w4", "triton-chain-b1024-w4", "triton-chain-b2048-w8"} <= timed, layer
