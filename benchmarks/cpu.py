@@ -8,7 +8,7 @@ constants), cut before the final Softmax, and a BERT-base-shaped encoder (12 lay
 onnxruntime runs with ORT_ENABLE_ALL and the same intra-op thread count as torch.
 "torch eager" is the torch module itself for the encoder; for the ONNX zoo models, which have no
 torch module, it is kiln's unoptimized engine: the graph run op by op with plain torch calls.
-Each timing is the median of --runs timed runs after warm-up; errors are relative L2 against
+Each timing is the median of --runs timed runs after warm-up, the runners taking turns; errors are relative L2 against
 onnxruntime's output on the same input.
 """
 from __future__ import annotations
@@ -30,15 +30,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LIGHT_NAMES = ["resnet50", "densenet121", "inception_v1", "squeezenet"]
 
 
-def median_ms(run, runs: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
+def interleaved_medians(runners: dict, runs: int, warmup: int = 3) -> dict:
+    """Median ms of each runner, timed in turns (one call of each per round) so that a change in the machine's
+    load during the measurement falls on every runner alike and the ratios stay fair."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times = {name: [] for name in runners}
     for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def relative_error(actual, expected) -> float:
@@ -61,6 +65,7 @@ def light_model(name: str, batch: int, seed: int = 0):
         if node.op_type == "BatchNormalization":
             role.update({n: kind for n, kind in zip(node.input[1:], ("scale", "bias", "mean", "var"))})
     kept, weights = [], []
+    logits = model.graph.output[0].name  # densenet121 ends in its classifier Conv: no Softmax to cut
     for node in model.graph.node:
         if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
             shape = tuple(int(d) for d in shapes[node.input[0]])
@@ -140,23 +145,24 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
     session = ort_session(model, threads)
     output = session.get_outputs()[0].name
     reference = session.run([output], feed)[0]
-    row = {"model": name, "batch": batch, "onnxruntime_ms": median_ms(lambda: session.run([output], feed), runs)}
+    row = {"model": name, "batch": batch}
     torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
     if eager is None:  # no torch module: kiln's unoptimized engine is the graph in plain torch calls
-        engine = kiln.build(model, kiln.BuilderConfig(optimize=False))
-        eager = lambda: engine.run(torch_feed)  # noqa: E731
-    with torch.inference_mode():
-        row["torch_eager_ms"] = median_ms(eager, runs)
+        unoptimized = kiln.build(model, kiln.BuilderConfig(optimize=False))
+        eager = lambda: unoptimized.run(torch_feed)  # noqa: E731
+    runners = {"onnxruntime": lambda: session.run([output], feed), "torch_eager": eager}
     for precision in ("fp32", "bf16"):
         engine = kiln.build(model, kiln.BuilderConfig(bf16=precision == "bf16"))
-        result = engine.run(feed)
-        row[f"kiln_{precision}_ms"] = median_ms(lambda: engine.run(torch_feed), runs)
-        row[f"kiln_{precision}_error"] = relative_error(next(iter(result.values())), reference)
+        row[f"kiln_{precision}_error"] = relative_error(next(iter(engine.run(feed).values())), reference)
+        runners[f"kiln_{precision}"] = lambda engine=engine: engine.run(torch_feed)
         if precision == "fp32":
             memory = engine.plan.memory
             row["layers"] = len(engine.plan.graph.nodes)
             row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
             row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
+    with torch.inference_mode():
+        medians = interleaved_medians(runners, runs)
+    row.update({f"{name}_ms": ms for name, ms in medians.items()})
     print(format_row(row), flush=True)
     return row
 

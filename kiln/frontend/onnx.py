@@ -2,6 +2,7 @@
 shapes, expand functions, and translate it into kiln's IR, reporting every unsupported node at once."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx.numpy_helper
+from onnx import TensorProto, helper
 
 from .. import log
 from ..errors import ParseError
@@ -181,14 +183,52 @@ def _interface(model: onnx.ModelProto) -> list:
     return [(i.name, i.type.SerializeToString()) for i in model.graph.input] + [o.name for o in model.graph.output]
 
 
+SHAPE_DATA_ELEMENTS = 64  # float weights up to this size stay in the model shape inference sees
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX shape inference (with data propagation) over the model's structure, not its weights.
+
+    onnx serializes the model it is given, twice: for a BERT-base that is 440 MB each way and most of a build's
+    time. Shape inference reads the weights' types and shapes, and the values only of the small integer tensors
+    that shapes are computed from, so it runs on a copy whose large float weights are declared as graph inputs of
+    the same type instead; the weights are put back into the result. Models over 2 GB thereby get inferred too."""
     try:
-        if model.ByteSize() > 1_900_000_000:
+        skeleton, weights = _without_float_weights(model)
+        if skeleton.ByteSize() > 1_900_000_000:
             return model  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as error:  # noqa: BLE001
         log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
         return model
+    if weights:
+        declared = {t.name for t in weights} - {i.name for i in model.graph.input}
+        kept = [i for i in inferred.graph.input if i.name not in declared]
+        del inferred.graph.input[:]
+        inferred.graph.input.extend(kept)
+        del inferred.graph.initializer[:]
+        inferred.graph.initializer.extend(model.graph.initializer)  # the model's own order
+    return inferred
+
+
+def _without_float_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """A copy of `model` without its large float initializers, each declared as a graph input of its type
+    instead, and the list of those removed."""
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    weights = [t for t in model.graph.initializer
+               if t.data_type in floats and math.prod(t.dims) > SHAPE_DATA_ELEMENTS and t.data_location != TensorProto.EXTERNAL]
+    if not weights:
+        return model, []
+    removed = {t.name for t in weights}
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    kept = [t for t in skeleton.graph.initializer if t.name not in removed]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    inputs = {i.name for i in skeleton.graph.input}
+    skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                                for t in weights if t.name not in inputs)
+    return skeleton, weights
 
 
 def prepare_dynamic_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
