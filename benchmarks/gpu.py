@@ -150,6 +150,7 @@ def kiln_rows(name, batch, onnx_path, inputs, reference, runs, out: Path, cache_
         started = time.perf_counter()
         engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra={"timing_cache_file": cache}, **flags))
         build_s = time.perf_counter() - started
+        stages = {"cold": engine.plan.build_info.get("stage_seconds")}
         warm_s = None
         if precision == "fp16":  # the same build again, with the timing cache the first one wrote
             del engine
@@ -158,17 +159,19 @@ def kiln_rows(name, batch, onnx_path, inputs, reference, runs, out: Path, cache_
             started = time.perf_counter()
             engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra={"timing_cache_file": cache}, **flags))
             warm_s = time.perf_counter() - started
+            stages["warm"] = engine.plan.build_info.get("stage_seconds")
         output = engine.run(inputs)["output"]
         latency = median_ms(lambda: engine.run(inputs), runs)
         program = engine.program
         row = {"model": name, "batch": batch, "runner": f"kiln {precision}", "latency_ms": latency,
                "throughput": batch / latency * 1e3, "build_s": build_s, "warm_build_s": warm_s,
+               "build_stages_s": stages,
                "error": max_relative_error(output, reference), "cuda_graph": program.use_cuda_graph and program.graph_error is None,
                "graph_error": program.graph_error, "tuning": engine.plan.build_info.get("cuda_tuning"),
                "tactics": _tactic_histogram(engine.plan.layers)}
         rows.append(row)
         print(f"  kiln {precision:5s} {latency:8.3f} ms  build {build_s:6.1f} s" + (f" (warm cache {warm_s:.1f} s)" if warm_s else "")
-              + f"  err {row['error']:.2e}  graph={row['cuda_graph']}", flush=True)
+              + f"  err {row['error']:.2e}  graph={row['cuda_graph']}  stages {stages}", flush=True)
         if precision == "fp16":
             _profile(engine, inputs, out / "profiles.txt", f"{name} batch {batch}, kiln fp16, step by step (no CUDA graph)")
         del engine, program

@@ -116,9 +116,11 @@ def build(model, config: BuilderConfig | None = None, **options):
         profiles = resolve_profiles([graph.value(v.name) for v in graph.inputs], config.profiles or declared,
                                     config.use_model_shapes, config.unbounded_shapes)
         bar.advance("parsed")
+        stages = {"parse": round(time.perf_counter() - started, 3)}
         ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
         optimize(graph, ctx, config=config)
         bar.advance("optimized")
+        stages["optimize"] = round(time.perf_counter() - started - sum(stages.values()), 3)
         plan = Plan(graph=graph, target=_target(config), build_info=build_info(config.device),
                     config=_config_record(config), plugins=plugins_used(graph), profiles=[p.to_data() for p in profiles])
         plan.layers = {node.name: {"op": node.op_key, "precision": "fp32", "tactic": "torch", "origin": list(node.origin)}
@@ -137,6 +139,8 @@ def build(model, config: BuilderConfig | None = None, **options):
             plan.memory = plan_memory(graph, largest_sizes([graph.value(v.name) for v in graph.inputs], profiles))
         bar.advance("lowered")
     plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
+    stages["lower"] = round(plan.build_info["build_seconds"] - sum(stages.values()), 3)
+    plan.build_info["stage_seconds"] = stages  # where a build's time went: parse, optimize, lower (tactics, packing)
     log.verbose("built %s engine with %d layers in %.2f s", config.device, len(graph.nodes), plan.build_info["build_seconds"])
     return engine
 
