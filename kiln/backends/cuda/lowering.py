@@ -30,7 +30,8 @@ def precision_plan(config: dict) -> tuple[list[str], str]:
     best = bool(config.get("best"))
     allowed = ["fp32"]
     for name in ("tf32", "fp16", "bf16"):
-        if config.get(name) or best:
+        # --fp8 runs its matrix layers in fp8 and the rest in fp16 (fp8 tactics are offered beside these)
+        if config.get(name) or best or (name == "fp16" and config.get("fp8")):
             allowed.append(name)
     if "fp16" in allowed:
         flow = "fp16"
@@ -55,9 +56,6 @@ def check_precisions(config) -> None:
         if getattr(config, precision, False) and have < needed:
             raise PrecisionError(f"--{precision} needs a GPU of compute capability {needed} or newer; {name} is {major}.{minor}",
                                  code="KILN-E301", hint=f"build without --{precision}, or on a newer GPU")
-    if getattr(config, "fp8", False):
-        raise PrecisionError("kiln's CUDA backend has no fp8 tactics yet", code="KILN-E301",
-                             hint="build with --fp16 or --bf16 (or --best) instead of --fp8")
 
 
 def parse_workspace(text: str | None) -> int | None:
@@ -170,7 +168,9 @@ def _in_flow(kernel, flow_dtype, node: Node):
     return run
 
 
-def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list[str], flow_dtype) -> list[Candidate]:
+def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list[str], flow_dtype,
+                pinned: frozenset = frozenset(), fp8: bool = False) -> list[Candidate]:
+    """pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics."""
     import torch
 
     key = (node.domain, node.op)
@@ -181,6 +181,15 @@ def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list
         found = cands.conv_candidates(node, weight, bias, allowed, flow_dtype)
     elif key == ("kiln", "Gemm") and weight is not None and weight.dim() == 2 and (bias is not None or len(node.inputs) < 3 or not node.inputs[2]):
         found = cands.gemm_candidates(node, weight, bias, allowed, flow_dtype)
+        if fp8 and node.attrs.get("x_amax"):
+            from .int8 import fp8_candidates
+
+            found += fp8_candidates(node, weight, bias, float(node.attrs["x_amax"]), flow_dtype)
+    elif key in (("kiln", "QGemm"), ("kiln", "QConv")) and weight is not None:
+        from .int8 import int8_candidates
+
+        q_bias = _full_precision(graph, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+        found = int8_candidates(node, weight, bias, q_bias, allowed, flow_dtype, node.name in pinned, fp8)
     elif key == ("kiln", "Attention"):
         found = cands.attention_candidates(node, allowed, flow_dtype)
     elif key == ("", "LayerNormalization"):
@@ -244,6 +253,52 @@ def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str]]:
 
 
 def lower(plan) -> CudaProgram:
+    """The CUDA program for `plan`. Each layer's tactic is chosen on the tensor that reaches it, so a greedy
+    choice can switch between NCHW and channels-last convolutions, paying a layout copy at every switch;
+    where it does, the engine is also lowered with every convolution channels-last, both whole engines are
+    timed, and the faster is kept (the choice for the chain, not the layer)."""
+    program = _lower(plan)
+    tuned = (plan.build_info or {}).get("cuda_tactics")
+    if not tuned and _mixes_conv_layouts(program):
+        try:
+            channels_last = _lower(plan, conv_layout="nhwc")
+        except ResourceError as error:  # the second engine did not fit beside the first: keep the first
+            log.verbose("whole-engine layout: channels-last variant not tried (%s)", error)
+        else:
+            program = _faster(program, channels_last, plan)
+    if not tuned:  # the build itself, not a reload
+        plan.build_info["cuda_tuning"] = program.tuning
+        plan.build_info["cuda_tactics"] = {step.name: f"{program.layer_info[step.name]['tactic']}/{program.layer_info[step.name]['precision']}"
+                                           for step in program.steps}
+    return program
+
+
+def _mixes_conv_layouts(program: CudaProgram) -> bool:
+    layouts = {("nchw" if "nchw" in info["tactic"] else "nhwc") for info in program.layer_info.values()
+               if "nchw" in info["tactic"] or "nhwc" in info["tactic"]}
+    return len(layouts) > 1
+
+
+def _faster(first: CudaProgram, second: CudaProgram, plan) -> CudaProgram:
+    """Of two programs for the same plan, the one whose whole run (as the runtime runs it) is faster."""
+    import torch
+
+    from ..tactics import median_ms
+
+    feed = _example_feed(plan.graph, plan.profiles, cands.torch_dtype(first.tuning["flow"]))
+    times = []
+    with torch.inference_mode():
+        for program in (first, second):
+            times.append(median_ms(lambda: program.execute(feed), [], warmup=3, repeat=20))
+    chosen, other = (first, second) if times[0] <= times[1] else (second, first)
+    other.graphs.clear()
+    chosen.tuning["whole_engine_ms"] = {"per-layer choice": round(times[0], 4), "all channels-last": round(times[1], 4)}
+    log.verbose("whole-engine layout: per-layer choice %.3f ms, all channels-last %.3f ms", times[0], times[1])
+    return chosen
+
+
+def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
+    """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics."""
     import torch
 
     graph: Graph = plan.graph
@@ -269,6 +324,9 @@ def lower(plan) -> CudaProgram:
         raise ResourceError(f"the engine's weights do not fit on {torch.cuda.get_device_name()}: {str(error).splitlines()[0]}",
                             code="KILN-E601", hint="use a GPU with more memory, or a lower precision (--fp16)") from None
     tuned = (plan.build_info or {}).get("cuda_tactics")
+    quantized = ((plan.build_info or {}).get("quantization") or {}).get("layers", {})
+    pinned = frozenset(name for name, entry in quantized.items()
+                       if entry.get("why") == "asked" and config.get("precision_constraints") == "obey")
     steps: list[Step] = []
     layer_info: dict = {}
     env = dict(constants)
@@ -296,13 +354,16 @@ def lower(plan) -> CudaProgram:
                 plain_kernel = bind_kernel(node, opset)
                 reference_kernel = lambda a, b, *rest, k=plain_kernel: k(a + b, *rest)  # noqa: E731
             else:
-                options = _candidates(node, graph, kernel, constants, allowed, flow_dtype)
+                options = _candidates(node, graph, kernel, constants, allowed, flow_dtype, pinned, bool(config.get("fp8")))
+                if conv_layout == "nhwc":
+                    options = [c for c in options if "nchw" not in c.name] or options
                 reference_kernel = bind_kernel(node, opset)
             if tuned and node.name in tuned:  # a reloaded engine runs the tactics its build chose
                 options = [c for c in options if c.key == tuned[node.name]] or options[:1]
             if len(options) > 1:
                 chosen, record = choose(options, args, lambda: _reference(reference_kernel, args),
-                                        _signature(node, args, allowed, flow), cache, workspace_limit)
+                                        {**_signature(node, args, allowed, flow), "layout": conv_layout}, cache,
+                                        workspace_limit)
             else:
                 chosen, record = options[0], {}
             try:
@@ -317,6 +378,10 @@ def lower(plan) -> CudaProgram:
             release = tuple(n for n, last in last_use.items() if last == index and n not in outputs and n not in constants)
             for name in release:
                 env.pop(name, None)
+            if node.domain == "kiln" and node.op in ("QGemm", "QConv") and not tuned:
+                from .int8 import explain
+
+                explain(node, chosen, options, record)
             steps.append(Step(node.name, node.op_key, chosen.run, node.inputs, node.outputs, release, step_host, positions,
                               needs_env))
             info = {"tactic": chosen.name, "precision": chosen.precision}
@@ -353,10 +418,6 @@ def lower(plan) -> CudaProgram:
     program.tuning = {"seconds": round(time.perf_counter() - started, 3), "cache_hits": cache.hits,
                       "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
                       "allowed": allowed, "cuda_graph": use_cuda_graph}
-    if not tuned:  # the build itself, not a reload
-        plan.build_info["cuda_tuning"] = program.tuning
-        plan.build_info["cuda_tactics"] = {step.name: f"{layer_info[step.name]['tactic']}/{layer_info[step.name]['precision']}"
-                                           for step in steps}
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
