@@ -354,10 +354,29 @@ def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str
         taken.add(name)
         attrs = {a.name: _attribute(a, opsets) for a in node_proto.attribute}
         domain = "" if node_proto.domain == "ai.onnx" else node_proto.domain
+        if node_proto.op_type == "QuantizeLinear" and domain == "":
+            attrs = _with_quantized_type(node_proto, attrs, values, initializers)
         nodes.append(Node(node_proto.op_type, tuple(node_proto.input), tuple(node_proto.output), attrs, name,
                           domain, origin=(name,)))
     return Graph(nodes, inputs, outputs, values=values, initializers=initializers, opsets=opsets,
                  name=proto.name or "graph")
+
+
+def _with_quantized_type(node_proto: onnx.NodeProto, attrs: dict, values: dict[str, Value],
+                         initializers: dict[str, np.ndarray]) -> dict:
+    """QuantizeLinear's output type is its zero point's. An int4/uint4/int2/uint2 zero point reaches the kernel
+    carried in int8/uint8, which would saturate to the carrier's range: write the real type into `output_dtype`,
+    which the spec allows where it equals the zero point's type."""
+    if len(node_proto.input) < 3 or not node_proto.input[2] or attrs.get("output_dtype"):
+        return attrs
+    name = node_proto.input[2]
+    if name in initializers:
+        dtype = from_numpy(initializers[name].dtype)
+    else:
+        dtype = values[name].dtype if name in values else None
+    if dtype not in (DType.int4, DType.uint4, DType.int2, DType.uint2):
+        return attrs
+    return {**attrs, "output_dtype": dtype.value}
 
 
 def to_ir(model: onnx.ModelProto) -> Graph:

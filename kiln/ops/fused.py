@@ -18,7 +18,8 @@ kiln::Gemm(X, W, B?, R?) -> Y
 
 kiln::Attention(Q, K, V, M?) -> Y
     Scaled-dot-product attention over [..., S, D] tensors:
-    Y = softmax(Q @ K^T * scale + M) @ V, M an optional additive mask broadcastable to the scores.
+    Y = softmax(Q @ K^T * scale + M) @ V, M an optional additive mask of rank 2 up to the scores' rank that
+    broadcasts to the scores' shape (torch's SDPA, the CPU and CUDA tactic, takes no 0-d or 1-d mask).
     Attribute `scale` (float). K is given untransposed ([..., S_k, D]).
 
 kiln::Gelu(X) -> Y

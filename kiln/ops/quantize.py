@@ -1,5 +1,6 @@
 """Quantization operators: ONNX's QuantizeLinear/DequantizeLinear (per-tensor, per-axis, blocked; int8, uint8,
-int16, uint16, float8), the integer and QLinear operators that quantized models use, and kiln's own int8 layers.
+int16, uint16, int4, uint4, int2, uint2, float8), the integer and QLinear operators that quantized models use,
+and kiln's own int8 layers.
 
 kiln::QGemm(X, Wq, Ws, B?, R?) -> Y
     Y = activation(dequant(quant(X) @ Wq^T) + B + R). X float, quantized per tensor, symmetric int8 with the
@@ -22,6 +23,11 @@ from .registry import register
 # ONNX element type number -> torch dtype name, for `output_dtype` attributes
 _ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 10: "float16",
                16: "bfloat16", 17: "float8_e4m3fn", 18: "float8_e4m3fnuz", 19: "float8_e5m2", 20: "float8_e5m2fnuz"}
+
+
+# Integer types torch has no tensor type for: carried in int8/uint8 (kiln/ir/dtypes.py CARRIED), saturated to
+# their own range. ONNX element type number -> (carrier, smallest, largest)
+_CARRIED_INTEGERS = {21: ("uint8", 0, 15), 22: ("int8", -8, 7), 25: ("uint8", 0, 3), 26: ("int8", -2, 1)}
 
 
 def _torch_dtype(number: int):
@@ -48,8 +54,9 @@ def _float8_limits(dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def quantize_tensor(x, scale, zero_point, dtype, saturate: bool = True):
-    """ONNX QuantizeLinear's arithmetic: round half to even, add the zero point, saturate to the type."""
+def quantize_tensor(x, scale, zero_point, dtype, saturate: bool = True, limits: tuple[int, int] | None = None):
+    """ONNX QuantizeLinear's arithmetic: round half to even, add the zero point, saturate to the type (or to
+    `limits`, the range of a narrower type carried in `dtype`)."""
     import torch
 
     scaled = x.to(torch.float32) / scale.to(torch.float32)
@@ -63,15 +70,19 @@ def quantize_tensor(x, scale, zero_point, dtype, saturate: bool = True):
     rounded = torch.round(scaled)
     if zero_point is not None:
         rounded = rounded + zero_point.to(torch.float32)
-    info = torch.iinfo(dtype)
-    return rounded.clamp(info.min, info.max).to(dtype)
+    low, high = limits or (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    return rounded.clamp(low, high).to(dtype)
 
 
 @register("QuantizeLinear", since=10)
 def quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, output_dtype=0, saturate=1, precision=0):
     import torch
 
-    if y_zero_point is not None:
+    limits = None
+    if output_dtype in _CARRIED_INTEGERS:  # int4/int2 (the frontend writes it for such zero points)
+        carrier, low, high = _CARRIED_INTEGERS[output_dtype]
+        dtype, limits = getattr(torch, carrier), (low, high)
+    elif y_zero_point is not None:
         dtype = y_zero_point.dtype
     elif output_dtype:
         dtype = _torch_dtype(output_dtype)
@@ -79,7 +90,7 @@ def quantize_linear(x, y_scale, y_zero_point=None, *, axis=1, block_size=0, outp
         dtype = torch.uint8
     scale = _expand_scale(y_scale, x, axis, block_size)
     zero = None if y_zero_point is None else _expand_scale(y_zero_point, x, axis, block_size)
-    return quantize_tensor(x, scale, zero, dtype, bool(saturate))
+    return quantize_tensor(x, scale, zero, dtype, bool(saturate), limits)
 
 
 @register("DequantizeLinear", since=10)

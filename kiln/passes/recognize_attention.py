@@ -79,7 +79,24 @@ def _match(graph: Graph, near: Neighbours, softmax) -> dict | None:
     shapes = [graph.value(name).rank for name in (*scores.inputs, last.inputs[1])]
     if any(r is None or r != rank for r in shapes) or any(name in graph.initializers for name in scores.inputs):
         return None
-    if mask and (graph.value(mask).dtype != graph.value(softmax.inputs[0]).dtype or (graph.value(mask).rank or 0) > rank):
+    if mask and not _fits_scores(graph, mask, nodes[1], rank, softmax):
         return None
     nodes.append(scores)
     return {"nodes": nodes, "scores": scores, "last": last, "mask": mask, "scale": scale}
+
+
+def _fits_scores(graph: Graph, mask: str, add: Node, rank: int, softmax: Node) -> bool:
+    """Whether kiln::Attention's mask input can stand for the other operand of this Add to the scores: same dtype,
+    a known rank from 2 up to the scores' (torch's SDPA and kiln's flash kernel index the mask's last two axes, so
+    a 0-d or 1-d operand, such as FlexAttention's constant score_mod bias, fails there), not the scores themselves,
+    and not broadcasting the scores to a larger shape (the fused op's output shape follows Q and V alone)."""
+    value = graph.value(mask)
+    if value.dtype != graph.value(softmax.inputs[0]).dtype or value.rank is None or not 2 <= value.rank <= rank:
+        return False
+    if add.inputs[0] == add.inputs[1]:
+        return False
+    scores = graph.value(add.inputs[1] if add.inputs[0] == mask else add.inputs[0]).shape
+    added = graph.value(add.outputs[0]).shape
+    if scores is None or added is None:
+        return True
+    return all(s == a for s, a in zip(scores, added) if isinstance(s, int) and isinstance(a, int))

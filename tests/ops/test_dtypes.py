@@ -33,6 +33,26 @@ def test_cast_into_narrow_types_and_back(to, dtype, tmp_path):
     np.testing.assert_array_equal(out["y"], y)
 
 
+@pytest.mark.parametrize("to, dtype, zero", [(TensorProto.INT4, ml_dtypes.int4, 1), (TensorProto.UINT4, ml_dtypes.uint4, 3),
+                                             (TensorProto.INT2, ml_dtypes.int2, 0), (TensorProto.UINT2, ml_dtypes.uint2, 1)])
+def test_quantize_into_narrow_types_saturates_to_their_range(to, dtype, zero, tmp_path):
+    """QuantizeLinear into int4/int2 (carried in int8/uint8) clamps to the narrow type's range, not the carrier's,
+    rounding half to even; DequantizeLinear reads the result back. The zero point is a weight here, so the
+    QuantizeLinear -> DequantizeLinear pair in the middle of the graph is checked too."""
+    x = np.array([-40, -9, -2.5, -1.5, -0.5, 0, 0.5, 1.5, 2.5, 3.5, 9, 40], np.float32)
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [12])],
+                              [helper.make_tensor_value_info("q", to, [12]), helper.make_tensor_value_info("y", TensorProto.FLOAT, [12])],
+                              [helper.make_tensor("scale", TensorProto.FLOAT, [], [1.0]), helper.make_tensor("zero", to, [], [zero])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)])
+    out = _roundtrip(model, {"x": x}, tmp_path)
+    q, y = ReferenceEvaluator(model).run(None, {"x": x})
+    assert out["q"].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out["q"].astype(np.float32), q.astype(np.float32))
+    np.testing.assert_array_equal(out["y"], y)
+
+
 def test_strings_through_a_saved_engine(tmp_path):
     nodes = [helper.make_node("StringConcat", ["a", "b"], ["ab"]), helper.make_node("Equal", ["ab", "a"], ["same"])]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("a", TensorProto.STRING, [2]),

@@ -1,7 +1,7 @@
 """Before/after tests of each rewrite pass: expected graph, counters, idempotence, numerics against onnxruntime."""
 import numpy as np
 import pytest
-from helpers import make_model
+from helpers import assert_close, make_model, run_onnxruntime
 from onnx import helper
 from passes.rewrite_check import check_rewrite
 
@@ -175,6 +175,42 @@ def test_attention_is_recognised_and_its_key_transpose_merges():
     assert attention.attrs["scale"] == 0.5 and attention.inputs[3] == "mask"
     keys = next(n for n in graph.nodes if n.outputs[0] == attention.inputs[1])
     assert keys.attrs["perm"] == [0, 2, 1, 3], "K^T's transpose and the head transpose became one"
+
+
+def score_mod_model(bias, batch=1, heads=2, seq=3, dim=4):
+    """FlexAttention's score_mod: a constant added to the unscaled scores, the shape of ONNX's
+    test_flexattention_score_mod (a 0-d bias)."""
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["scores"]), helper.make_node("Add", ["scores", "bias"], ["modded"]),
+             helper.make_node("Softmax", ["modded"], ["p"], axis=3), helper.make_node("MatMul", ["p", "v"], ["y"])]
+    feed = {name: randn(batch, heads, seq, dim) for name in ("q", "k", "v")}
+    return make_model(nodes, dict(feed), ["y"], {"bias": bias}), feed
+
+
+@pytest.mark.parametrize("bias", [np.array(0.5, np.float32), np.full(3, 0.5, np.float32)], ids=["0-d", "1-d"])
+def test_attention_leaves_a_mask_below_rank_2_alone(bias):
+    """kiln::Attention's tactics (torch SDPA) index the mask's last two axes: a 0-d or 1-d added operand stays
+    an Add, and the engine runs (the fused layer used to fail with IndexError at run time)."""
+    import kiln
+
+    model, feed = score_mod_model(bias)
+    check_rewrite(model, [recognize_attention.run], ["Transpose", "MatMul", "Add", "Softmax", "MatMul"], {}, feed)
+    assert_close(kiln.build(model).run(feed)["y"], run_onnxruntime(model, feed)["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_takes_a_rank_2_score_mod_bias():
+    """The same pattern with a [S_q, S_k] bias is a mask the fused op expresses: it fuses."""
+    model, feed = score_mod_model(np.full((3, 3), 0.5, np.float32))
+    graph = check_rewrite(model, [recognize_attention.run], ["Transpose", "Transpose", "kiln::Attention"],
+                          {"recognize_attention": 1}, feed)
+    assert graph.nodes[-1].inputs[3] == "bias" and graph.nodes[-1].attrs["scale"] == 1.0
+
+
+def test_attention_leaves_a_mask_that_enlarges_the_scores_alone():
+    """A mask with a larger batch than Q, K and V makes Add's output larger than the scores; the fused op's output
+    would follow Q and V, so the pattern stays."""
+    model, feed = score_mod_model(np.zeros((2, 1, 3, 3), np.float32))
+    check_rewrite(model, [recognize_attention.run], ["Transpose", "MatMul", "Add", "Softmax", "MatMul"], {}, feed)
 
 
 def test_elementwise_chain_fuses_into_one_op():
