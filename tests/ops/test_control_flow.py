@@ -15,7 +15,9 @@ F = TensorProto.FLOAT
 
 def _model(nodes, inputs, outputs, opset=18):
     graph = helper.make_graph(nodes, "control", inputs, outputs)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10  # older onnxruntime builds (the GPU machine's) read IR versions up to 13 only
+    return model
 
 
 def _build(model, profile=None, **options):
