@@ -86,7 +86,30 @@ def test_residual_add_folds_into_the_layernorm_it_feeds():
                         helper.make_node("LayerNormalization", ["t", "w"], ["z"], name="norm2", axis=0)],
                        {"a": x, "b": x}, ["z"], {"w": np.ones(8, np.float32), "bias": np.zeros(8, np.float32)})
     graph = parse(model)
-    nodes, folded = fuse_add_layernorm(graph)
+    nodes, folded, fused_norms = fuse_add_layernorm(graph)
     assert folded == {"add": "norm"}, "only an Add feeding a last-axis LayerNorm alone is folded"
+    assert fused_norms == {"norm"}
     norm = next(n for n in nodes if n.name == "norm")
     assert norm.inputs == ("a", "b", "w", "bias") and [n.name for n in nodes] == ["norm", "kept_add", "norm2"]
+
+
+def test_gemm_residual_moves_into_the_layernorm_it_feeds():
+    """x @ W^T + b + r feeding only a LayerNorm: the GEMM keeps its bias, the LayerNorm adds r (one Triton pass);
+    a Gemm with an activation after the sum, or whose output is also used elsewhere, keeps its residual."""
+    import numpy as np
+
+    from kiln.backends.cuda.lowering import fuse_add_layernorm
+    from kiln.ir import DType, Graph, Node, Value
+
+    nodes = [Node("Gemm", ("x", "w", "b", "r"), ("g1",), {}, name="gemm", domain="kiln"),
+             Node("LayerNormalization", ("g1", "s"), ("n1",), {"axis": -1}, name="norm"),
+             Node("Gemm", ("n1", "w", "b", "r"), ("g2",), {"activation": "relu"}, name="gemm_relu", domain="kiln"),
+             Node("LayerNormalization", ("g2", "s"), ("n2",), {"axis": -1}, name="norm_relu")]
+    weights = {"w": np.ones((8, 8), np.float32), "b": np.zeros(8, np.float32), "s": np.ones(8, np.float32)}
+    graph = Graph(nodes, [Value(n, DType.float32, (2, 8)) for n in ("x", "r")], [Value("n2", DType.float32, (2, 8))],
+                  initializers=weights)
+    nodes, folded, fused_norms = fuse_add_layernorm(graph)
+    assert folded == {} and fused_norms == {"norm"}
+    by_name = {n.name: n for n in nodes}
+    assert by_name["gemm"].inputs == ("x", "w", "b") and by_name["norm"].inputs == ("g1", "r", "s")
+    assert by_name["gemm_relu"].inputs == ("n1", "w", "b", "r") and by_name["norm_relu"].inputs == ("g2", "s")

@@ -227,10 +227,12 @@ def _full_precision(graph: Graph, name: str):
     return numpy_to_torch(graph.initializers[name]).to("cuda")
 
 
-def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str]]:
-    """The node list with each residual Add that feeds only a LayerNormalization (last axis) folded into it:
-    the LayerNorm node then takes (a, b, scale, bias). GPU-only, so it lives here and not in kiln/passes.
-    Returns the nodes and {folded Add's name: LayerNorm's name}."""
+def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str], set[str]]:
+    """The node list with each residual sum that feeds only a LayerNormalization (last axis) moved into it, so
+    that one Triton pass adds and normalizes: the LayerNorm node then takes (a, b, scale, bias). The sum is an
+    Add, which goes, or the residual input of a kiln::Gemm without activation, which the Gemm then leaves out
+    (its bias stays in the GEMM's epilogue). GPU-only, so it lives here and not in kiln/passes.
+    Returns the nodes, {folded Add's name: LayerNorm's name}, and the LayerNorm nodes that now take a sum."""
     consumers = graph.consumers()
     producers = graph.producers()
     outputs = set(graph.output_names())
@@ -241,15 +243,22 @@ def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str]]:
             continue
         if len([o for o in node.outputs if o]) != 1 or not node.inputs[0]:
             continue
-        add = producers.get(node.inputs[0])
-        if add is None or add.domain != "" or add.op != "Add" or add.outputs[0] in outputs:
+        source = producers.get(node.inputs[0])
+        if source is None or source.outputs[0] in outputs or len(consumers.get(source.outputs[0], [])) != 1:
             continue
-        if len(consumers.get(add.outputs[0], [])) != 1 or any(n in graph.initializers for n in add.inputs):
+        if source.domain == "" and source.op == "Add" and not any(n in graph.initializers for n in source.inputs):
+            folded[source.name] = node.name
+            summands = tuple(source.inputs)
+        elif source.op_key == "kiln::Gemm" and len(source.inputs) > 3 and source.inputs[3] \
+                and not source.attrs.get("activation"):
+            replaced[source.name] = source.replace(inputs=tuple(source.inputs[:3]))
+            summands = (source.outputs[0], source.inputs[3])
+        else:
             continue
-        folded[add.name] = node.name
-        replaced[node.name] = node.replace(inputs=(add.inputs[0], add.inputs[1], *node.inputs[1:]))
+        replaced[node.name] = node.replace(inputs=(*summands, *node.inputs[1:]))
     nodes = [replaced.get(n.name, n) for n in graph.nodes if n.name not in folded]
-    return nodes, folded
+    fused_norms = {n.name for n in graph.nodes if n.op == "LayerNormalization" and n.name in replaced}
+    return nodes, folded, fused_norms
 
 
 def lower(plan) -> CudaProgram:
@@ -331,8 +340,7 @@ def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
     layer_info: dict = {}
     env = dict(constants)
     env.update(feed)
-    nodes, folded = fuse_add_layernorm(graph)
-    fused_norms = set(folded.values())
+    nodes, folded, fused_norms = fuse_add_layernorm(graph)
     last_use = _last_use(nodes)
     outputs = set(graph.output_names())
     with torch.inference_mode(), Progress("kiln tactics", total=len(nodes)) as bar:
