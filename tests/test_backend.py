@@ -65,9 +65,8 @@ def test_bad_input_raises_a_kiln_error():
     with pytest.raises(KilnError) as info:
         rep.run([x.astype(np.float64)])
     assert info.value.code.startswith("KILN-E4")
-    unsupported = make_model([helper.make_node("Gradient", ["x"], ["y"], domain="ai.onnx.preview.training",
-                                               xs=["x"], y="x")], {"x": x}, ["y"])
-    unsupported.opset_import.append(helper.make_opsetid("ai.onnx.preview.training", 1))
+    unsupported = make_model([helper.make_node("Frobnicate", ["x"], ["y"], domain="my.ops")], {"x": x}, ["y"])
+    unsupported.opset_import.append(helper.make_opsetid("my.ops", 1))
     with pytest.raises(KilnError) as info:
         backend.prepare(unsupported)
     assert info.value.code == "KILN-E101"

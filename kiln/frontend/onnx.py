@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from .. import log
 from ..errors import ParseError
-from ..ir import DType, Graph, Node, Value
+from ..ir import DType, Graph, Node, Value, subgraphs
 from ..ir.dtypes import from_numpy
 from ..plugins import apply_infer_rules
 from .functions import expand_schema_functions, inline_local_functions
@@ -358,8 +358,47 @@ def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str
             attrs = _with_quantized_type(node_proto, attrs, values, initializers)
         nodes.append(Node(node_proto.op_type, tuple(node_proto.input), tuple(node_proto.output), attrs, name,
                           domain, origin=(name,)))
-    return Graph(nodes, inputs, outputs, values=values, initializers=initializers, opsets=opsets,
-                 name=proto.name or "graph")
+    graph = Graph(nodes, inputs, outputs, values=values, initializers=initializers, opsets=opsets,
+                  name=proto.name or "graph")
+    _attach_gradient_bodies(graph)
+    return graph
+
+
+def _attach_gradient_bodies(graph: Graph) -> None:
+    """Give each Gradient node (ai.onnx.preview.training) its `body`: a copy of the nodes that compute its y from
+    its xs and zs, which its kernel differentiates with torch autograd. Being a copy, the body leaves the graph's own
+    nodes free to be fused or removed by the optimizer, as an If branch does."""
+    producers = graph.producers()
+    for index, node in enumerate(graph.nodes):
+        if node.op == "Gradient" and node.domain == "ai.onnx.preview.training" and isinstance(node.attrs.get("y"), str):
+            graph.nodes[index] = node.replace(attrs={**node.attrs, "body": _gradient_body(node, graph, producers)})
+
+
+def _gradient_body(node: Node, graph: Graph, producers: dict[str, Node]) -> Graph:
+    """The subgraph from the node's xs and zs (its inputs, in that order) to its y. Walking back from y stops at them;
+    anything else it reaches that no node produces (graph inputs, values of an enclosing graph) the body reads from
+    the scope it runs in, as a constant of the differentiation; the weights it reads are copied into it."""
+    sources = list(node.attrs.get("xs") or []) + list(node.attrs.get("zs") or [])
+    y = node.attrs["y"]
+    needed: set[str] = set()
+    pending = [y]
+    while pending:
+        name = pending.pop()
+        producer = producers.get(name)
+        if name in sources or producer is None or producer.name in needed:
+            continue
+        needed.add(producer.name)
+        pending.extend(n for n in producer.inputs if n)
+        for sub in subgraphs(producer):
+            pending.extend(sub.outer_references())
+    nodes = [n for n in graph.nodes if n.name in needed]  # in the graph's (topological) order
+    body = Graph(nodes, [graph.value(name) for name in sources], [graph.value(y)], opsets=graph.opsets,
+                 name=f"{node.name}_body")
+    reads = body.outer_references()
+    body.initializers = {name: graph.initializers[name] for name in sorted(reads) if name in graph.initializers}
+    named = reads | {o for n in nodes for o in n.outputs if o}
+    body.values.update({name: graph.values[name] for name in named if name in graph.values})
+    return body
 
 
 def _with_quantized_type(node_proto: onnx.NodeProto, attrs: dict, values: dict[str, Value],

@@ -72,7 +72,8 @@ def plugin_skeleton(node: Node, opset: int) -> str:
     schema = _schema(node, opset) or _schema(node)
     params = _input_params(node, schema)
     attributes = _attribute_params(node, schema)
-    signature = ", ".join(params + (["*"] + attributes if attributes else []))
+    keyword_only = [] if params and params[-1].startswith("*") else ["*"]  # after *inputs they already are
+    signature = ", ".join(params + (keyword_only + attributes if attributes else []))
     domain = f", domain=\"{node.domain}\"" if node.domain else ""
     # ONNX infers outputs of its own operators; a custom one needs the rule.
     infer = "" if schema is not None else ",\n             infer=lambda inputs, attrs: [(inputs[0].dtype, inputs[0].shape)]"

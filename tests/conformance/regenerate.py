@@ -42,7 +42,6 @@ def _work(args):
 KNOWN = [
     (r"bernoulli|training_dropout",
      "random: the expected values come from numpy's generator, which kiln's torch sampling does not reproduce"),
-    (r"gradient_of", "Gradient (ai.onnx.preview.training) needs automatic differentiation of the graph: out of scope"),
     (r"attention_4d_causal_fp16", "fp16: 2 of 192 values differ by one fp16 ulp (0.0005): the reference rounds "
                                   "Softmax's exp, sum and quotient to fp16 one by one, kiln's Softmax computes in fp32 "
                                   "and rounds once (closer to float64 at both values); atol 1e-7 allows no ulp"),

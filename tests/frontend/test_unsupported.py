@@ -78,6 +78,16 @@ def test_the_suggested_skeleton_is_a_working_plugin(kiln_lacks):
         unregister_plugin("Twice", "com.acme")
 
 
+def test_the_skeleton_of_an_operator_with_variadic_inputs_and_attributes_compiles():
+    # After *inputs the attributes are keyword-only already; a second "*" would not compile.
+    from kiln.frontend.unsupported import plugin_skeleton
+    from kiln.ir import Node
+
+    skeleton = plugin_skeleton(Node("Concat", ("a", "b"), ("y",), {"axis": 0}), 18)
+    assert "def concat(*inputs, axis=None):" in skeleton
+    compile(skeleton, "skeleton", "exec")
+
+
 def test_operator_with_an_onnx_function_body_runs_without_a_kernel(kiln_lacks):
     # kiln has no Celu or Shrink kernel here; ONNX defines both as functions, which the frontend expands.
     kiln_lacks("Celu", "Shrink")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ...errors import BindingError
+from ...errors import BindingError, BuildError
 from ...ir import Graph, subgraphs
 from .kernels import bind_kernel, wants_env
 
@@ -71,6 +71,8 @@ class CpuProgram:
             args = [env[name] if name else None for name in step.inputs]
             try:
                 result = step.run(*args, _env=env) if step.wants_env else step.run(*args)
+            except BuildError:
+                raise  # the kernel found the model unsupported, whatever the data (Gradient through a numpy kernel)
             except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
                 shapes = ", ".join(f"{n}: {tuple(a.shape)}" if hasattr(a, "shape") else f"{n}: -" for n, a in zip(step.inputs, args))
                 raise BindingError(f"layer {step.name!r} ({step.op}) failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",

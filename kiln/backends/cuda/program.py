@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ... import log
-from ...errors import BindingError
+from ...errors import BindingError, BuildError
 
 GRAPH_CACHE_SIZE = 8
 
@@ -75,8 +75,8 @@ class CudaProgram:
             except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
                 import torch
 
-                if isinstance(error, torch.cuda.OutOfMemoryError):
-                    raise
+                if isinstance(error, (torch.cuda.OutOfMemoryError, BuildError)):
+                    raise  # out of memory; or the model is unsupported whatever the data (Gradient through a numpy kernel)
                 raise BindingError(f"layer {step.name!r} ({step.op}) failed on the GPU: {type(error).__name__}: "
                                    f"{str(error).splitlines()[0] if str(error) else ''}", code="KILN-E407", where=step.name,
                                    hint="the inputs' values or shapes are inconsistent with the model; "
