@@ -2,8 +2,8 @@
 do not overlap share bytes.
 
 Lifetimes run from the step that produces a value to the last step that reads it (graph outputs live
-to the end). Offsets come from greedy-by-size placement (largest first, each at the lowest offset
-that no time-overlapping tensor occupies), which stays close to the lower bound: the most bytes live
+to the end). Offsets come from greedy first-fit placement (each tensor at the lowest offset that no
+time-overlapping tensor occupies) in the best of a few orders, which stays close to the lower bound: the most bytes live
 at any one step. The plan records the arena size (peak), the naive sum (every activation in its own
 buffer) and that lower bound. Dimensions that are symbols (a dynamic batch) are planned at 1 and
 listed under "assumed"; `kiln inspect` reports the plan.
@@ -74,10 +74,33 @@ def lifetimes(graph: Graph, sizes: dict[str, int] | None = None) -> tuple[list[T
     return tensors, unknown, assumed
 
 
+# Orders to place tensors in; each gives a valid plan, and the smallest arena is kept. Largest first is the
+# classic heuristic; which of equal sizes goes first matters: the one that lives longest (DenseNet's growing
+# concatenations reach the lower bound only that way), or the one born first (the classic tie-break). By
+# size x lifetime puts long-lived large tensors first; by birth is the order a runtime would allocate in.
+ORDERS = (
+    lambda t: (-t.size, -t.last, t.name),
+    lambda t: (-t.size, t.first, t.name),
+    lambda t: (-t.size * (t.last - t.first + 1), t.first, t.name),
+    lambda t: (t.first, -t.size, t.name),
+)
+
+
 def place(tensors: list[Tensor]) -> int:
-    """Give each tensor an offset (greedy by size); return the arena size."""
+    """Give each tensor an offset (greedy first fit, in the best of ORDERS); return the arena size."""
+    best: tuple[int, list[int]] | None = None
+    for order in ORDERS:
+        size = _first_fit(sorted(tensors, key=order))
+        if best is None or size < best[0]:
+            best = (size, [t.offset for t in tensors])
+    for tensor, offset in zip(tensors, best[1] if best else []):
+        tensor.offset = offset
+    return best[0] if best else 0
+
+
+def _first_fit(ordered: list[Tensor]) -> int:
     placed: list[Tensor] = []
-    for tensor in sorted(tensors, key=lambda t: (-t.size, t.first, t.name)):
+    for tensor in ordered:
         busy = sorted((t.offset, t.offset + t.size) for t in placed if t.overlaps(tensor))
         offset = 0
         for start, stop in busy:
@@ -86,7 +109,7 @@ def place(tensors: list[Tensor]) -> int:
             offset = max(offset, stop)
         tensor.offset = offset
         placed.append(tensor)
-    return max((t.offset + t.size for t in tensors), default=0)
+    return max((t.offset + t.size for t in placed), default=0)
 
 
 def lower_bound(tensors: list[Tensor], steps: int) -> int:

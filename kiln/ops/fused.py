@@ -129,8 +129,14 @@ BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow"}
 def elementwise(x, *extra, ops=(), operands=()):
     import torch
 
-    value = x
+    value, start = x, 0
+    if tuple(ops[:2]) == ("Mul", "Add"):  # x * s + t (an inference BatchNormalization) in one pass instead of two
+        scale, shift = extra[abs(operands[0]) - 1], extra[abs(operands[1]) - 1]
+        if scale.dtype == shift.dtype == x.dtype and torch.broadcast_shapes(x.shape, scale.shape, shift.shape) == x.shape:
+            value, start = torch.addcmul(shift, x, scale), 2
     for step, (op, operand) in enumerate(zip(ops, operands)):
+        if step < start:
+            continue
         if op in UNARY:
             # after the first step the running value is ours, so it is updated in place
             value = getattr(value, UNARY[op] + "_")() if step else getattr(torch, UNARY[op])(value)

@@ -1,12 +1,17 @@
 """Conv + BatchNormalization folding: an inference BatchNormalization that reads only a Conv's output
 scales and shifts each output channel, which the Conv's weights and bias can do themselves. The same
-holds for a Mul or Add by a per-channel constant after a Conv (Caffe2's BN exports as Mul + Add)."""
+holds for a Mul or Add by a per-channel constant after a Conv (Caffe2's BN exports as Mul + Add).
+
+An inference BatchNormalization with constant statistics that no Conv can absorb (DenseNet's, after a
+Concat) becomes that Mul and Add by per-channel constants, which the elementwise-chain fusion then runs
+in one kernel with the activation after it: torch's batch_norm on channels-last data costs about twice
+a multiply-add pass (0.16 vs 0.08 ms with the ReLU, 256 channels at 56x56, this 2-core CPU)."""
 from __future__ import annotations
 
 import numpy as np
 
 from .. import log
-from ..ir import Graph
+from ..ir import Graph, Node, Value
 from .context import PassContext
 from .matching import Neighbours, constant, merged_origin, rewrite
 
@@ -15,7 +20,7 @@ def run(graph: Graph, ctx: PassContext) -> bool:
     changed = _fold_batchnorm(graph, ctx)
     while _fold_affine(graph, ctx):
         changed = True
-    return changed
+    return _batchnorm_as_scale_shift(graph, ctx) or changed
 
 
 def _fold_batchnorm(graph: Graph, ctx: PassContext) -> bool:
@@ -84,6 +89,38 @@ def _fold_affine(graph: Graph, ctx: PassContext) -> bool:
         counter = "fold_conv_scale" if node.op == "Mul" else "fold_conv_shift"
         ctx.counters[counter] += 1
         log.verbose("fold_batchnorm: folded %s into %s", node.describe(), conv.describe())
+    if not replaced:
+        return False
+    rewrite(graph, replaced)
+    return True
+
+
+def _batchnorm_as_scale_shift(graph: Graph, ctx: PassContext) -> bool:
+    """Inference BatchNormalization (constant statistics, float input of known rank) -> Mul, Add by [C, 1, ...]."""
+    replaced = {}
+    for node in graph.nodes:
+        if node.op != "BatchNormalization" or node.domain or len([o for o in node.outputs if o]) != 1 \
+                or node.attrs.get("training_mode", 0):
+            continue
+        x = graph.value(node.inputs[0])
+        stats = [constant(graph, name) for name in node.inputs[1:5]]
+        if x.rank is None or x.rank < 2 or x.dtype is None or any(s is None or s.ndim != 1 for s in stats):
+            continue
+        scale, shift, mean, var = (s.astype(np.float64) for s in stats)
+        factor = scale / np.sqrt(var + node.attrs.get("epsilon", 1e-5))
+        dtype, trailing = stats[0].dtype, (1,) * (x.rank - 2)
+        if dtype.kind != "f" or x.dtype.name != dtype.name:
+            continue
+        stem = node.name or "batchnorm"
+        scale_name = graph.add_initializer(f"{stem}_scale", factor.astype(dtype).reshape(-1, *trailing))
+        shift_name = graph.add_initializer(f"{stem}_shift", (shift - mean * factor).astype(dtype).reshape(-1, *trailing))
+        scaled = graph.fresh_name(f"{stem}_scaled")
+        graph.values[scaled] = Value(scaled, x.dtype, x.shape)
+        replaced[id(node)] = [Node("Mul", (node.inputs[0], scale_name), (scaled,), name=f"{stem}_mul", origin=node.origin or (node.name,)),
+                              Node("Add", (scaled, shift_name), (node.outputs[0],), name=f"{stem}_add",
+                                   origin=node.origin or (node.name,))]
+        ctx.counters["batchnorm_as_scale_shift"] += 1
+        log.verbose("fold_batchnorm: %s runs as a per-channel multiply-add", node.describe())
     if not replaced:
         return False
     rewrite(graph, replaced)

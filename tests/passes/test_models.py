@@ -10,7 +10,7 @@ import kiln
 EXPECTED_COUNTERS = {
     "bvlc_alexnet": {"fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
     "densenet121": {"fold_conv_batchnorm": 59, "fold_conv_scale": 59, "fold_conv_shift": 59, "fuse_activation_relu": 59,
-                    "fuse_elementwise_chain": 62,
+                    "batchnorm_as_scale_shift": 62, "fuse_elementwise_chain": 62,  # pre-activation BN + Relu: one chain each
                     "lower_conv": 121},
     "inception_v1": {"fuse_activation_relu": 57, "lower_conv": 57, "lower_gemm": 1},
     "inception_v2": {"fold_conv_batchnorm": 69, "fold_conv_scale": 69, "fold_conv_shift": 69, "fuse_activation_relu": 69,

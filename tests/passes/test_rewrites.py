@@ -5,8 +5,8 @@ from helpers import assert_close, make_model, run_onnxruntime
 from onnx import helper
 from passes.rewrite_check import check_rewrite
 
-from kiln.passes import (cse, fold_batchnorm, fuse_activation, fuse_conv, fuse_gemm, noop_removal, recognize_attention,
-                         recognize_gelu, recognize_layernorm)
+from kiln.passes import (cse, fold_batchnorm, fuse_activation, fuse_conv, fuse_elementwise, fuse_gemm, noop_removal,
+                         recognize_attention, recognize_gelu, recognize_layernorm)
 
 rng = np.random.default_rng(0)
 
@@ -77,7 +77,28 @@ def test_batchnorm_after_a_shared_conv_stays():
     model = conv_bn_model(True)
     model.graph.node.append(helper.make_node("Relu", ["c"], ["r"]))
     model.graph.output.append(helper.make_empty_tensor_value_info("r"))
-    check_rewrite(model, [fold_batchnorm.run], ["Conv", "BatchNormalization", "Relu"], {}, {"x": randn(1, 4, 9, 9)})
+    # the Conv is read twice, so the BatchNormalization cannot fold into it: it runs as a per-channel multiply-add
+    check_rewrite(model, [fold_batchnorm.run], ["Conv", "Mul", "Add", "Relu"], {"batchnorm_as_scale_shift": 1},
+                  {"x": randn(1, 4, 9, 9)})
+
+
+def _concat_bn_relu_model():
+    """DenseNet's pre-activation: BatchNormalization and Relu after a Concat, where no Conv can absorb them."""
+    inits = {"scale": randn(8) + 2, "shift": randn(8), "mean": randn(8), "var": np.abs(randn(8)) + 0.5}
+    nodes = [helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+             helper.make_node("BatchNormalization", ["c", "scale", "shift", "mean", "var"], ["n"], epsilon=1e-3),
+             helper.make_node("Relu", ["n"], ["y"])]
+    return make_model(nodes, {"a": randn(1, 3, 5, 5), "b": randn(1, 5, 5, 5)}, ["y"], inits)
+
+
+def test_batchnorm_no_conv_absorbs_runs_as_scale_shift_and_joins_the_elementwise_chain():
+    feed = {"a": randn(1, 3, 5, 5), "b": randn(1, 5, 5, 5)}
+    graph = check_rewrite(_concat_bn_relu_model(), [fold_batchnorm.run], ["Concat", "Mul", "Add", "Relu"],
+                          {"batchnorm_as_scale_shift": 1}, feed)
+    scale = next(graph.initializers[n] for node in graph.nodes if node.op == "Mul" for n in node.inputs if n in graph.initializers)
+    assert scale.shape == (8, 1, 1), "per channel, broadcasting over [N, C, H, W]"
+    check_rewrite(_concat_bn_relu_model(), [fold_batchnorm.run, fuse_elementwise.run], ["Concat", "kiln::Elementwise"],
+                  {"batchnorm_as_scale_shift": 1, "fuse_elementwise_chain": 1}, feed)
 
 
 ACTIVATIONS = [
