@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from .. import log
 from ..errors import ParseError
 from ..ir import DType, Graph, Node, Value, subgraphs
-from ..ir.dtypes import from_numpy
+from ..ir.dtypes import CARRIED, from_numpy
 from ..plugins import apply_infer_rules
 from .functions import expand_schema_functions, inline_local_functions
 from .unsupported import describe_unsupported
@@ -354,10 +354,13 @@ def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str
         taken.add(name)
         attrs = {a.name: _attribute(a, opsets) for a in node_proto.attribute}
         domain = "" if node_proto.domain == "ai.onnx" else node_proto.domain
-        if node_proto.op_type == "QuantizeLinear" and domain == "":
+        op, node_inputs = node_proto.op_type, tuple(node_proto.input)
+        if op == "QuantizeLinear" and domain == "":
             attrs = _with_quantized_type(node_proto, attrs, values, initializers)
-        nodes.append(Node(node_proto.op_type, tuple(node_proto.input), tuple(node_proto.output), attrs, name,
-                          domain, origin=(name,)))
+        like = _carried_type(node_inputs[1], values, initializers) if op == "CastLike" and domain == "" else None
+        if like is not None:  # the kernel would see `like` in its carrier (int8/uint8/float32) and cast into that
+            op, attrs, node_inputs = "Cast", {**attrs, "to": like.value}, node_inputs[:1]
+        nodes.append(Node(op, node_inputs, tuple(node_proto.output), attrs, name, domain, origin=(name,)))
     graph = Graph(nodes, inputs, outputs, values=values, initializers=initializers, opsets=opsets,
                   name=proto.name or "graph")
     _attach_gradient_bodies(graph)
@@ -408,14 +411,20 @@ def _with_quantized_type(node_proto: onnx.NodeProto, attrs: dict, values: dict[s
     which the spec allows where it equals the zero point's type."""
     if len(node_proto.input) < 3 or not node_proto.input[2] or attrs.get("output_dtype"):
         return attrs
-    name = node_proto.input[2]
+    dtype = _carried_type(node_proto.input[2], values, initializers)
+    if dtype not in (DType.int4, DType.uint4, DType.int2, DType.uint2):
+        return attrs
+    return {**attrs, "output_dtype": dtype.value}
+
+
+def _carried_type(name: str, values: dict[str, Value], initializers: dict[str, np.ndarray]) -> DType | None:
+    """The declared type of `name` where kernels would see it carried in a wider torch type (kiln/ir/dtypes.py
+    CARRIED), else None."""
     if name in initializers:
         dtype = from_numpy(initializers[name].dtype)
     else:
         dtype = values[name].dtype if name in values else None
-    if dtype not in (DType.int4, DType.uint4, DType.int2, DType.uint2):
-        return attrs
-    return {**attrs, "output_dtype": dtype.value}
+    return dtype if dtype in CARRIED else None
 
 
 def to_ir(model: onnx.ModelProto) -> Graph:
