@@ -145,7 +145,11 @@ def test_encoder_fp8_matches_onnxruntime_and_times_fp8(encoder):
     relative, cosine = agreement(engine.run(feed)["hidden"], expected)
     assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
     gemms = [layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::Gemm"]
-    assert gemms and all("fp8-cublaslt/fp8" in layer.get("times_ms", {}) for layer in gemms), gemms
+    # every Gemm is offered its fp8 tactic: timed, or turned down by the accuracy check against fp32 (a Gemm whose
+    # residual moved into its LayerNorm is held to its own small output, without the residual that hid fp8's error)
+    offered = ["fp8-cublaslt/fp8" in {**layer.get("times_ms", {}), **layer.get("rejected", {})} for layer in gemms]
+    timed = ["fp8-cublaslt/fp8" in layer.get("times_ms", {}) for layer in gemms]
+    assert gemms and all(offered) and any(timed), gemms
     assert engine.plan.build_info["cuda_tuning"]["flow"] == "fp16", "the other layers run fp16"
 
 
