@@ -13,11 +13,13 @@ def run(graph: Graph, ctx: PassContext) -> bool:
     changed = _compose_transposes(graph, ctx)
     renames: dict[str, str] = {}
     outputs = set(graph.output_names())
+    read = outputs | set(graph.consumers())
     kept = []
     for node in graph.nodes:
         reason = _why_noop(graph, node)
-        # A graph output keeps the node that names it, so outputs keep their names.
-        if reason is None or node.outputs[0] in outputs or (node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1]):
+        # A graph output keeps the node that names it, so outputs keep their names; a Dropout whose mask is read stays.
+        mask_read = node.op == "Dropout" and len(node.outputs) > 1 and node.outputs[1] in read
+        if reason is None or node.outputs[0] in outputs or mask_read:
             kept.append(node)
             continue
         renames[node.outputs[0]] = node.inputs[0]

@@ -8,17 +8,17 @@ import kiln
 
 # What the pipeline rewrites in each light model, besides folding and dead code.
 EXPECTED_COUNTERS = {
-    "bvlc_alexnet": {"fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
+    "bvlc_alexnet": {"remove_dropout": 2, "fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
     "densenet121": {"fold_conv_batchnorm": 59, "fold_conv_scale": 59, "fold_conv_shift": 59, "fuse_activation_relu": 59,
                     "batchnorm_as_scale_shift": 62, "fuse_elementwise_chain": 62,  # pre-activation BN + Relu: one chain each
                     "lower_conv": 121},
-    "inception_v1": {"fuse_activation_relu": 57, "lower_conv": 57, "lower_gemm": 1},
+    "inception_v1": {"remove_dropout": 1, "fuse_activation_relu": 57, "lower_conv": 57, "lower_gemm": 1},
     "inception_v2": {"fold_conv_batchnorm": 69, "fold_conv_scale": 69, "fold_conv_shift": 69, "fuse_activation_relu": 69,
                      "lower_conv": 69, "lower_gemm": 1},
     "resnet50": {"fold_conv_batchnorm": 53, "fuse_activation_relu": 49, "fuse_conv_residual": 16, "lower_conv": 53, "lower_gemm": 1},
     "shufflenet": {"fold_conv_batchnorm": 49, "fuse_activation_relu": 30, "fuse_conv_residual": 13, "lower_conv": 49, "lower_gemm": 1},
-    "squeezenet": {"fuse_activation_relu": 26, "lower_conv": 26},
-    "vgg19": {"fuse_activation_relu": 18, "lower_conv": 16, "lower_gemm": 3},
+    "squeezenet": {"remove_dropout": 1, "fuse_activation_relu": 26, "lower_conv": 26},
+    "vgg19": {"remove_dropout": 2, "fuse_activation_relu": 18, "lower_conv": 16, "lower_gemm": 3},
     "zfnet512": {"fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
 }
 

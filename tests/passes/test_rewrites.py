@@ -32,6 +32,16 @@ def test_noop_removal_drops_identity_dropout_cast_reshape_and_transpose_pairs():
     assert graph.nodes[0].inputs == ("x",)
 
 
+def test_noop_removal_drops_a_dropout_whose_mask_nobody_reads_and_keeps_one_whose_mask_is_read():
+    nodes = [helper.make_node("Dropout", ["x"], ["a", "unread_mask"]),  # opset-9 conversions leave such masks
+             helper.make_node("Dropout", ["a"], ["b", "mask"]),
+             helper.make_node("Cast", ["mask"], ["m"], to=1),
+             helper.make_node("Mul", ["b", "m"], ["y"])]
+    model = make_model(nodes, {"x": randn(2, 3)}, ["y"])
+    graph = check_rewrite(model, [noop_removal.run], ["Dropout", "Cast", "Mul"], {"remove_dropout": 1}, {"x": randn(2, 3)})
+    assert graph.nodes[0].inputs == ("x",)
+
+
 def test_noop_removal_composes_transposes_that_are_not_inverse():
     nodes = [helper.make_node("Transpose", ["x"], ["a"], perm=[0, 2, 1, 3]),
              helper.make_node("Transpose", ["a"], ["y"], perm=[0, 1, 3, 2])]
