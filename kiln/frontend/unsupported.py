@@ -35,18 +35,16 @@ def _function_from(schema) -> int | None:
     return min(found) if found else None
 
 
-def way_out(node: Node, opset: int, reason: str) -> str:
-    """The concrete thing a user can do about one unsupported node (the first line; a skeleton may follow)."""
+def way_out(node: Node, opset: int, reason: str, graph: Graph | None = None) -> str:
+    """The concrete thing a user can do about one unsupported node (the first line; a skeleton may follow).
+    `graph`, the model's graph, lets the advice for an operator written under too old an opset say whether
+    raising the model's opset is safe."""
     known = _kernel_opsets(node)
     here = _schema(node, opset)
     newest = _schema(node)
     convert = "convert the model with onnx.version_converter.convert_version(model, {0}) and rebuild"
     if here is None and newest is not None and newest.since_version > opset and not node.domain:
-        # The operator only exists in newer opsets: the exporter wrote it under too old an opset.
-        then = " (kiln runs it there)" if known and min(known) <= newest.since_version else (
-            " (ONNX defines it as a function there, which kiln expands automatically)" if _function_from(newest) else "")
-        return (f"{node.op} is an ONNX operator from opset {newest.since_version}, not in opset {opset}: "
-                f"re-export at opset {newest.since_version} or newer, or {convert.format(newest.since_version)}{then}")
+        return _too_new(node, opset, known, graph)
     if known and min(known) > opset:
         return f"kiln implements {node.op} from opset {min(known)}: {convert.format(min(known))}"
     if here is not None:
@@ -65,6 +63,52 @@ def way_out(node: Node, opset: int, reason: str) -> str:
     if here is None and newest is None and not node.domain:
         return f"{node.op} is not an ONNX operator (check the exporter), or register a plugin for it:"
     return f"register a plugin for {node.op_key} (docs/plugins.md):"
+
+
+def _first_opset(op: str) -> int:
+    """The opset in which ONNX's default-domain operator `op` first appears."""
+    return min(s.since_version for s in onnx.defs.get_all_schemas_with_history() if s.name == op and s.domain == "")
+
+
+def _too_new(node: Node, opset: int, known: list[int], graph: Graph | None) -> str:
+    """The way out for an operator that exists only in opsets newer than the model's: the exporter wrote it under
+    too old an opset. onnx.version_converter cannot help (it has no adapter for a node its source opset lacks), but
+    where no other operator of the model changes up to the opset that has it, raising the opset import is exact."""
+    first = _first_opset(node.op)
+    body = _function_from(_schema(node, first))
+    target = max(first, min(known)) if known else (max(first, body) if body is not None else None)
+    if target is None:
+        return (f"{node.op} is an ONNX operator from opset {first}, not in opset {opset}, and kiln has no kernel for it "
+                f"at any opset: register a plugin for it (docs/plugins.md):")
+    how = "kiln runs it there" if known else "ONNX defines it as a function there, which kiln expands automatically"
+    start = f"{node.op} is an ONNX operator from opset {first}, not in opset {opset} ({how})"
+    changed = _changed_operators(graph, opset, target) if graph is not None else None
+    raise_import = (f"set the model's opset import to {target}: next(o for o in model.opset_import if o.domain in "
+                    f"('', 'ai.onnx')).version = {target}; onnx.version_converter cannot convert a node its source "
+                    f"opset lacks")
+    if changed is None:
+        return (f"{start}: re-export at opset {target} or newer; or, if no other operator of the model changes between "
+                f"opset {opset} and {target}, {raise_import}")
+    if not changed:
+        return f"{start}: no other operator of the model changes between opset {opset} and {target}, so {raise_import}"
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return (f"{start}: re-export the model at opset {target} or newer (onnx.version_converter cannot convert a node "
+            f"its source opset lacks, and {shown} change{'s' if len(changed) == 1 else ''} between opset {opset} and "
+            f"{target}, so raising the opset import alone is not exact)")
+
+
+def _changed_operators(graph: Graph, opset: int, target: int) -> list[str]:
+    """The default-domain operators of `graph` (subgraphs included) that ONNX defines at `opset` differently than
+    at `target`. Operators that are not in opset `opset` at all are left out: raising the opset is what makes the
+    ones that come later real, and custom ones are in neither."""
+    changed = set()
+    for _, other in graph.walk():
+        if other.domain or other.op in changed:
+            continue
+        before, after = _schema(other, opset), _schema(other, target)
+        if before is not None and (after is None or before.since_version != after.since_version):
+            changed.add(other.op)
+    return sorted(changed)
 
 
 def plugin_skeleton(node: Node, opset: int) -> str:
@@ -137,7 +181,7 @@ def describe_unsupported(problems: list[tuple[Node, int, str]], graph: Graph) ->
     for node, opset, reason in shown:
         domain = node.domain or "ai.onnx"
         lines.append(f"  - node {node.name!r}: {node.op} (domain {domain}, opset {opset}): {reason}")
-        first = way_out(node, opset, reason)
+        first = way_out(node, opset, reason, graph)
         lines.append(f"      way out: {first}")
         if first.endswith(":") and node.op_key not in skeletons_shown:
             skeletons_shown.add(node.op_key)

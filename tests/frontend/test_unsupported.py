@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import kiln
 from helpers import assert_close, run_onnxruntime
@@ -51,9 +51,9 @@ def test_three_unsupported_operators_make_one_error_with_a_way_out_each(kiln_lac
     # FancyOp: a custom domain, its inputs and attributes from the node, and the infer rule it needs.
     assert '@kiln.plugin("FancyOp", domain="com.acme", version="1.0",' in text
     assert "def fancy_op(x0, x1, *, alpha=0.5, mode='fast'):" in text and "infer=lambda inputs, attrs" in text
-    # Gelu: the opset conversion that makes it a real operator (whose function body kiln expands).
+    # Gelu: the opset that makes it a real operator (test_too_new_operator_advice_works checks the advice).
     assert "Gelu is an ONNX operator from opset 20, not in opset 18" in text
-    assert "convert_version(model, 20)" in text
+    assert "set the model's opset import to 20" in text
     assert error.where == "determinant, fancy, too_new"
 
 
@@ -130,3 +130,50 @@ def test_kernel_from_a_newer_opset_suggests_the_conversion(monkeypatch):
     with pytest.raises(kiln.ParseError) as caught:
         kiln.build(model)
     assert "kiln implements Det from opset 22" in str(caught.value) and "convert_version(model, 22)" in str(caught.value)
+
+
+def _gelu_model(extra_nodes, opset=18):
+    """x -> MatMul(w) -> Gelu -> Relu (-> extra nodes): Gelu exists from opset 20, and the model says `opset`."""
+    w = np.random.default_rng(2).standard_normal((6, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Gelu", ["h"], ["g"], name="gelu"),
+             helper.make_node("Relu", ["g"], ["y"])] + extra_nodes
+    outputs = [helper.make_tensor_value_info(n.output[0], F if n.op_type != "Cast" else TensorProto.DOUBLE, None)
+               for n in nodes[2:]]
+    graph = helper.make_graph(nodes, "too_new", [helper.make_tensor_value_info("x", F, [3, 6])], outputs,
+                              [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), w
+
+
+def test_too_new_operator_advice_works():
+    # An exporter wrote Gelu (opset 20) into an opset-18 model. onnx.version_converter cannot convert such a node,
+    # so the way out must not be a conversion; nothing else in this model changes from 18 to 20, so kiln says to
+    # raise the opset import. Follow the advice literally and the model builds and matches float64 numpy.
+    import math
+
+    from onnx import version_converter
+
+    model, w = _gelu_model([])
+    with pytest.raises(RuntimeError):
+        version_converter.convert_version(model, 20)  # why the advice cannot be a conversion
+    with pytest.raises(kiln.ParseError) as caught:
+        kiln.build(model)
+    text = str(caught.value)
+    assert caught.value.code == "KILN-E101" and "convert_version" not in text
+    start = text.index("set the model's opset import to 20: ") + len("set the model's opset import to 20: ")
+    advice = text[start:text.index("; onnx.version_converter", start)]
+    exec(advice, {"model": model})  # noqa: S102 (kiln's own suggestion, in a test)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [20]
+    x = np.random.default_rng(3).standard_normal((3, 6)).astype(np.float32)
+    h = x.astype(np.float64) @ w.astype(np.float64)
+    reference = np.maximum(h * 0.5 * (1 + np.vectorize(math.erf)(h / math.sqrt(2))), 0)
+    assert_close(kiln.build(model).run({"x": x})["y"], reference, rtol=1e-5, atol=1e-6, what="Gelu after the advice")
+
+
+def test_too_new_operator_in_a_model_whose_other_operators_change_is_told_to_re_export():
+    # Cast changes at opset 19: raising the opset import of this model from 18 to 20 would not be exact.
+    model, _ = _gelu_model([helper.make_node("Cast", ["y"], ["z"], to=TensorProto.DOUBLE)])
+    with pytest.raises(kiln.ParseError) as caught:
+        kiln.build(model)
+    text = str(caught.value)
+    assert "re-export the model at opset 20 or newer" in text and "Cast changes between opset 18 and 20" in text
+    assert "set the model's opset import" not in text and "convert_version" not in text
