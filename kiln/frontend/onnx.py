@@ -114,6 +114,21 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
         if _runs_at_own_opset(model):  # e.g. Scan-8 with sequence_lens, which the converter refuses
             log.warning("onnx's version converter cannot convert the model (%s); kiln runs it at its opset %d", reason, opset)
             return model
+        foreign = _not_in_opset(model, opset)
+        if any(lacks for _, lacks in foreign.values()):
+            # The converter stops at the first node of an operator its opset lacks (not an ONNX operator, or one
+            # from a later opset). Kiln checks the model at its own opset instead: the unsupported-operator error
+            # (KILN-E101) then names every node kiln cannot run, these among them, each with its way out.
+            log.warning("onnx's version converter cannot convert the model (%s is not in opset %d); kiln checks it "
+                        "at its own opset", ", ".join(sorted(foreign)), opset)
+            return model
+        if foreign:  # a plugin runs them, but the converter still cannot convert around them
+            nodes = ", ".join(f"{op} (node {name!r})" for op, (name, _) in sorted(foreign.items()))
+            raise ParseError(f"cannot convert the model from opset {opset} to opset {CANONICAL_OPSET}: onnx's version "
+                             f"converter stops at {nodes}, not an operator of ONNX opset {opset}",
+                             code="KILN-E102", where=", ".join(name for name, _ in foreign.values()),
+                             hint="give a custom operator its own domain (e.g. com.example) in the model and in its "
+                                  f"plugin, which the converter leaves alone, or re-export at opset {CANONICAL_OPSET} or newer") from None
         raise ParseError(f"cannot convert the model from opset {opset} to opset {CANONICAL_OPSET}: {reason}",
                          code="KILN-E102", hint=f"re-export the model from its framework at opset {CANONICAL_OPSET} or newer") from None
     if _interface(converted) != _interface(model):
@@ -124,22 +139,39 @@ def normalize_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
+def _every_node(graph: onnx.GraphProto):
+    """The graph's nodes and those of its subgraphs (If branches, Loop and Scan bodies), recursively."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                yield from _every_node(sub)
+
+
 def _runs_at_own_opset(model: onnx.ModelProto) -> bool:
     """Whether kiln has a kernel for every node (subgraphs included) at the opsets the model declares."""
     from ..ops import registry
 
     opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
-
-    def every_node(graph: onnx.GraphProto):
-        for node in graph.node:
-            yield node
-            for attribute in node.attribute:
-                for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                    yield from every_node(sub)
-
     return all(registry.lookup(node.op_type, "" if node.domain == "ai.onnx" else node.domain,
                                opsets.get("" if node.domain == "ai.onnx" else node.domain, 1)) is not None
-               for node in every_node(model.graph))
+               for node in _every_node(model.graph))
+
+
+def _not_in_opset(model: onnx.ModelProto, opset: int) -> dict[str, tuple[str, bool]]:
+    """{op: (first node's name, whether kiln lacks a kernel for it)} for the default-domain operators of the model
+    that ONNX does not define at `opset`: unknown to ONNX, or added in a later opset."""
+    from ..ops import registry
+
+    found: dict[str, tuple[str, bool]] = {}
+    for index, node in enumerate(_every_node(model.graph)):
+        if node.domain not in ("", "ai.onnx") or node.op_type in found:
+            continue
+        try:
+            onnx.defs.get_schema(node.op_type, opset, "")
+        except onnx.defs.SchemaError:
+            found[node.op_type] = (node.name or f"{node.op_type}_{index}", registry.lookup(node.op_type, "", opset) is None)
+    return found
 
 
 def _same_schemas(model: onnx.ModelProto, opset: int) -> bool:
@@ -148,17 +180,7 @@ def _same_schemas(model: onnx.ModelProto, opset: int) -> bool:
     the build time of a small model)."""
     if model.functions:
         return False
-
-    def nodes(graph):
-        for node in graph.node:
-            yield node
-            for attribute in node.attribute:
-                if attribute.type == onnx.AttributeProto.GRAPH:
-                    yield from nodes(attribute.g)
-                for sub in attribute.graphs:
-                    yield from nodes(sub)
-
-    for node in nodes(model.graph):
+    for node in _every_node(model.graph):
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
@@ -191,15 +213,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
     onnx serializes the model it is given, twice: for a BERT-base that is 440 MB each way and most of a build's
     time. Shape inference reads the weights' types and shapes, and the values only of the small integer tensors
-    that shapes are computed from, so it runs on a copy whose large float weights are declared as graph inputs of
-    the same type instead; the weights are put back into the result. Models over 2 GB thereby get inferred too."""
-    try:
-        skeleton, weights = _without_float_weights(model)
-        if skeleton.ByteSize() > 1_900_000_000:
-            return model  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
-        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
-    except Exception as error:  # noqa: BLE001
-        log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
+    that shapes are computed from, so it runs on the model's skeleton (split_weights) and the weights are put back
+    into the result. Models over 2 GB thereby get inferred too. `parse` keeps the two apart instead, and never
+    copies the weights at all."""
+    skeleton, weights = split_weights(model)
+    inferred = _infer_skeleton(skeleton)
+    if inferred is skeleton:
         return model
     if weights:
         declared = {t.name for t in weights} - {i.name for i in model.graph.input}
@@ -211,9 +230,21 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     return inferred
 
 
-def _without_float_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
-    """A copy of `model` without its large float initializers, each declared as a graph input of its type
-    instead, and the list of those removed."""
+def _infer_skeleton(skeleton: onnx.ModelProto) -> onnx.ModelProto:
+    """The skeleton with ONNX's inferred types, or the skeleton itself where inference cannot run."""
+    try:
+        if skeleton.ByteSize() > 1_900_000_000:
+            return skeleton  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
+        return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
+    except Exception as error:  # noqa: BLE001
+        log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
+        return skeleton
+
+
+def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
+    """(the model's skeleton, its large float weights): the skeleton is the model without its large float
+    initializers, each declared as a graph input of its type instead; the weights are the model's own TensorProtos,
+    not copies. Without such weights, (model, [])."""
     floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     weights = [t for t in model.graph.initializer
                if t.data_type in floats and math.prod(t.dims) > SHAPE_DATA_ELEMENTS and t.data_location != TensorProto.EXTERNAL]
@@ -221,14 +252,27 @@ def _without_float_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, lis
         return model, []
     removed = {t.name for t in weights}
     skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(model)
-    kept = [t for t in skeleton.graph.initializer if t.name not in removed]
-    del skeleton.graph.initializer[:]
-    skeleton.graph.initializer.extend(kept)
+    _copy_fields(model, skeleton, skip="graph")
+    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    skeleton.graph.initializer.extend(t for t in model.graph.initializer if t.name not in removed)
     inputs = {i.name for i in skeleton.graph.input}
     skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
                                 for t in weights if t.name not in inputs)
     return skeleton, weights
+
+
+def _copy_fields(source, target, skip: str) -> None:
+    """Copy every set field of one protobuf message into another of its type, but the one named `skip`."""
+    for descriptor, value in source.ListFields():
+        if descriptor.name == skip:
+            continue
+        repeated = getattr(descriptor, "is_repeated", None)  # protobuf 6 drops `label`; older ones lack is_repeated
+        if repeated if repeated is not None else descriptor.label == descriptor.LABEL_REPEATED:
+            getattr(target, descriptor.name).extend(value)
+        elif descriptor.message_type is not None:
+            getattr(target, descriptor.name).CopyFrom(value)
+        else:
+            setattr(target, descriptor.name, value)
 
 
 def prepare_dynamic_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -332,10 +376,11 @@ def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
     return dense
 
 
-def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str, onnx.TypeProto]) -> Graph:
+def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str, onnx.TypeProto],
+           weights: list = ()) -> Graph:
     types = {**extra_types, **_value_types(proto)}
     initializers = {}
-    for tensor in proto.initializer:
+    for tensor in [*proto.initializer, *weights]:
         initializers[tensor.name] = onnx.numpy_helper.to_array(tensor)
     for sparse in proto.sparse_initializer:
         initializers[sparse.values.name] = _dense(sparse)
@@ -427,10 +472,11 @@ def _carried_type(name: str, values: dict[str, Value], initializers: dict[str, n
     return dtype if dtype in CARRIED else None
 
 
-def to_ir(model: onnx.ModelProto) -> Graph:
+def to_ir(model: onnx.ModelProto, weights: list = ()) -> Graph:
+    """The IR of `model`; `weights` are initializers split_weights took out of it (declared as its inputs)."""
     opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
     opsets.setdefault("", model_opset(model))
-    return _graph(model.graph, opsets, {})
+    return _graph(model.graph, opsets, {}, weights)
 
 
 def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
@@ -440,10 +486,13 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     model = load_model(source)
     if not model.graph.node and not model.graph.output:
         raise ParseError("the model has an empty graph", code="KILN-E104", hint="check that the export wrote the network")
+    # From here on the model is its skeleton: the steps below copy and serialize it, and a BERT-base's weights
+    # would make each of those copies 440 MB. The weights rejoin it in the IR.
+    model, weights = split_weights(model)
     model = normalize_opset(model)
     model = inline_local_functions(model)
     model = prepare_dynamic_inputs(model)
-    model = infer_shapes(model)
+    model = _infer_skeleton(model)
     model = apply_infer_rules(model, infer_shapes)  # custom-domain nodes: ONNX cannot type their outputs, plugins can
     opset = model_opset(model)
     opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
@@ -451,10 +500,12 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     def lacks_kernel(node: onnx.NodeProto) -> bool:
         return registry.lookup(node.op_type, node.domain, opsets.get(node.domain, opset)) is None
 
-    model, expanded = expand_schema_functions(model, lacks_kernel, _value_types(model.graph))
+    # a function body is built for its inputs' types: weights' included (declared or not)
+    weight_types = {t.name: helper.make_tensor_type_proto(t.data_type, list(t.dims)) for t in model.graph.initializer}
+    model, expanded = expand_schema_functions(model, lacks_kernel, {**weight_types, **_value_types(model.graph)})
     if expanded:
-        model = infer_shapes(model)
-    graph = to_ir(model)
+        model = _infer_skeleton(model)
+    graph = to_ir(model, weights)
     _check_supported(graph)
     _check_bindings(graph)
     log.verbose("parsed %s: opset %d, %d nodes, %d weights, inputs %s", graph.name, graph.opset, len(graph.nodes),

@@ -30,6 +30,37 @@ def test_missing_external_data_is_a_clear_error(tmp_path):
     assert error.value.code == "KILN-E104" and "external data" in str(error.value)
 
 
+def test_large_weights_skip_the_model_copies_and_rejoin_in_the_ir():
+    """parse runs opset conversion, shape inference and function expansion on the model's skeleton (its large float
+    weights declared as inputs), so none of those steps copies the weights; the IR still has every weight."""
+    from kiln.frontend.onnx import split_weights
+
+    rng = np.random.default_rng(3)
+    w, bias, shape = (rng.standard_normal((256, 128)).astype(np.float32), rng.standard_normal(128).astype(np.float32),
+                      np.array([2, 4, 32], np.int64))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["a"]),
+             helper.make_node("Reshape", ["a", "shape"], ["r"]),
+             helper.make_node("CenterCropPad", ["r", "crop"], ["c"], axes=[1, 2]),  # runs as its ONNX function body
+             helper.make_node("ReduceMean", ["c", "axes"], ["mean"]),
+             helper.make_node("Add", ["c", "mean"], ["y"])]
+    model = make_model(nodes, {"x": np.zeros((2, 256), np.float32)}, ["y"],
+                       {"w": w, "b": bias, "shape": shape, "crop": np.array([3, 30], np.int64),
+                        "axes": np.array([2], np.int64)}, opset=18)
+    before = model.SerializeToString()
+    skeleton, weights = split_weights(model)
+    assert sorted(t.name for t in weights) == ["b", "w"]
+    assert [t.name for t in skeleton.graph.initializer] == ["shape", "crop", "axes"]
+    assert {"w", "b"} <= {i.name for i in skeleton.graph.input} and skeleton.ByteSize() < 2_000
+    graph = parse(model)
+    assert model.SerializeToString() == before, "the caller's model is left as it was"
+    assert {"w", "b"} <= set(graph.initializers) and [v.name for v in graph.inputs] == ["x"]
+    assert "CenterCropPad" not in {n.op for n in graph.nodes}
+    np.testing.assert_array_equal(graph.initializers["w"], w)
+    x = rng.standard_normal((2, 256)).astype(np.float32)
+    reference = run_onnxruntime(model, {"x": x})["y"]
+    np.testing.assert_allclose(kiln.build(model).run({"x": x})["y"], reference, rtol=1e-5, atol=1e-5)
+
+
 def test_old_opsets_are_converted_to_the_canonical_one():
     graph = parse(str(LIGHT / "light_squeezenet.onnx"))
     assert graph.opset == CANONICAL_OPSET
