@@ -177,3 +177,39 @@ def test_too_new_operator_in_a_model_whose_other_operators_change_is_told_to_re_
     text = str(caught.value)
     assert "re-export the model at opset 20 or newer" in text and "Cast changes between opset 18 and 20" in text
     assert "set the model's opset import" not in text and "convert_version" not in text
+
+
+def test_unsupported_operators_that_stop_the_opset_converter_are_all_reported():
+    # At opset 11 kiln converts to its canonical opset, and onnx's converter stops at the first node of an operator
+    # opset 11 lacks (FooBar is no ONNX operator; Gelu comes in opset 20). Every unsupported node is still named in
+    # one KILN-E101, not a KILN-E102 about the converter; Softmax changes after 11, so Gelu is told to re-export.
+    nodes = [helper.make_node("FooBar", ["x"], ["a"], name="foo"), helper.make_node("Gelu", ["a"], ["b"], name="gelu"),
+             helper.make_node("Swoosh", ["b"], ["c"], name="swoosh", domain="com.acme"),
+             helper.make_node("Softmax", ["c"], ["y"], axis=1)]
+    model = _model(nodes, [helper.make_tensor_value_info("x", F, [2, 3])], [helper.make_tensor_value_info("y", F, None)],
+                   {"": 11, "com.acme": 1})
+    with pytest.raises(kiln.ParseError) as caught:
+        kiln.build(model)
+    text = str(caught.value)
+    assert caught.value.code == "KILN-E101" and "3 node(s) use 3 operator(s)" in text
+    assert "node 'foo': FooBar (domain ai.onnx, opset 11)" in text and "FooBar is not an ONNX operator" in text
+    assert "node 'gelu': Gelu (domain ai.onnx, opset 11)" in text and "Softmax changes between opset 11 and 20" in text
+    assert "node 'swoosh': Swoosh (domain com.acme, opset 1)" in text and caught.value.where == "foo, gelu, swoosh"
+
+
+def test_a_default_domain_plugin_the_converter_cannot_pass_is_named_in_the_conversion_error():
+    # A plugin runs FooBar, but Concat has no kiln kernel at opset 11 and onnx's converter cannot get past FooBar.
+    from kiln.plugins import unregister_plugin
+
+    kiln.plugin("FooBar", version="1.0")(lambda x: x)
+    try:
+        nodes = [helper.make_node("FooBar", ["x"], ["a"], name="foo"), helper.make_node("Concat", ["a", "a"], ["y"], axis=0)]
+        model = _model(nodes, [helper.make_tensor_value_info("x", F, [2, 3])],
+                       [helper.make_tensor_value_info("y", F, None)], {"": 11})
+        with pytest.raises(kiln.ParseError) as caught:
+            kiln.build(model)
+    finally:
+        unregister_plugin("FooBar", "")
+    error = caught.value
+    assert error.code == "KILN-E102" and "stops at FooBar (node 'foo'), not an operator of ONNX opset 11" in str(error)
+    assert error.where == "foo" and "its own domain" in error.hint and "%s" not in str(error)
