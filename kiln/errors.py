@@ -91,5 +91,6 @@ CODES = {
     "KILN-E504": "engine file format version is newer than this kiln",
     "KILN-E505": "engine was built for another target device",
     "KILN-E506": "engine needs a plugin that is not registered",
+    "KILN-E507": "engine file cannot be written (missing directory, a directory given, no permission, disk full)",
     "KILN-E601": "not enough memory for the build or the run",
 }

@@ -147,3 +147,45 @@ def test_weights_of_every_bindable_dtype_survive(tmp_path):
         assert back.graph.initializers[name].dtype == array.dtype
         np.testing.assert_array_equal(back.graph.initializers[name].astype(np.float64), array.astype(np.float64))
     assert DType.bfloat16.itemsize == 2
+
+
+@pytest.mark.parametrize("field, span", [("format version", range(8, 12)), ("header length", range(12, 20)),
+                                         ("weights length", "weights")])
+def test_bit_flip_in_a_fixed_field_is_corruption_not_a_newer_or_truncated_file(blob, field, span):
+    # A damaged version must not send the user to upgrade kiln, nor a damaged length to copy the file again
+    # as if it were cut short: every single-bit flip of these fields is KILN-E503.
+    header, start, _ = fileformat.read_header(blob)
+    positions = span if field != "weights length" else range(start - 8, start)
+    for position in positions:
+        for bit in range(8):
+            damaged = bytearray(blob)
+            damaged[position] ^= 1 << bit
+            with pytest.raises(kiln.EngineFileError) as error:
+                kiln.load(bytes(damaged))
+            assert error.value.code == "KILN-E503" and "corrupted" in str(error.value), (field, position, bit, error.value)
+
+
+def test_sealed_file_whose_contents_are_not_a_plan(blob):
+    # A valid checksum over contents this kiln did not write (another tool, a hand edit): E503, never a KeyError.
+    for change in (lambda h: h.pop("graph"), lambda h: h["graph"]["inputs"][0].update(dtype="float128"),
+                   lambda h: h.update(raw_weights={"w0": "int3"})):
+        with pytest.raises(kiln.EngineFileError) as error:
+            kiln.load(_with_header(blob, change))
+        assert error.value.code == "KILN-E503" and "not a kiln format-1 engine" in str(error.value)
+    header, start, end = fileformat.read_header(blob)
+    encoded = json.dumps(header).encode()
+    garbage = b"\x10" + b"\x00" * 7 + b"{}not-safetensors"
+    with pytest.raises(kiln.EngineFileError) as error:
+        kiln.load(_rewrap(blob[:12] + struct.pack("<Q", len(encoded)) + encoded + struct.pack("<Q", len(garbage)) + garbage))
+    assert error.value.code == "KILN-E503"
+
+
+def test_save_and_load_refuse_bad_paths_with_a_kiln_error(engine, tmp_path):
+    for target, words in ((tmp_path / "absent" / "m.kiln", "create the directory"), (tmp_path, "give a file name")):
+        with pytest.raises(kiln.EngineFileError) as error:
+            engine.save(target)
+        assert error.value.code == "KILN-E507" and words in error.value.hint
+    assert list(tmp_path.iterdir()) == [], "no .partial file is left behind"
+    with pytest.raises(kiln.EngineFileError) as error:
+        kiln.load(123)
+    assert error.value.code == "KILN-E501" and "int" in str(error.value)
