@@ -108,7 +108,11 @@ def build(model, config: BuilderConfig | None = None, **options):
     from .passes.pipeline import optimize
     from .plugins import plugins_used
 
-    config = config or BuilderConfig()
+    config = BuilderConfig() if config is None else config
+    if not isinstance(config, BuilderConfig):
+        raise BuildError(f"kiln.build takes a kiln.BuilderConfig as its config, got {type(config).__name__}",
+                         code="KILN-E203", hint="write kiln.build(model, kiln.BuilderConfig(fp16=True, ...)); "
+                                                "BuilderConfig's fields are its options")
     config.validate()
     started = time.perf_counter()
     with Progress("kiln build", total=3) as bar:
