@@ -125,6 +125,61 @@ def plugins_used(graph) -> list[dict[str, str]]:
     return sorted(found.values(), key=lambda p: p["name"])
 
 
+def load_plugin_modules(specs: list[str]) -> list[str]:
+    """Import the modules that register plugins, as the command line's `--plugins` names them: module names
+    (importable, or found in the current directory, as `python -m` finds them) or paths to .py files; each entry
+    may hold several, comma-separated. Returns the modules' names. This runs the code the user names, never code an
+    engine file names."""
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+
+    loaded = []
+    for spec in (item.strip() for entry in specs for item in entry.split(",")):
+        if not spec:
+            continue
+        path = Path(spec)
+        try:
+            if spec.endswith(".py"):
+                if not path.is_file():
+                    raise BuildError(f"plugin file {spec!r} does not exist", code="KILN-E204", where=spec,
+                                     hint="give the path of a .py file that registers plugins with @kiln.plugin, or "
+                                          "an importable module name")
+                name = path.stem
+                module_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(module_spec)
+                sys.modules[name] = module  # the kernels' __module__, which engines record, names it
+                module_spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path and "" not in sys.path:
+                    sys.path.insert(0, os.getcwd())
+                name = importlib.import_module(spec).__name__
+        except BuildError:
+            raise
+        except ModuleNotFoundError as error:
+            _forget(spec)
+            raise BuildError(f"plugin module {spec!r} cannot be imported: no module named {error.name!r}",
+                             code="KILN-E204", where=spec,
+                             hint="run from the directory that holds it, add its directory to PYTHONPATH, or give "
+                                  "the path of its .py file") from None
+        except Exception as error:  # noqa: BLE001 (the user's module may raise anything while registering)
+            _forget(spec)
+            raise BuildError(f"plugin module {spec!r} failed while being imported: {type(error).__name__}: {error}",
+                             code="KILN-E204", where=spec, hint="fix the module (--debug shows the traceback)") from error
+        loaded.append(name)
+    return loaded
+
+
+def _forget(spec: str) -> None:
+    """Drop a .py plugin file's half-imported module, so that a second attempt imports it afresh."""
+    import sys
+    from pathlib import Path
+
+    if spec.endswith(".py"):
+        sys.modules.pop(Path(spec).stem, None)
+
+
 def check_plugins(required: list[dict[str, str]], source: str = "engine") -> None:
     """Raise KILN-E506 unless every plugin the engine needs is registered here at the version it was built with.
     Nothing is imported or executed on the file's say-so: the user registers plugins before loading."""
@@ -136,6 +191,8 @@ def check_plugins(required: list[dict[str, str]], source: str = "engine") -> Non
         if module in ("", "__main__"):
             how = (f"register it with @kiln.plugin(\"{entry['op']}\", domain=\"{entry['domain']}\", "
                    f"version=\"{entry['version']}\") before kiln.load")
+        if module not in ("", "__main__"):
+            how += f" (on the command line: --plugins {module})"
         if not registered:
             raise EngineFileError(
                 f"{source} needs the plugin {entry['name']} (version {entry['version']}, operator "

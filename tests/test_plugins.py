@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import onnx
 from onnx import TensorProto, helper
 
 import kiln
@@ -203,3 +204,42 @@ def test_documented_mish_example_end_to_end(tmp_path, monkeypatch, capsys):
     assert refused.returncode == 0, refused.stderr
     assert "KILN-E506" in refused.stdout and "com.example::Mish" in refused.stdout
     assert "import mish_plugin" in refused.stdout and refused.stdout.strip().endswith("not imported")
+
+
+def test_documented_command_line_plugins(tmp_path):
+    # docs/plugins.md section 5, with the `kiln` console script (which, unlike python -m, does not put the current
+    # directory on sys.path): build with --plugins MODULE, run with --plugins FILE.py, compare with float64 torch.
+    _doc_files(tmp_path)
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((8, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Mish", ["h"], ["a"], domain="com.example", beta=1.0), helper.make_node("Relu", ["a"], ["y"])]
+    graph = helper.make_graph(nodes, "mish_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(weights, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(tmp_path / "mish.onnx"))
+    x = rng.standard_normal((5, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    script = Path(sys.executable).with_name("kiln")
+    env = {**os.environ, "KILN_PROGRESS": "0"}
+    env.pop("PYTHONPATH", None)
+
+    def kiln_command(*args, cwd=tmp_path):
+        return subprocess.run([str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+    built = kiln_command("build", "mish.onnx", "--plugins", "mish_plugin", "--saveEngine", "mish.kiln")
+    assert built.returncode == 0, built.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = kiln_command("run", str(tmp_path / "mish.kiln"), "--plugins", str(tmp_path / "mish_plugin.py"),
+                       "--input", f"x={tmp_path / 'x.npy'}", "--output-dir", "out", cwd=elsewhere)
+    assert ran.returncode == 0, ran.stderr
+    import torch
+
+    reference = torch.relu(torch.nn.functional.mish(torch.from_numpy(x.astype(np.float64) @ weights.astype(np.float64))))
+    np.testing.assert_allclose(np.load(elsewhere / "out" / "y.npy"), reference.numpy(), rtol=1e-5, atol=1e-6)
+    refused = kiln_command("run", "mish.kiln")
+    assert refused.returncode == 1 and "KILN-E506" in refused.stderr and "--plugins mish_plugin" in refused.stderr
+    missing = kiln_command("build", "mish.onnx", "--plugins", "no_such_plugin_module")
+    assert missing.returncode == 1 and "KILN-E204" in missing.stderr and "Traceback" not in missing.stderr

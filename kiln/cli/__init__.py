@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         log.set_level("verbose")
     try:
+        if args.plugins:
+            from ..plugins import load_plugin_modules
+
+            load_plugin_modules(args.plugins)
         return int(args.handler(args) or 0)
     except KilnError as error:
         if args.debug:

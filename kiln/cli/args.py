@@ -9,6 +9,10 @@ def logging_group() -> argparse.ArgumentParser:
     group = parent.add_argument_group("logging")
     group.add_argument("--verbose", "-v", action="store_true", help="log every stage: parsing, each pass, lowering, steps")
     group.add_argument("--debug", action="store_true", help="show the Python traceback of a KilnError")
+    plugins = parent.add_argument_group("plugins")
+    plugins.add_argument("--plugins", action="append", default=[], metavar="MODULE",
+                         help="import this module first (a name, or a path to a .py file; repeatable or comma-separated): "
+                              "the plugins it registers with @kiln.plugin serve models and engines that need them")
     return parent
 
 

@@ -189,4 +189,5 @@ def describe_unsupported(problems: list[tuple[Node, int, str]], graph: Graph) ->
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
     return ParseError("\n".join(lines), code="KILN-E101", where=", ".join(n.name for n, _, _ in problems[:10]),
-                      hint="each node above has its way out; a plugin is registered before kiln.build (docs/plugins.md)")
+                      hint="each node above has its way out; a plugin is registered before kiln.build, or on the command "
+                           "line with kiln build --plugins my_plugins.py (docs/plugins.md)")
