@@ -15,6 +15,9 @@ FP16_MAX = 65504.0
 TINY_LAYER_MS = 0.02  # a layer shorter than this costs about what launching it does
 LAUNCH_BOUND_MIN_LAYERS = 50
 CLIPPING_WARN_RATE = 0.01  # share of a tensor's sample values outside its calibrated range
+# Precision labels of layers that run in the float type their inputs arrive in: "follow" is the CPU backend's
+# (kiln/backends/cpu/fast.py), "input" what engines built before that name was chosen carry.
+FOLLOWS_INPUT = ["follow", "input"]
 
 
 @dataclass
@@ -350,9 +353,9 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
     layers = engine.plan.layers
     fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
     if asked:
-        # "input": the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback
+        # the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback
         fallbacks += [{"layer": name, **info} for name, info in layers.items()
-                      if info.get("precision", "fp32") not in asked + ["input"] and not info.get("fallback")]
+                      if info.get("precision", "fp32") not in asked + FOLLOWS_INPUT and not info.get("fallback")]
     # A layer on the reference tactic while other layers of its operator got a faster one fell back too
     # (e.g. a convolution with asymmetric padding that the packed kernel does not take).
     fast_ops = {info.get("op") for info in layers.values() if info.get("tactic", "torch") != "torch"}

@@ -146,10 +146,10 @@ def test_precision_fallback_and_launch_bound_findings():
     engine = SimpleNamespace(device="cuda", plan=SimpleNamespace(layers={
         "conv": {"op": "Conv", "precision": "bf16"}, "norm": {"op": "LayerNormalization", "precision": "fp32"},
         "gather": {"op": "Gather", "precision": "bf16", "fallback": "no bf16 tactic"},
-        "pool": {"op": "MaxPool", "precision": "input"}}))
+        "pool": {"op": "MaxPool", "precision": "follow"}, "old_pool": {"op": "MaxPool", "precision": "input"}}))
     finding = doctor.check_precision_fallback(engine, ["fp32", "bf16"])
-    assert finding.status == "warning" and "2 of 4 layers" in finding.symptom and "LayerNormalization" in finding.symptom
-    assert doctor.check_precision_fallback(engine, ["fp32"]).symptom.startswith("1 of 4")
+    assert finding.status == "warning" and "2 of 5 layers" in finding.symptom and "LayerNormalization" in finding.symptom
+    assert doctor.check_precision_fallback(engine, ["fp32"]).symptom.startswith("1 of 5")
     tactics = SimpleNamespace(device="cpu", plan=SimpleNamespace(layers={
         "conv1": {"op": "kiln::Conv", "precision": "fp32", "tactic": "onednn-packed"},
         "conv2": {"op": "kiln::Conv", "precision": "fp32", "tactic": "torch"}, "relu": {"op": "Relu", "tactic": "torch"}}))
@@ -159,6 +159,32 @@ def test_precision_fallback_and_launch_bound_findings():
     assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
     assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny).status == "info"
     assert doctor.check_launch_bound(engine, tiny[:10]).status == "ok"
+
+
+def conv_pool_model():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Concat", ["p", "p"], ["cat"], name="concat", axis=1),
+             helper.make_node("Flatten", ["cat"], ["y"], name="flatten")]
+    return make_model(nodes, {"x": (np.float32, [1, 3, 16, 16])}, ["y"], {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32)})
+
+
+def cpu_bf16() -> bool:
+    from kiln.backends.cpu.fast import bf16_supported
+
+    return bf16_supported()
+
+
+@pytest.mark.skipif(not cpu_bf16(), reason="this CPU has no AVX512-BF16/AMX, so kiln builds no bf16 CPU engine")
+def test_bf16_build_layers_that_follow_their_input_are_no_fallback(tmp_path):
+    # The CPU backend labels pooling, concatenation and reshapes "follow" in a bf16 engine: they run in the type
+    # their input arrives in. Only a layer that really runs in fp32 while bf16 was asked for is a fallback.
+    report = doctor.diagnose(save(tmp_path, conv_pool_model()), BuilderConfig(bf16=True))
+    finding = by_check(report)["precision fallback"]
+    assert finding.status == "ok", finding.symptom
+    assert "bf16" in finding.symptom and not report.blocked
 
 
 def test_unreadable_model_is_a_finding(tmp_path):
