@@ -145,8 +145,33 @@ def build(model, config: BuilderConfig | None = None, **options):
     plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
     stages["lower"] = round(plan.build_info["build_seconds"] - sum(stages.values()), 3)
     plan.build_info["stage_seconds"] = stages  # where a build's time went: parse, optimize, lower (tactics, packing)
+    if log.is_verbose():
+        _log_steps(plan, stages["lower"])
     log.verbose("built %s engine with %d layers in %.2f s", config.device, len(graph.nodes), plan.build_info["build_seconds"])
     return engine
+
+
+def _log_steps(plan, seconds: float) -> None:
+    """--verbose: what lowering chose, one line per step (precision, tactic, shapes, the model nodes it runs), then
+    a count of steps per tactic."""
+    from collections import Counter
+
+    graph = plan.graph
+    log.verbose("lowered to %d steps for %s in %.2f s", len(graph.nodes), plan.target.get("device", "?"), seconds)
+
+    def shapes(names) -> str:
+        return ", ".join(graph.value(n).describe().partition(": ")[2] for n in names
+                         if n and n not in graph.initializers) or "-"
+
+    tactics = Counter()
+    for index, node in enumerate(graph.nodes):
+        layer = plan.layers.get(node.name, {})
+        tactics[layer.get("tactic", "?")] += 1
+        origin = ", ".join(node.origin[:3]) + (f" +{len(node.origin) - 3}" if len(node.origin) > 3 else "")
+        log.verbose("step %3d %-32s %-22s %-5s %-16s %s -> %s  from %s", index, node.name, node.op_key,
+                    layer.get("precision", "?"), layer.get("tactic", "?"), shapes(node.inputs), shapes(node.outputs),
+                    origin or "-")
+    log.verbose("steps per tactic: %s", ", ".join(f"{tactic} {count}" for tactic, count in tactics.most_common()))
 
 
 def _target(config: BuilderConfig) -> dict[str, Any]:

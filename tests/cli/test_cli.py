@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import LIGHT
 
+import kiln
 from kiln.cli import main
 
 SQUEEZENET = str(LIGHT / "light_squeezenet.onnx")
@@ -30,8 +31,16 @@ def test_verbose_build_logs_parsing_passes_and_lowering(tmp_path):
     result = subprocess.run([sys.executable, "-m", "kiln.cli", "build", SQUEEZENET, "--saveEngine", str(tmp_path / "s.kiln"), "--verbose"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    for words in ("converting model from opset 9", "parsed", "pass constant_folding", "constant_folding: folded", "built cpu engine"):
+    for words in ("converting model from opset 9", "parsed", "pass constant_folding", "constant_folding: folded",
+                  "lowered to", "steps per tactic", "built cpu engine"):
         assert words in result.stderr, words
+    # the per-step summary: one line per layer of the engine, with its op, precision, tactic and shapes
+    steps = [line for line in result.stderr.splitlines() if line.startswith("[kiln VERBOSE] step ")]
+    engine = kiln.load(tmp_path / "s.kiln")
+    assert len(steps) == len(engine.plan.graph.nodes) > 0
+    first = engine.plan.graph.nodes[0]
+    assert first.name in steps[0] and "fp32" in steps[0] and "float32[1x3x224x224] ->" in steps[0]
+    assert engine.plan.layers[first.name]["tactic"] in steps[0]
 
 
 def test_run_with_random_inputs_and_output_dir(engine_path, tmp_path, capsys):
