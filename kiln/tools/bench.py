@@ -37,9 +37,15 @@ def open_engine(path: str, config=None, monitor: MemoryMonitor | None = None):
 def sample_feed(engine, seed: int = 0, shapes: dict[str, tuple] | None = None, given: dict | None = None) -> dict:
     """Fixed-seed random inputs for every binding not `given`: dynamic inputs take the `shapes` asked for, else,
     as in trtexec, the opt shapes of the engine's first optimization profile."""
+    from ..errors import BindingError
     from .inputs import random_feed
 
     shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {b.name for b in engine.inputs})
+    if unknown:  # a misspelt --shapes name would otherwise leave its input at the default shape, silently
+        raise BindingError(f"--shapes names {', '.join(map(repr, unknown))}, which the engine has no input called; its "
+                           f"inputs are: {', '.join(str(b) for b in engine.inputs)}", code="KILN-E402",
+                           where=", ".join(unknown), hint="use the input names that `kiln inspect` shows")
     profiles = getattr(engine.plan, "profiles", None) or []
     if profiles:
         from ..engine.profiles import as_profile

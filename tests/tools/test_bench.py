@@ -74,6 +74,22 @@ def test_inputs_default_to_the_profiles_opt_shapes(model_path, tmp_path):
     assert sample_feed(engine)["x"].shape == (8, 256) and sample_feed(engine, shapes={"x": (3, 256)})["x"].shape == (3, 256)
 
 
+def test_shapes_naming_no_input_is_refused(model_path, tmp_path, capsys):
+    from kiln.errors import BindingError
+    from kiln.tools.bench import sample_feed
+
+    with pytest.raises(BindingError) as error:
+        sample_feed(build(model_path), shapes={"X": (3, 256)})  # the input is "x"
+    assert error.value.code == "KILN-E402" and error.value.where == "X" and "x: float32" in error.value.message
+    engine = tmp_path / "mlp.kiln"
+    build(model_path).save(str(engine))
+    for command in ("bench", "compare"):
+        argv = [command, str(engine), "--iterations", "1", "--duration", "0"] if command == "bench" else \
+            [command, str(model_path), "--engine", str(engine)]
+        assert main(argv + ["--shapes", "X:3x256"]) == 1
+        assert "KILN-E402" in capsys.readouterr().err
+
+
 def test_cli_exports(model_path, tmp_path, capsys):
     times, profile, output = tmp_path / "t.json", tmp_path / "p.json", tmp_path / "o.json"
     code = main(["bench", str(model_path), "--warmUp", "0", "--iterations", "4", "--duration", "0", "--shapes", "x:3x256",
