@@ -12,7 +12,12 @@ import numpy as np
 from ..errors import CODES, BindingError, KilnError
 
 FP16_MAX = 65504.0
-TINY_LAYER_MS = 0.02  # a layer shorter than this costs about what launching it does
+# A layer that reads and writes no more than this moves its bytes in well under what dispatching it costs: 64 KiB
+# take ~3 us at a CPU's tens of GB/s (a kiln CPU step costs ~5-50 us), 1 MiB ~0.3 us at a GPU's TB/s (a kernel
+# launch ~5 us). Such a layer's time is overhead. Judged by bytes, not by measured time: a per-layer profile charges
+# each layer its dispatch (and on a GPU a synchronisation), which keeps tiny layers at tens of microseconds, above
+# any fixed time threshold (a chain of 80 1x4 Gemms measured ~50 us a layer on both the CPU and an H200).
+TINY_LAYER_BYTES = {"cpu": 64 << 10, "cuda": 1 << 20}
 LAUNCH_BOUND_MIN_LAYERS = 50
 CLIPPING_WARN_RATE = 0.01  # share of a tensor's sample values outside its calibrated range
 # Precision labels of layers that run in the float type their inputs arrive in: "follow" is the CPU backend's
@@ -376,23 +381,63 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
                    "a plugin can supply the kernel (docs/plugins.md)", "KILN-E301", {"layers": fallbacks[:200]})
 
 
-def check_launch_bound(engine, profile: list[dict]) -> Finding:
-    if not profile:
+def layer_bytes(engine, feed: dict) -> dict[str, int]:
+    """Bytes each layer reads and writes on `feed` (its input tensors, weights included, and its outputs), seen
+    through `on_step` while the engine runs as built."""
+    import torch
+
+    from ..engine.bindings import check_feed
+
+    tensors, _ = check_feed(feed, engine.inputs)
+    sizes: dict[str, int] = {}
+
+    def size(value) -> int:
+        try:
+            return int(value.numel()) * int(value.element_size()) if isinstance(value, torch.Tensor) else 0
+        except RuntimeError:  # an opaque packed weight (oneDNN) exposes no size
+            return 0
+
+    def on_step(step, env=None) -> None:
+        if env is None:
+            raise KilnError(f"the {engine.device} program does not expose its layers' tensors", code="KILN-E408",
+                            hint="the launch-overhead check needs a program that passes env to on_step")
+        sizes[step.name] = sum(size(env.get(name)) for name in (*step.inputs, *step.outputs) if name)
+
+    with torch.inference_mode():
+        engine.program.execute(tensors, on_step=on_step)
+    return sizes
+
+
+def check_launch_bound(engine, profile: list[dict], sizes: dict[str, int]) -> Finding:
+    """Many layers that each move under TINY_LAYER_BYTES, taking most of the profiled time: dispatch-bound."""
+    from .memory import format_bytes
+
+    if not profile or not sizes:
         return Finding("launch overhead", "n/a", "no per-layer profile")
-    tiny = [layer for layer in profile if layer["averageMs"] < TINY_LAYER_MS]
+    limit = TINY_LAYER_BYTES.get(engine.device, TINY_LAYER_BYTES["cpu"])
+    tiny = [layer for layer in profile if sizes.get(layer["name"], limit + 1) <= limit]
     total = sum(layer["averageMs"] for layer in profile)
-    summary = (f"{len(tiny)} of {len(profile)} layers take under {TINY_LAYER_MS * 1e3:.0f} us each "
-               f"(together {sum(t['averageMs'] for t in tiny):.3f} of {total:.3f} ms)")
-    details = {"layers": len(profile), "tiny_layers": len(tiny), "total_ms": total}
-    if len(profile) < LAUNCH_BOUND_MIN_LAYERS or len(tiny) < len(profile) / 2:
+    tiny_ms = sum(layer["averageMs"] for layer in tiny)
+    summary = (f"{len(tiny)} of {len(profile)} layers each read and write {format_bytes(limit)} or less, "
+               f"and take {tiny_ms:.3f} of the {total:.3f} ms the per-layer profile measured")
+    details = {"layers": len(profile), "tiny_layers": len(tiny), "tiny_ms": tiny_ms, "total_ms": total,
+               "tiny_layer_bytes": limit, "tiny": [layer["name"] for layer in tiny][:200]}
+    if len(profile) < LAUNCH_BOUND_MIN_LAYERS or len(tiny) <= len(profile) / 2 or tiny_ms <= total / 2:
         return Finding("launch overhead", "ok", summary, details=details)
     if engine.device == "cuda":
+        if getattr(engine.program, "use_cuda_graph", False):
+            return Finding("launch overhead", "info", "launch-bound engine: " + summary,
+                           "each kernel launch costs microseconds of CPU time, more than these kernels run; the engine "
+                           "already replays as one CUDA graph, which takes most of that off its latency (the per-layer "
+                           "profile runs step by step)", "compare kiln bench with a build using --noCudaGraph to see what "
+                           "the graph saves; to go further, batch more work per call", details=details)
         return Finding("launch overhead", "warning", "launch-bound engine: " + summary,
                        "each kernel launch costs several microseconds of CPU time, more than these kernels run",
-                       "replay the engine as a CUDA graph: kiln bench --useCudaGraph (Engine option use_cuda_graph), "
-                       "or batch more work per call", details=details)
+                       "replay the engine as a CUDA graph: kiln bench --useCudaGraph (Engine option use_cuda_graph; "
+                       "engines with static shapes do unless built with --noCudaGraph), or batch more work per call",
+                       details=details)
     return Finding("launch overhead", "info", "many tiny layers: " + summary,
-                   "per-layer dispatch overhead is a large share of the time; CUDA graphs do not apply on the CPU",
+                   "per-layer dispatch overhead is most of the time; CUDA graphs do not apply on the CPU",
                    "use a larger batch per call so each layer does more work", details=details)
 
 
@@ -428,7 +473,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
     report.add(check_inputs(engine.inputs, dict(given or {})))
     asked = [name for name in ("tf32", "fp16", "bf16", "int8", "fp8") if engine.plan.config.get(name)]
     report.add(check_precision_fallback(engine, asked))
-    profile, feed = [], {}
+    profile, feed, sizes = [], {}, {}
     with MemoryMonitor(device=engine.device) as monitor:
         try:
             feed = sample_feed(engine, seed, shapes, None if report.blocked else given)
@@ -436,6 +481,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
                                progress=False, monitor=monitor)
             profile = result.layers
             report.memory["latency_ms"] = result.stats("latency")
+            sizes = layer_bytes(engine, feed)
         except KilnError as error:
             report.add(from_error("run", error))
     report.memory.update(monitor.summary())
@@ -446,7 +492,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
         report.add(memory_finding(weights, int(planned), feed, engine.device, monitor.summary()))
     else:
         report.add(Finding("memory", "n/a", "the engine records no memory plan"))
-    report.add(check_launch_bound(engine, profile))
+    report.add(check_launch_bound(engine, profile, sizes))
     return report
 
 
@@ -510,25 +556,26 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
                 engine = build(model_path, config)
             except KilnError as error:
                 report.add(from_error("build", error))
-        profile = []
+        profile, sizes = [], {}
         if engine is not None:
             report.add(check_precision_fallback(engine, config.precisions()))
             monitor.mark("profile run")
             try:
                 from .bench import benchmark
 
-                result = benchmark(engine, {k: v for k, v in feed.items() if k in {b.name for b in engine.inputs}},
-                                   warmup_ms=0, iterations=profile_iterations, duration_s=0, profile=True,
-                                   progress=False, monitor=monitor)
+                engine_feed = {k: v for k, v in feed.items() if k in {b.name for b in engine.inputs}}
+                result = benchmark(engine, engine_feed, warmup_ms=0, iterations=profile_iterations, duration_s=0,
+                                   profile=True, progress=False, monitor=monitor)
                 profile = result.layers
                 report.memory["latency_ms"] = result.stats("latency")
+                sizes = layer_bytes(engine, engine_feed)
             except KilnError as error:
                 report.add(from_error("run", error))
     report.memory.update(monitor.summary())
     report.memory["timeline"] = monitor.timeline
     report.add(check_memory(converted, graph, values, feed, config.device, monitor.summary(), engine))
     if engine is not None:
-        report.add(check_launch_bound(engine, profile))
+        report.add(check_launch_bound(engine, profile, sizes))
     return report
 
 

@@ -155,10 +155,56 @@ def test_precision_fallback_and_launch_bound_findings():
         "conv2": {"op": "kiln::Conv", "precision": "fp32", "tactic": "torch"}, "relu": {"op": "Relu", "tactic": "torch"}}))
     slow = doctor.check_precision_fallback(tactics, ["fp32"])
     assert slow.status == "warning" and [f["layer"] for f in slow.details["layers"]] == ["conv2"]
-    tiny = [{"name": f"l{i}", "averageMs": 0.005} for i in range(60)]
-    assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny).fix
-    assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny).status == "info"
-    assert doctor.check_launch_bound(engine, tiny[:10]).status == "ok"
+    tiny = [{"name": f"l{i}", "averageMs": 0.05} for i in range(60)]
+    small = {f"l{i}": 1 << 10 for i in range(60)}
+    engine.program = SimpleNamespace(use_cuda_graph=False)
+    assert doctor.check_launch_bound(engine, tiny, small).status == "warning"
+    assert "--useCudaGraph" in doctor.check_launch_bound(engine, tiny, small).fix
+    engine.program.use_cuda_graph = True  # already a graph: said, and no warning
+    graphed = doctor.check_launch_bound(engine, tiny, small)
+    assert graphed.status == "info" and "already replays as one CUDA graph" in graphed.cause
+    assert doctor.check_launch_bound(SimpleNamespace(device="cpu"), tiny, small).status == "info"
+    assert doctor.check_launch_bound(engine, tiny[:10], small).status == "ok"
+    # 2 MiB layers are no tiny kernels on either device, however long the profile says they took
+    assert doctor.check_launch_bound(engine, tiny, {name: 2 << 20 for name in small}).status == "ok"
+    # tiny layers that take under half the time do not make the engine launch-bound
+    heavy = tiny[:31] + [dict(layer, averageMs=5.0) for layer in tiny[31:]]
+    assert doctor.check_launch_bound(engine, heavy, dict(small, **{f"l{i}": 2 << 20 for i in range(31, 60)})).status == "ok"
+
+
+def matmul_chain(width, layers=60):
+    """x @ w0 -> tanh -> ... : `layers` Gemms of width x width on a batch of 1."""
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], {}, "x"
+    for i in range(layers):
+        weights[f"w{i}"] = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"t{i}"], name=f"tanh{i}")]
+        previous = f"t{i}"
+    nodes.append(helper.make_node("Identity", [previous], ["y"], name="out"))
+    return make_model(nodes, {"x": (np.float32, [1, width])}, ["y"], weights)
+
+
+def test_launch_bound_engine_of_many_tiny_layers(tmp_path):
+    # 60 Gemms of 1x4 by 4x4 (a hundred bytes each): every layer is dispatch overhead. Measured per layer they
+    # take tens of microseconds (kiln's step, oneDNN's call), which a time threshold of 20 us called fine.
+    report = doctor.diagnose(save(tmp_path, matmul_chain(4)), BuilderConfig())
+    finding = by_check(report)["launch overhead"]
+    assert finding.status == "info" and finding.symptom.startswith("many tiny layers") and "larger batch" in finding.fix
+    assert finding.details["tiny_layers"] == finding.details["layers"] == 61  # 60 Gemm+Tanh and the Identity
+    # The same chain 512 wide reads a 1 MiB weight per layer: real work, not launch-bound.
+    wide = by_check(doctor.diagnose(save(tmp_path, matmul_chain(512), "wide.onnx"), BuilderConfig()))["launch overhead"]
+    assert wide.status == "ok" and wide.details["tiny_layers"] <= 1, wide.symptom
+
+
+def test_layer_bytes_are_the_tensors_each_layer_reads_and_writes():
+    import kiln
+
+    engine = kiln.build(matmul_chain(8, layers=2))
+    sizes = doctor.layer_bytes(engine, {"x": np.ones((1, 8), np.float32)})
+    # mm0: x (1x8) in, its weight (8x8, as the engine stores it), t0 (1x8) out; float32
+    assert sizes["mm0"] == 4 * (8 + 8 * 8 + 8), sizes
+    assert sizes["out"] == 2 * 4 * 8
 
 
 def conv_pool_model():

@@ -113,3 +113,35 @@ def test_kiln_cuda_engine_through_bench_compare_and_doctor(tmp_path):
         assert timed.memory["peak_device_bytes"] > 0
     report = diagnose(str(path), kiln.BuilderConfig(device="cuda"))
     assert not report.blocked and report.memory["peak_device_bytes"] > 0, [f.symptom for f in report.findings if f.blocks]
+
+
+def test_doctor_finds_a_launch_bound_cuda_engine(tmp_path):
+    # 60 Gemms of 1x4 by 4x4: each layer measures tens of microseconds in the profile (launch + synchronisation),
+    # so only the bytes they move show them tiny. Static shapes replay as the engine's own CUDA graph: said as info;
+    # built with --noCudaGraph the fix is --useCudaGraph.
+    import onnx
+    from helpers import make_model
+    from onnx import helper
+
+    import kiln
+    from kiln.tools.bench import benchmark, format_result, sample_feed
+    from kiln.tools.doctor import diagnose
+
+    rng = np.random.default_rng(0)
+    nodes, weights, previous = [], {}, "x"
+    for i in range(60):
+        weights[f"w{i}"] = (rng.standard_normal((4, 4)) / 2).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"], name=f"mm{i}"),
+                  helper.make_node("Tanh", [f"h{i}"], [f"t{i}"], name=f"tanh{i}")]
+        previous = f"t{i}"
+    path = tmp_path / "chain.onnx"
+    onnx.save(make_model(nodes, {"x": (np.float32, [1, 4])}, [previous], weights), str(path))
+    graphed = {f.check: f for f in diagnose(str(path), kiln.BuilderConfig(device="cuda")).findings}["launch overhead"]
+    assert graphed.status == "info" and "already replays as one CUDA graph" in graphed.cause, graphed
+    config = kiln.BuilderConfig(device="cuda")
+    config.extra["use_cuda_graph"] = False
+    eager = {f.check: f for f in diagnose(str(path), config).findings}["launch overhead"]
+    assert eager.status == "warning" and "--useCudaGraph" in eager.fix and eager.details["tiny_layers"] >= 50, eager
+    engine = kiln.build(str(path), config)
+    text = format_result(benchmark(engine, sample_feed(engine), warmup_ms=0, iterations=5, duration_s=0, progress=False))
+    assert "host-to-device" in text and "device-to-host" in text and "peak device" in text, text
