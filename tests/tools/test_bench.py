@@ -62,6 +62,9 @@ def test_separate_profile_run_and_no_data_transfers(model_path):
                        no_data_transfers=True, progress=False)
     assert result.profile_iterations == 3 and len(result.profile_compute_ms) == 3
     assert result.settings["separateProfileRun"] and result.outputs["y"].shape == (2, 128)
+    # the footer puts the profile beside the timed runs it was kept apart from
+    timed = float(np.mean(result.compute_ms))
+    assert f"mean compute {timed:.3f} ms; the profile is {result.layer_sum_ms() / timed:.2f}x that" in format_profile(result)
 
 
 def test_inputs_default_to_the_profiles_opt_shapes(model_path, tmp_path):
