@@ -31,6 +31,7 @@ class TensorComparison:
     layer: str = ""  # the kiln layer that produced it (layerwise)
     op: str = ""
     origin: list[str] = field(default_factory=list)
+    model_node: str = ""  # the ONNX node that makes this tensor, "name (OpType)": a layer the frontend added has its own name
 
 
 @dataclass
@@ -221,9 +222,11 @@ def compare(model, engine, feed: dict[str, np.ndarray], *, atol: float = 1e-4, r
                                                    problem="the engine has no output of this name"))
             continue
         result.outputs.append(compare_tensors(name, kiln_outputs[name], reference[name], atol, rtol))
+    producers = {name: f"{node.name or f'#{index}'} ({node.op_type})" for index, node in enumerate(original.graph.node)
+                 for name in node.output if name}
     for item in captured:
         layer = compare_tensors(item["output"], item["value"], reference[item["output"]], atol, rtol)
-        layer.layer, layer.op = item["layer"], item["op"]
+        layer.layer, layer.op, layer.model_node = item["layer"], item["op"], producers.get(item["output"], "")
         layer.origin = list(engine.plan.layers.get(item["layer"], {}).get("origin", []))
         result.layers.append(layer)
     result.first_failing_layer = next((layer for layer in result.layers if not layer.passed), None)
@@ -264,7 +267,8 @@ def format_result(result: CompareResult) -> str:
         first = result.first_failing_layer
         if first is not None:
             lines.append(f"  first layer outside tolerance: {first.layer} ({first.op}, from {', '.join(first.origin) or '?'}) "
-                         f"output {first.name}: max abs {first.max_abs:.3e}, "
+                         f"output {first.name}{f', made in the model by {first.model_node}' if first.model_node else ''}: "
+                         f"max abs {first.max_abs:.3e}, "
                          f"max rel {first.max_rel:.3e}, cosine {first.cosine:.6f}{'; ' + first.problem if first.problem else ''}")
     lines.append("PASS" if result.passed else "FAIL")
     return "\n".join(lines)

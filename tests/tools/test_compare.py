@@ -113,6 +113,24 @@ def test_layerwise_reads_the_engine_as_built(model_path):
     assert {layer.name for layer in layered.layers} == survivors and layered.layers
 
 
+def test_layerwise_names_the_model_node_behind_a_layer_the_frontend_added():
+    # An opset-11 Softmax over a 4-D tensor becomes Flatten, Softmax, Reshape: the model's tensor "s" comes out of
+    # kiln's Reshape layer, whose name and origin are the frontend's own. The report names the model's node too.
+    from kiln.tools.compare import format_result
+
+    nodes = [helper.make_node("Mul", ["x", "k"], ["m"], name="scale"), helper.make_node("Softmax", ["m"], ["s"], name="soft", axis=1),
+             helper.make_node("Relu", ["s"], ["y"], name="relu")]
+    model = make_model(nodes, {"x": (np.float32, [1, 10, 1, 1])}, ["y"], {"k": np.float32([2.0])}, opset=11)
+    engine = kiln.build(model)
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 10, 1, 1)).astype(np.float32)}
+    result, _, _ = compare(model, engine, feed, layerwise=True)
+    layers = {layer.name: layer for layer in result.layers}
+    assert layers["m"].model_node == "scale (Mul)" and layers["s"].model_node == "soft (Softmax)"
+    assert "soft" not in [layers["s"].layer] + layers["s"].origin  # the layer itself does not say it
+    result.first_failing_layer = layers["s"]
+    assert "output s, made in the model by soft (Softmax)" in format_result(result)
+
+
 def test_engine_of_another_model_is_refused(model_path, tmp_path):
     other = make_model([helper.make_node("Relu", ["a"], ["b"])], {"a": (np.float32, [2])}, ["b"])
     engine = kiln.build(other)
