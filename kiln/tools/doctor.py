@@ -356,11 +356,17 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
     """Layers not in a precision `asked` for (beyond fp32), or that record a fallback, or left on the reference tactic."""
     asked = [p for p in asked if p != "fp32"]
     layers = engine.plan.layers
+    # An int8 build times each quantizable layer both ways and keeps fp32 where int8 is slower (kiln/quant/lower.py):
+    # the faster precision, chosen by measurement, is no fallback.
+    decisions = (getattr(engine.plan, "build_info", {}).get("quantization") or {}).get("layers", {})
+    chosen = {name: d for name, d in decisions.items() if d.get("precision") == "fp32" and d.get("int8_ms") is not None
+              and d.get("fp32_ms") is not None and d["int8_ms"] >= d["fp32_ms"]}
     fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
     if asked:
         # the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback
         fallbacks += [{"layer": name, **info} for name, info in layers.items()
-                      if info.get("precision", "fp32") not in asked + FOLLOWS_INPUT and not info.get("fallback")]
+                      if info.get("precision", "fp32") not in asked + FOLLOWS_INPUT and not info.get("fallback")
+                      and name not in chosen]
     # A layer on the reference tactic while other layers of its operator got a faster one fell back too
     # (e.g. a convolution with asymmetric padding that the packed kernel does not take).
     fast_ops = {info.get("op") for info in layers.values() if info.get("tactic", "torch") != "torch"}
@@ -368,17 +374,21 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
     fallbacks += [{"layer": name, **info, "fallback": f"reference tactic, while other {info.get('op')} layers run a faster one"}
                   for name, info in layers.items()
                   if name not in listed and info.get("op") in fast_ops and info.get("tactic", "torch") == "torch"]
+    timings = ", ".join(f"{name} {d['int8_ms']:.3g} vs {d['fp32_ms']:.3g} ms" for name, d in list(chosen.items())[:4])
+    kept = f"; {len(chosen)} layer(s) keep fp32 because their int8 kernel measured slower (int8 vs fp32: {timings})" if chosen else ""
     if not fallbacks:
         what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
-        return Finding("precision fallback", "ok", f"all {len(layers)} layers run {what}")
+        return Finding("precision fallback", "ok", f"all {len(layers) - len(chosen)} other layers run {what}{kept}" if chosen
+                       else f"all {len(layers)} layers run {what}", details={"kept_fp32_by_timing": chosen})
     ops = sorted({f["op"] for f in fallbacks if "op" in f})
     return Finding("precision fallback", "warning",
                    f"{len(fallbacks)} of {len(layers)} layers fall back to a slower precision or tactic "
                    f"({', '.join(sorted({f.get('precision', 'fp32') + '/' + f.get('tactic', '?') for f in fallbacks}))}): "
-                   f"ops {', '.join(ops[:8])}",
+                   f"ops {', '.join(ops[:8])}{kept}",
                    "kiln has no faster kernel for these layers in that precision on this device, or the precision rules "
                    "rejected it (accuracy)", "if they matter for speed, check `kiln inspect ENGINE` for each layer's tactic; "
-                   "a plugin can supply the kernel (docs/plugins.md)", "KILN-E301", {"layers": fallbacks[:200]})
+                   "a plugin can supply the kernel (docs/plugins.md)", "KILN-E301",
+                   {"layers": fallbacks[:200], "kept_fp32_by_timing": chosen})
 
 
 def layer_bytes(engine, feed: dict) -> dict[str, int]:

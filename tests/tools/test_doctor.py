@@ -233,6 +233,31 @@ def test_bf16_build_layers_that_follow_their_input_are_no_fallback(tmp_path):
     assert "bf16" in finding.symptom and not report.blocked
 
 
+def test_int8_layers_kept_fp32_because_faster_are_no_fallback(tmp_path):
+    layers = {"conv": {"op": "kiln::Conv", "precision": "fp32", "tactic": "onednn-packed"},
+              "conv2": {"op": "kiln::Conv", "precision": "int8", "tactic": "onednn-int8"},
+              "pool": {"op": "MaxPool", "precision": "fp32", "tactic": "torch-pool"}}
+    decisions = {"conv": {"precision": "fp32", "int8_ms": 0.3, "fp32_ms": 0.2, "why": "int8 slower on this CPU"},
+                 "conv2": {"precision": "int8", "int8_ms": 0.1, "fp32_ms": 0.2, "why": "faster"}}
+    engine = SimpleNamespace(device="cpu", plan=SimpleNamespace(layers=layers, build_info={"quantization": {"layers": decisions}}))
+    finding = doctor.check_precision_fallback(engine, ["fp32", "int8"])
+    assert [f["layer"] for f in finding.details["layers"]] == ["pool"]  # no int8 pooling: a real fallback
+    assert "1 of 3 layers" in finding.symptom and "conv 0.3 vs 0.2 ms" in finding.symptom
+    del layers["pool"]
+    assert doctor.check_precision_fallback(engine, ["fp32", "int8"]).status == "ok"
+    # A real int8 build: whichever way its timings went, no layer it kept in fp32 for speed is listed as a fallback.
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        np.savez(calib / f"{i}.npz", x=rng.standard_normal((1, 3, 16, 16)).astype(np.float32))
+    report = doctor.diagnose(save(tmp_path, conv_pool_model()), BuilderConfig(int8=True, calib=str(calib)))
+    found = by_check(report)["precision fallback"]
+    kept = set(found.details["kept_fp32_by_timing"])
+    assert not kept & {f["layer"] for f in found.details.get("layers", [])}
+    assert all(d["precision"] == "fp32" and d["int8_ms"] >= d["fp32_ms"] for d in found.details["kept_fp32_by_timing"].values())
+
+
 def test_unreadable_model_is_a_finding(tmp_path):
     (tmp_path / "junk.onnx").write_bytes(b"\x00not a model")
     report = doctor.diagnose(str(tmp_path / "junk.onnx"), BuilderConfig())
