@@ -11,6 +11,7 @@ EXPECTED_COUNTERS = {
     "bvlc_alexnet": {"remove_dropout": 2, "fuse_activation_relu": 7, "lower_conv": 5, "lower_gemm": 3},
     "densenet121": {"fold_conv_batchnorm": 59, "fold_conv_scale": 59, "fold_conv_shift": 59, "fuse_activation_relu": 59,
                     "batchnorm_as_scale_shift": 62, "fuse_elementwise_chain": 62,  # pre-activation BN + Relu: one chain each
+                    "fold_affine_run": 62,  # the BN and the model's own Mul/Add after it: one x * s + t
                     "lower_conv": 121},
     "inception_v1": {"remove_dropout": 1, "fuse_activation_relu": 57, "lower_conv": 57, "lower_gemm": 1},
     "inception_v2": {"fold_conv_batchnorm": 69, "fold_conv_scale": 69, "fold_conv_shift": 69, "fuse_activation_relu": 69,

@@ -260,6 +260,36 @@ def test_elementwise_chain_fuses_into_one_op():
     assert fused.attrs["operands"] == [1, 2, 0, -3, 0] and fused.inputs == ("one", "x", "big", "z")
 
 
+def test_affine_runs_in_a_chain_fold_into_one_multiply_add():
+    from kiln.passes import fuse_elementwise
+
+    c = lambda *shape: rng.uniform(0.5, 1.5, shape).astype(np.float32)  # noqa: E731
+    nodes = [helper.make_node("Sub", ["x", "mean"], ["a"]), helper.make_node("Div", ["a", "std"], ["b"]),
+             helper.make_node("Mul", ["b", "gamma"], ["d"]), helper.make_node("Add", ["d", "beta"], ["e"]),
+             helper.make_node("Relu", ["e"], ["f"]),
+             helper.make_node("Sub", ["one", "f"], ["g"]), helper.make_node("Mul", ["g", "half"], ["y"])]
+    inits = {"mean": c(3, 1, 1), "std": c(3, 1, 1), "gamma": c(3, 1, 1), "beta": c(1, 3, 1, 1),
+             "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
+    feed = {"x": randn(2, 3, 4, 4)}
+    graph = check_rewrite(make_model(nodes, dict(feed), ["y"], inits), [fuse_elementwise.run], ["kiln::Elementwise"],
+                          {"fuse_elementwise_chain": 1, "fold_affine_run": 2}, feed)
+    fused = graph.nodes[0]
+    assert fused.attrs["ops"] == ["Mul", "Add", "Relu", "Mul", "Add"], "(x-m)/s*g+b and (1-f)*0.5 as x*s+t each"
+    assert graph.initializers[fused.inputs[2]].shape == (1, 3, 1, 1)  # the constants' broadcast shape
+
+
+def test_a_multiply_add_pair_and_runs_by_non_constants_stay_as_they_are():
+    from kiln.passes import fuse_elementwise
+
+    nodes = [helper.make_node("Mul", ["x", "s"], ["a"]), helper.make_node("Add", ["a", "t"], ["b"]),
+             helper.make_node("Relu", ["b"], ["c"]), helper.make_node("Mul", ["c", "z"], ["d"]),
+             helper.make_node("Add", ["d", "t"], ["y"])]
+    feed = {"x": randn(2, 3), "z": randn(2, 3)}
+    graph = check_rewrite(make_model(nodes, dict(feed), ["y"], {"s": randn(3), "t": randn(3)}), [fuse_elementwise.run],
+                          ["kiln::Elementwise"], {"fuse_elementwise_chain": 1}, feed)
+    assert graph.nodes[0].attrs["ops"] == ["Mul", "Add", "Relu", "Mul", "Add"]
+
+
 def test_gemm_takes_the_residual_add_then_the_activation():
     nodes = [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["h"]),
              helper.make_node("Add", ["x", "h"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
