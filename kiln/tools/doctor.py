@@ -258,6 +258,15 @@ def check_memory(model, graph, values: dict, feed: dict, device: str, measured: 
     return memory_finding(weights, activations, feed, device, measured)
 
 
+def planned_activation_bytes(engine) -> int | None:
+    """The activation memory a built engine plans for: the CPU memory plan's peak, or the bytes a CUDA engine's
+    preallocated activation buffers take (recorded by its lowering); None where the engine records neither."""
+    peak = engine.plan.memory.get("peak_bytes")
+    if peak is None:
+        peak = engine.plan.build_info.get("cuda_tuning", {}).get("activation_bytes")
+    return peak
+
+
 def memory_finding(weights: int, activations: int, feed: dict, device: str, measured: dict) -> Finding:
     """Weights plus peak activations against the memory available, with a batch or precision that would fit."""
     from .memory import device_available_bytes, format_bytes, host_available_bytes
@@ -496,7 +505,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
             report.add(from_error("run", error))
     report.memory.update(monitor.summary())
     report.memory["timeline"] = monitor.timeline
-    planned = engine.plan.memory.get("peak_bytes")
+    planned = planned_activation_bytes(engine)
     if planned is not None:
         weights = sum(a.nbytes for a in engine.plan.graph.initializers.values())
         report.add(memory_finding(weights, int(planned), feed, engine.device, monitor.summary()))

@@ -284,3 +284,10 @@ def test_engine_files_damaged_foreign_target_and_healthy(tmp_path, capsys):
     engine.save(str(tmp_path / "foreign.kiln"))
     foreign = doctor.diagnose(str(tmp_path / "foreign.kiln"), BuilderConfig())
     assert foreign.blocked and foreign.findings[0].code == "KILN-E505" and "rebuild" in foreign.findings[0].fix
+
+
+def test_planned_activations_come_from_the_cpu_plan_or_the_cuda_lowering():
+    cpu = SimpleNamespace(plan=SimpleNamespace(memory={"peak_bytes": 4096}, build_info={}))
+    cuda = SimpleNamespace(plan=SimpleNamespace(memory={}, build_info={"cuda_tuning": {"activation_bytes": 8192}}))
+    neither = SimpleNamespace(plan=SimpleNamespace(memory={}, build_info={}))
+    assert [doctor.planned_activation_bytes(e) for e in (cpu, cuda, neither)] == [4096, 8192, None]
