@@ -18,36 +18,14 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-SETTLE_S = 0.05  # pause before each runner's turn, longer than the thread pools' spin after a call
 LIGHT_NAMES = ["resnet50", "densenet121", "inception_v1", "squeezenet"]
-
-
-def interleaved_medians(runners: dict, runs: int, warmup: int = 3) -> dict:
-    """Median ms of each runner, timed in turns (one timed call of each per round) so that a change in the machine's
-    load during the measurement falls on every runner alike and the ratios stay fair. Each timed call follows an
-    pause and an untimed call of the same runner: onnxruntime's and OpenMP's worker threads spin for a while after
-    a call, and that tail must not land on the next runner's timing."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times = {name: [] for name in runners}
-    for _ in range(runs):
-        for name, run in runners.items():
-            time.sleep(SETTLE_S)
-            run()
-            start = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
 
 def relative_error(actual, expected) -> float:
@@ -146,6 +124,7 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
     import torch
 
     import kiln
+    from kiln.tools.bench import interleaved_medians
 
     session = ort_session(model, threads)
     output = session.get_outputs()[0].name

@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +24,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
-
-
-def paired_medians(first, second, runs: int, warmup: int = 3) -> tuple[float, float]:
-    """Median ms of each callable, timed alternately."""
-    for _ in range(warmup):
-        first()
-        second()
-    times = ([], [])
-    for _ in range(runs):
-        for run, into in ((first, times[0]), (second, times[1])):
-            start = time.perf_counter()
-            run()
-            into.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1e3, statistics.median(times[1]) * 1e3
 
 
 def resnet50(workdir: Path):
@@ -108,6 +92,7 @@ def measure(name: str, make, runs: int, workdir: Path) -> dict:
     import torch
 
     import kiln
+    from kiln.tools.bench import interleaved_medians
 
     static_model, dynamic_model, profile, feed = make(workdir)
     static = kiln.build(static_model)
@@ -118,7 +103,8 @@ def measure(name: str, make, runs: int, workdir: Path) -> dict:
     torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
     difference = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
                      for a, b in zip(static.run(feed).values(), dynamic.run(feed).values()))
-    static_ms, dynamic_ms = paired_medians(lambda: static.run(torch_feed), lambda: dynamic.run(torch_feed), runs)
+    medians = interleaved_medians({"static": lambda: static.run(torch_feed), "dynamic": lambda: dynamic.run(torch_feed)}, runs)
+    static_ms, dynamic_ms = medians["static"], medians["dynamic"]
     return {"model": name, "opt_shapes": {k: list(v.shape) for k, v in feed.items()}, "dynamic_inputs": dynamic_inputs,
             "static_ms": round(static_ms, 3), "dynamic_ms": round(dynamic_ms, 3), "ratio": round(dynamic_ms / static_ms, 3),
             "static_layers": len(static.plan.graph.nodes), "dynamic_layers": len(dynamic.plan.graph.nodes),

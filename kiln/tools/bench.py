@@ -58,6 +58,27 @@ def sample_feed(engine, seed: int = 0, shapes: dict[str, tuple] | None = None, g
     return feed
 
 
+def interleaved_medians(runners: dict[str, Callable], runs: int, warmup: int = 3, settle_s: float = 0.05) -> dict:
+    """Median ms of each runner, timed in turns (one timed call of each per round), so that a change in the
+    machine's load during the measurement falls on every runner alike and their ratios stay fair. Each timed call
+    follows a pause and an untimed call of the same runner: onnxruntime's and OpenMP's worker threads spin for a
+    while after a call, and that tail must not land on the next runner's timing."""
+    import statistics
+
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(runs):
+        for name, run in runners.items():
+            time.sleep(settle_s)
+            run()
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+
+
 @dataclass
 class LayerTime:
     name: str
