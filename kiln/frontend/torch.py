@@ -54,7 +54,10 @@ def export(module, example_inputs=None, *, dynamic_shapes=None, input_names=None
     modes = [(layer, layer.training) for layer in module.modules()]
     module.eval()
     try:
-        program = _run_export(module, args, kwargs, dynamic_shapes)
+        try:
+            program = _run_export(module, args, kwargs, dynamic_shapes)
+        except ParseError as error:
+            raise _fails_eagerly(module, args, kwargs) or error from None
     finally:
         for layer, training in modes:
             layer.training = training
@@ -101,30 +104,51 @@ def _example_arguments(module, example_inputs) -> tuple[tuple, dict]:
     return (as_tensor(example_inputs),), {}
 
 
+class _Collector(logging.Handler):
+    """Keeps the records torch logs during an export (each once, though a record may reach several loggers)."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not any(record is seen for seen in self.records):
+            self.records.append(record)
+
+
 @contextlib.contextmanager
 def _quiet_export():
-    """torch.onnx prints its progress and logs warnings (missing torchvision, training mode); a build shows them
-    only at --verbose, so CI logs and terminals stay readable."""
+    """torch.onnx prints its progress and logs warnings (missing torchvision, training mode), and torch's fake-tensor
+    and export code log the failure they are about to raise, traceback and all, at ERROR; a build shows all of it
+    only at --verbose, so CI logs and terminals keep to kiln's own report. torch's loggers write to the stderr they
+    were configured with, which redirecting sys.stderr does not reach, so their handlers are swapped for a collector."""
     captured = io.StringIO()
-    # Loggers torch already configured keep their own levels, so quiet each of them, not only "torch".
+    collector = _Collector()
+    # Loggers torch already configured keep their own levels and handlers, so quiet each of them, not only "torch".
     loggers = [logging.getLogger("torch")] + [logger for name, logger in logging.root.manager.loggerDict.items()
                                               if name.startswith("torch.") and isinstance(logger, logging.Logger)]
-    levels = [logger.level for logger in loggers]
+    saved = [(logger, logger.level, list(logger.handlers)) for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        if not log.is_verbose():
+            logger.setLevel(logging.ERROR)
+        if logger.handlers or logger.name == "torch":
+            logger.handlers[:] = [collector]
     try:
         with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(captured), \
                 contextlib.redirect_stderr(captured):
             warnings.simplefilter("always")
             yield captured
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level, handlers in saved:
             logger.setLevel(level)
+            logger.handlers[:] = handlers
         if log.is_verbose():
             for line in captured.getvalue().splitlines():
                 log.verbose("torch.onnx: %s", line)
             for warning in caught:
                 log.verbose("torch.onnx warning: %s", warning.message)
+            for record in collector.records:
+                log.verbose("%s: %s", record.name, collector.format(record))
 
 
 def _run_export(module, args, kwargs, dynamic_shapes):
@@ -138,6 +162,25 @@ def _run_export(module, args, kwargs, dynamic_shapes):
             raise export_error(error, type(module).__name__) from None
 
 
+def _fails_eagerly(module, args, kwargs) -> ParseError | None:
+    """After a failed export: if forward raises on the example inputs in plain PyTorch too, the fault is in the
+    model or its example inputs, not in what export supports, and the hint should say so (torch.cond would not help)."""
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 (the user's code: report what it raised)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return ParseError(f"cannot export {type(module).__name__} from PyTorch: its forward raises "
+                          f"{type(error).__name__}{': ' + reason if reason else ''} on the example inputs, without "
+                          "export too", code="KILN-E107", where=_user_frame(error),
+                          hint="give example inputs of the shapes and dtypes forward expects (call "
+                               "module(*example_inputs) in PyTorch to check), or fix the model's code at the line shown")
+    return None
+
+
 def export_error(error: BaseException, what: str) -> ParseError:
     """KILN-E107 from a failed torch export: the stage and torch's own reason, without the traceback."""
     text = _ANSI.sub("", str(error))
@@ -149,7 +192,7 @@ def export_error(error: BaseException, what: str) -> ParseError:
     reason = re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:\s*", r"\1: ", reason)
     if reason == stage:
         stage = ""
-    where = _raising_call(lines)
+    where = _raising_call(lines) or _user_frame(error)
     message = f"cannot export {what} from PyTorch: {stage + ' ' if stage else ''}{reason}"
     hint = next(h for keys, h in _HINTS if any(key in text for key in keys))
     return ParseError(message, code="KILN-E107", where=where, hint=hint)
@@ -162,6 +205,28 @@ def _raising_call(lines: list[str]) -> str:
             call = [entry.strip() for entry in lines[index + 1:index + 3] if entry.strip()]
             return ": ".join(call)
     return ""
+
+
+def _user_frame(error: BaseException) -> str:
+    """'File "m.py", line 10, in forward: if x.sum() > 0:', the innermost line outside torch, kiln and Python's own
+    library in the traceback of `error` or of the errors it was raised from (torch wraps the model's error in its own)."""
+    import sys
+    import sysconfig
+    import traceback
+    from pathlib import Path
+
+    # torch and the libraries torch.onnx runs on are not where the model's code is
+    libraries = [sys.modules[name] for name in ("torch", "onnxscript", "onnx_ir", "onnx", "sympy", "numpy") if name in sys.modules]
+    skipped = [str(Path(module.__file__).parent) for module in libraries if getattr(module, "__file__", None)]
+    skipped += [str(Path(__file__).parents[1]), sysconfig.get_paths()["stdlib"]]
+    found, seen = "", set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for frame in traceback.extract_tb(error.__traceback__):
+            if not frame.filename.startswith("<") and not any(frame.filename.startswith(path) for path in skipped):
+                found = f'File "{frame.filename}", line {frame.lineno}, in {frame.name}: {(frame.line or "").strip()}'
+        error = error.__cause__ or error.__context__
+    return found
 
 
 def _default_output_names(program) -> list[str]:

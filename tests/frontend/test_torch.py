@@ -245,3 +245,54 @@ def test_cli_builds_from_a_module_function_entry_point(tmp_path, monkeypatch, ca
 def test_every_failure_here_is_a_kiln_error():
     with pytest.raises(KilnError):
         kiln.build(torch.nn.Linear(2, 2), example_inputs=(torch.randn(3, 5),))  # wrong feature size for the layer
+
+
+FAILING_MODELS = textwrap.dedent('''
+    import torch
+
+    class WrongFeatures(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x) * 2
+
+    class ReadsPointer(torch.nn.Module):
+        def forward(self, x):
+            return x * (x.data_ptr() % 7)
+
+    def wrong_features():
+        return WrongFeatures(), (torch.randn(3, 5),)
+
+    def reads_pointer():
+        return ReadsPointer(), (torch.randn(3),)
+''')
+
+
+def test_a_failed_export_prints_kilns_report_alone_with_the_models_line(tmp_path):
+    """torch's fake-tensor code logs the failure it is about to raise, traceback and all, to the stderr its logging
+    was set up with; a user of `kiln build` sees only kiln's report. An example input the model itself rejects (in
+    plain PyTorch too) is said to be that, not an export limitation to rewrite with torch.cond."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "kiln_failing_models.py").write_text(FAILING_MODELS)
+    env = {**os.environ, "KILN_PROGRESS": "0"}
+    env.pop("KILN_LOG", None)
+    for entry, line, words in (("wrong_features", 'line 10, in forward: return self.fc(x) * 2',
+                                ("forward raises RuntimeError", "3x5 and 2x2", "on the example inputs")),
+                               ("reads_pointer", "line 14, in forward: return x * (x.data_ptr() % 7)",
+                                ("Cannot access data pointer",))):
+        done = subprocess.run([sys.executable, "-m", "kiln", "build", f"kiln_failing_models:{entry}"], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert lines[0].startswith("kiln build: [KILN-E107]"), done.stderr  # nothing of torch's before the report
+        assert len(lines) == 3 and "Traceback" not in done.stderr and "fake_tensor" not in done.stderr, done.stderr
+        assert "kiln_failing_models.py" in lines[1] and line in lines[1], done.stderr
+        for word in words:
+            assert word in lines[0], done.stderr
+        if entry == "wrong_features":
+            assert "example inputs of the shapes and dtypes" in lines[2] and "torch.cond" not in lines[2]
