@@ -158,6 +158,46 @@ def test_cuda_graph_replays_per_shape_and_matches_eager():
     assert not eager.program.graphs
 
 
+def test_cuda_graph_cache_is_bounded_least_recently_used_first_and_stays_correct():
+    """One graph per distinct shape, captured on first use, at most GRAPH_CACHE_SIZE kept: the least recently used
+    goes first, and a shape whose graph was dropped is captured again and still matches onnxruntime."""
+    import torch
+
+    from kiln.backends.cuda.program import GRAPH_CACHE_SIZE
+
+    rng = np.random.default_rng(11)
+    model = _for_onnxruntime(make_model([helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+                                         helper.make_node("Tanh", ["h"], ["y"])],
+                                        {"x": (np.float32, ["batch", 32])}, ["y"],
+                                        {"w": (rng.standard_normal((48, 32)) / 6).astype(np.float32),
+                                         "b": rng.standard_normal(48).astype(np.float32)}))
+    largest = GRAPH_CACHE_SIZE + 2
+    config = BuilderConfig(device="cuda", profiles=[{"x": ((1, 32), (4, 32), (largest, 32))}], extra={"use_cuda_graph": True})
+    engine = kiln.build(model, config)
+    program = engine.program
+
+    def check(batch: int) -> None:
+        x = rng.standard_normal((batch, 32)).astype(np.float32)
+        got = engine.run({"x": torch.from_numpy(x).cuda()})["y"]
+        assert got.is_cuda and got.shape == (batch, 48)
+        error = relative_error(got.cpu().numpy(), run_onnxruntime(model, {"x": x})["y"])
+        assert error < RELATIVE["fp32"], f"batch {batch}: relative error {error:.2e}"
+
+    def cached() -> list[int]:
+        return [key[0][1][0] for key in program.graphs]  # key: ((name, shape, dtype), ...), oldest first
+
+    for batch in range(1, largest + 1):
+        check(batch)
+    assert program.graph_error is None
+    assert cached() == list(range(3, largest + 1)), "the two oldest shapes make room once the cache is full"
+    check(5)  # a replay makes its graph the most recently used
+    assert cached()[-1] == 5 and len(program.graphs) == GRAPH_CACHE_SIZE
+    check(1)  # dropped earlier: captured again, evicting the least recently used (batch 3)
+    assert cached()[-1] == 1 and 3 not in cached() and len(program.graphs) == GRAPH_CACHE_SIZE
+    check(2)
+    assert 4 not in cached() and 5 in cached()
+
+
 def test_outputs_are_not_overwritten_by_the_next_replay(block):
     model, feed, expected = block
     engine = kiln.build(model, BuilderConfig(device="cuda"))
