@@ -286,7 +286,7 @@ def test_a_failed_export_prints_kilns_report_alone_with_the_models_line(tmp_path
                                ("reads_pointer", "line 14, in forward: return x * (x.data_ptr() % 7)",
                                 ("Cannot access data pointer",))):
         done = subprocess.run([sys.executable, "-m", "kiln", "build", f"kiln_failing_models:{entry}"], cwd=tmp_path,
-                              env=env, capture_output=True, text=True, timeout=300)
+                              env=env, capture_output=True, text=True, timeout=300, check=False)
         assert done.returncode == 1, done.stderr
         lines = done.stderr.strip().splitlines()
         assert lines[0].startswith("kiln build: [KILN-E107]"), done.stderr  # nothing of torch's before the report
