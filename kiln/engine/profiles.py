@@ -209,13 +209,21 @@ def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes:
             message = (f"input {name!r} ({_declared_text(shape)}) is dynamic and " +
                        (f"{where} gives no shapes for it" if where else "has no optimization profile"))
         example = lambda size: f"{name}:" + "x".join(str(d) if isinstance(d, int) else size(d) for d in shape)  # noqa: E731
+        python = lambda size: _tuple_text([str(d) if isinstance(d, int) else size(d) for d in shape])  # noqa: E731
+        # No --useModelShapes here: a dimension is missing exactly because the model gives it no size, so that flag
+        # would fail the build again.
+        low, high = python(lambda d: "1"), python(_placeholder)
         raise BuildError(message, code="KILN-E202", where=dims,
                          hint=f"add {'--minShapes ' + example(lambda d: '1')} {'--optShapes ' + example(_placeholder)} "
                               f"{'--maxShapes ' + example(_placeholder)}, with the sizes to tune for (opt) and the "
-                              "largest to accept (max) in place of the <names>"
-                              + ("" if use_model_shapes else ", or --useModelShapes to build for the sizes the model declares"))
+                              "largest to accept (max) in place of the <names>; in Python, "
+                              f"config.add_profile({{{name!r}: ({low}, {high}, {high})}})")
     shapes = [tuple(d if isinstance(d, int) else sizes[d][k] for d in shape) for k in range(3)]
     profile.set_shape(name, *shapes)
+
+
+def _tuple_text(items: list[str]) -> str:
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
 
 
 def _placeholder(dim) -> str:
