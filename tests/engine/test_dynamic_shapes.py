@@ -239,7 +239,7 @@ def test_residual_fusion_fires_with_a_symbolic_batch():
 def test_cpu_tactics_are_chosen_for_the_first_profiles_opt_sizes(monkeypatch):
     # oneDNN packs convolution and linear weights for one input shape: the profile's opt, as TensorRT tunes at opt.
     # With several profiles only the first one's opt is used (one set of steps serves them all).
-    import kiln.backends.cpu.fast as fast
+    from kiln.backends.cpu import fast
 
     seen = []
     choose = fast.choose
