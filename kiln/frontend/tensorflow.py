@@ -6,13 +6,17 @@ import contextlib
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from .. import log
 from ..errors import BuildError, ParseError
 
 # The pair pinned by the extra; tf2onnx 1.17 is the first to trace Keras 3 models (TensorFlow 2.16 and newer).
-TESTED = {"tensorflow-cpu": "2.20.0", "tf2onnx": "1.17.0", "python": "3.10 to 3.13"}
+# tensorflow-cpu 2.20.0 has wheels for Python 3.9 to 3.13 and kiln needs 3.11, hence the range; the extra's pins carry
+# python_version < "3.14", so that on a newer Python it installs nothing and require() says why.
+TESTED = {"tensorflow-cpu": "2.20.0", "tf2onnx": "1.17.0", "python": "3.11 to 3.13"}
+NEWEST_PYTHON = (3, 13)
 INSTALL_HINT = (f"pip install 'kiln[tensorflow]' (tensorflow-cpu=={TESTED['tensorflow-cpu']} with "
                 f"tf2onnx=={TESTED['tf2onnx']}, Python {TESTED['python']}); or convert the model to ONNX with "
                 "python -m tf2onnx.convert and build the .onnx file")
@@ -38,6 +42,15 @@ def require():
         import tensorflow as tf
         import tf2onnx
     except ImportError as error:
+        version = _python_version()
+        if version > NEWEST_PYTHON:
+            python = ".".join(map(str, version))
+            raise ParseError(f"TensorFlow models need kiln's tensorflow extra, which cannot work on Python {python}: "
+                             f"tensorflow-cpu {TESTED['tensorflow-cpu']} has no wheels for it, so the extra installs "
+                             f"nothing here ({error})", code="KILN-E108",
+                             hint=f"use Python {TESTED['python']} for TensorFlow models (pip install 'kiln[tensorflow]' "
+                                  "in a virtual environment of that Python), or convert the model to ONNX there with "
+                                  "python -m tf2onnx.convert and build the .onnx file here") from None
         raise ParseError(f"TensorFlow models need kiln's tensorflow extra, which is not installed here ({error})",
                          code="KILN-E108", hint=INSTALL_HINT) from None
     except Exception as error:  # noqa: BLE001 (a TensorFlow built for other numpy/protobuf fails while importing)
@@ -48,6 +61,10 @@ def require():
         log.warning("kiln's TensorFlow frontend is tested with tensorflow %s and tf2onnx %s; found %s and %s",
                     TESTED["tensorflow-cpu"], TESTED["tf2onnx"], tf.__version__, tf2onnx.__version__)
     return tf, tf2onnx
+
+
+def _python_version() -> tuple[int, int]:
+    return sys.version_info[:2]
 
 
 @contextlib.contextmanager

@@ -145,6 +145,34 @@ def test_without_the_extra_a_saved_model_gets_the_install_line(tmp_path, monkeyp
     assert "pip install 'kiln[tensorflow]'" in error.hint and "tensorflow-cpu==" in error.hint and "tf2onnx==" in error.hint
 
 
+def test_on_a_python_without_tensorflow_wheels_the_error_says_so(tmp_path, monkeypatch):
+    import tomllib
+    from pathlib import Path
+
+    import kiln.frontend.tensorflow as frontend
+
+    saved_model = tmp_path / "exported"
+    saved_model.mkdir()
+    (saved_model / "saved_model.pb").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)  # the extra installs nothing on such a Python
+    monkeypatch.setattr(frontend, "_python_version", lambda: (3, 14))
+    with pytest.raises(ParseError) as caught:
+        kiln.build(str(saved_model))
+    error = caught.value
+    assert error.code == "KILN-E108" and "Python 3.14" in error.message and "no wheels" in error.message
+    assert "Python 3.11 to 3.13" in error.hint and "tf2onnx.convert" in error.hint
+    monkeypatch.setattr(frontend, "_python_version", lambda: (3, 13))  # a Python with wheels: install the extra
+    with pytest.raises(ParseError) as caught:
+        kiln.build(str(saved_model))
+    assert "no wheels" not in caught.value.message and "pip install 'kiln[tensorflow]'" in caught.value.hint
+    # the extra's pins are what the message says: skipped on Python 3.14 and newer, so installing it does not fail there
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    extra = project["project"]["optional-dependencies"]["tensorflow"]
+    assert extra == [f"tensorflow-cpu=={frontend.TESTED['tensorflow-cpu']}; python_version < '3.14'",
+                     f"tf2onnx=={frontend.TESTED['tf2onnx']}; python_version < '3.14'"]
+    assert frontend.NEWEST_PYTHON == (3, 13)
+
+
 def test_legacy_keras_h5_is_refused_with_the_way_forward(tmp_path, capsys):
     path = tmp_path / "model.h5"
     path.write_bytes(b"\x89HDF")
