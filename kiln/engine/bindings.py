@@ -132,8 +132,9 @@ def _check_shape(binding: Binding, shape: tuple, symbols: dict) -> None:
         if isinstance(want, int) and got != want:
             raise BindingError(f"input {binding.name!r} has shape {list(shape)}; dimension {axis} must be {want} ({binding})",
                                code="KILN-E405", where=f"{binding.name}[{axis}]",
-                               hint="rebuild the engine with a profile that allows this shape (--minShapes/--optShapes/--maxShapes)"
-                               " or feed the shape it was built for")
+                               hint=f"feed {want} there: the model fixes that dimension, so no optimization profile can "
+                                    "change it; to run other sizes, export the model with the dimension dynamic (a named "
+                                    "dim_param, or torch.export.Dim) and build with a profile that covers them")
         if isinstance(want, str):
             if want in symbols and symbols[want][0] != got:
                 first, where = symbols[want]

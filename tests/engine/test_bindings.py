@@ -60,6 +60,14 @@ def test_wrong_rank_is_never_broadcast(engine):
 
 def test_wrong_static_dimension(engine):
     expect(engine, feed(bias=np.ones((1, 3, 4, 5), np.float32)), "KILN-E405", "dimension 3 must be 4")
+    # a profile cannot widen a dimension the model fixes (that is KILN-E203 at build), so the hint does not offer one
+    with pytest.raises(kiln.BindingError) as error:
+        engine.run(feed(bias=np.ones((1, 3, 4, 5), np.float32)))
+    assert error.value.hint.startswith("feed 4 there") and "no optimization profile can change it" in error.value.hint
+    bias = make_model([helper.make_node("Relu", ["bias"], ["out"])], {"bias": (np.float32, [1, 3, 4, 4])}, ["out"])
+    with pytest.raises(kiln.BuildError) as refused:
+        kiln.build(bias, kiln.BuilderConfig(profiles=[{"bias": ((1, 3, 4, 4), (1, 3, 4, 5), (1, 3, 4, 5))}]))
+    assert refused.value.code == "KILN-E203" and "fixes it at 4" in str(refused.value)
 
 
 def test_not_an_array_and_not_a_dict(engine):
