@@ -35,58 +35,9 @@ def relative_error(actual, expected) -> float:
 
 def light_model(name: str, batch: int, seed: int = 0):
     """The light model with random weights (shipped ones are constant 0.02), before its Softmax, at `batch`."""
-    import onnx
-    from onnx import TensorProto, helper
+    from kiln.tools.models import randomized_light_model
 
-    from kiln.frontend.onnx import normalize_opset
-
-    model = onnx.load(str(Path(onnx.__file__).parent / "backend/test/data/light" / f"light_{name}.onnx"))
-    rng = np.random.default_rng(seed)
-    shapes = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    role = {}
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            role.update({n: kind for n, kind in zip(node.input[1:], ("scale", "bias", "mean", "var"))})
-    kept, weights = [], []
-    logits = model.graph.output[0].name  # densenet121 ends in its classifier Conv: no Softmax to cut
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
-            shape = tuple(int(d) for d in shapes[node.input[0]])
-            if role.get(node.output[0]) in ("scale", "var"):
-                array = rng.uniform(0.5, 1.5, shape)
-            elif len(shape) <= 1:
-                array = 0.1 * rng.standard_normal(shape)
-            else:
-                array = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-            weights.append(onnx.numpy_helper.from_array(array.astype(np.float32), node.output[0]))
-        elif node.op_type == "Softmax":  # opset 9: one node; cut it so outputs are logits
-            logits = node.input[0]
-        else:
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    used = {n for node in kept for n in node.input}
-    initializers = [t for t in model.graph.initializer if t.name in used] + weights
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-    names = {t.name for t in initializers}
-    inputs = [i for i in model.graph.input if i.name in used and i.name not in names]
-    inputs[0].type.tensor_type.shape.dim[0].dim_value = batch
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    del model.graph.output[:]
-    model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
-    del model.graph.value_info[:]
-    for node in model.graph.node:  # Reshape to (1, -1) before the classifier: keep the batch
-        if node.op_type == "Reshape":
-            for t in model.graph.initializer:
-                if t.name == node.input[1]:
-                    shape = onnx.numpy_helper.to_array(t).copy()
-                    if shape[0] == 1:
-                        shape[0] = batch
-                        t.CopyFrom(onnx.numpy_helper.from_array(shape, t.name))
-    model.ir_version = 8
-    return normalize_opset(model)
+    return randomized_light_model(name, seed, batch)
 
 
 def encoder(batch: int, layers: int, workdir: Path):

@@ -1,6 +1,7 @@
 """`make demo`: build a real network into an engine (fp32, and bf16 where the CPU runs it natively), load each
-in a fresh process, check it against onnxruntime and time them all in turns. The network is ResNet-50 from ONNX's own test data (onnx/backend/test/data/light),
-with its placeholder weights replaced by fixed-seed random ones so the outputs mean something."""
+in a fresh process, check it against onnxruntime and time them all in turns. The network is ResNet-50 from ONNX's
+own test data (onnx/backend/test/data/light), with its placeholder weights replaced by fixed-seed random ones so the
+outputs mean something (kiln/tools/models.py); its output is the classifier's logits."""
 from __future__ import annotations
 
 import argparse
@@ -15,63 +16,14 @@ DEMO_DIR = Path("build/demo")
 SEED = 0
 
 
-def demo_model(path: Path) -> str:
-    """Write light_resnet50 with random He-initialised weights to `path`; return its input name."""
+def demo_model(path: Path) -> None:
+    """Write light_resnet50 with fixed-seed random weights, its output the logits, to `path`."""
     import onnx
-    from onnx import numpy_helper
 
-    source = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / "light_resnet50.onnx"
-    model = onnx.load(str(source))
-    rng = np.random.default_rng(SEED)
-    shapes = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    weights, kept = [], []
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in shapes:
-            shape = tuple(int(d) for d in shapes[node.input[0]])
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            if len(shape) == 1:  # batch-norm statistics and biases
-                array = (1.0 + 0.1 * rng.standard_normal(shape)) if node.output[0].endswith(("_s_0", "_riv_0")) else 0.1 * rng.standard_normal(shape)
-                array = np.abs(array) if node.output[0].endswith("_riv_0") else array
-            else:
-                array = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
-            weights.append(numpy_helper.from_array(array.astype(np.float32), node.output[0]))
-        else:
-            kept.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
-    initializers = [t for t in model.graph.initializer if t.name in used] + weights
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-    names = {t.name for t in initializers}
-    inputs = [i for i in model.graph.input if i.name in used and i.name not in names]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    model.ir_version = 7  # weights are initializers only, no longer graph inputs (IR v3 needed both)
-    _calibrate_logits(model, rng)
+    from .tools.models import randomized_light_model
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return model.graph.input[0].name
-
-
-def _calibrate_logits(model, rng: np.random.Generator, spread: float = 2.0) -> None:
-    """Scale the classifier so its logits have standard deviation `spread`: random weights otherwise
-    saturate the softmax into a one-hot vector, and a one-hot output checks nothing."""
-    import onnx
-    import onnxruntime as ort
-    from onnx import numpy_helper
-
-    classifier = next(node for node in model.graph.node if node.op_type == "Gemm")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(classifier.output[0], onnx.TensorProto.FLOAT, None))
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
-    logits = session.run([classifier.output[0]], {model.graph.input[0].name: x})[0]
-    scale = spread / max(float(logits.std()), 1e-12)
-    for tensor in model.graph.initializer:
-        if tensor.name in classifier.input[1:]:
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * np.float32(scale), tensor.name))
+    onnx.save(randomized_light_model("resnet50", SEED), str(path))
 
 
 def check_engines(model_path: Path, engine_paths: list[Path]) -> None:

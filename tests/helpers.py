@@ -66,47 +66,9 @@ def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> 
 def randomized_light_model(model_name: str, seed: int = 0) -> onnx.ModelProto:
     """A light model with fixed-seed random weights in place of its constant placeholders, cut before its
     final Softmax, so that comparisons see real, unsaturated numbers (logits) rather than a uniform output."""
-    from kiln.frontend.onnx import normalize_opset
+    from kiln.tools.models import randomized_light_model as randomized
 
-    model = normalize_opset(onnx.load(str(LIGHT / f"light_{model_name}.onnx")))
-    rng = np.random.default_rng(seed)
-    initial = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    role = {}
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            for name, kind in zip(node.input[1:], ("scale", "bias", "mean", "var")):
-                role[name] = kind
-    weights, kept = [], []
-    for node in model.graph.node:
-        if node.op_type == "ConstantOfShape" and node.input[0] in initial:
-            shape = tuple(int(d) for d in initial[node.input[0]])
-            kind = role.get(node.output[0])
-            if kind in ("scale", "var"):
-                array = rng.uniform(0.5, 1.5, shape)
-            elif len(shape) <= 1:
-                array = 0.1 * rng.standard_normal(shape)
-            else:
-                array = rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))
-            weights.append(onnx.numpy_helper.from_array(array.astype(np.float32), node.output[0]))
-        else:
-            kept.append(node)
-    softmax = next((n for n in kept if n.op_type == "Softmax"), None)
-    if softmax is not None:
-        kept.remove(softmax)
-        del model.graph.output[:]
-        model.graph.output.append(helper.make_tensor_value_info(softmax.input[0], TensorProto.FLOAT, None))
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    used = {name for node in kept for name in node.input}
-    initializers = [t for t in model.graph.initializer if t.name in used] + weights
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-    names = {t.name for t in initializers}
-    inputs = [i for i in model.graph.input if i.name in used and i.name not in names]
-    del model.graph.input[:]
-    model.graph.input.extend(inputs)
-    model.ir_version = 8
-    return model
+    return randomized(model_name, seed)
 
 
 def build_for_data(case):
