@@ -64,7 +64,7 @@ def randomized_light_model(name: str, seed: int = 0, batch: int | None = None):
     model.graph.output.append(helper.make_tensor_value_info(logits, TensorProto.FLOAT, None))
     del model.graph.value_info[:]
     if batch is not None:
-        inputs[0].type.tensor_type.shape.dim[0].dim_value = batch
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = batch
         for node in model.graph.node:  # the Reshape to (1, -1) before the classifier keeps the batch
             if node.op_type == "Reshape":
                 for tensor in model.graph.initializer:
