@@ -5,14 +5,16 @@ Lifetimes run from the step that produces a value to the last step that reads it
 to the end). Offsets come from greedy first-fit placement (each tensor at the lowest offset that no
 time-overlapping tensor occupies) in the best of a few orders, which stays close to the lower bound: the most bytes live
 at any one step. The plan records the arena size (peak), the naive sum (every activation in its own
-buffer) and that lower bound. Dimensions that are symbols (a dynamic batch) are planned at 1 and
-listed under "assumed"; `kiln inspect` reports the plan.
+buffer) and that lower bound. Dimensions that are symbols (a dynamic batch), or expressions of them (`2*batch`), are
+planned at the profiles' largest sizes; one no profile sizes is planned at 1 and listed under "assumed"; `kiln
+inspect` reports the plan.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..ir import Graph, subgraphs
+from .profiles import dim_size
 
 ALIGNMENT = 64  # bytes; oneDNN and AVX-512 loads want 64-byte aligned rows
 
@@ -64,8 +66,8 @@ def lifetimes(graph: Graph, sizes: dict[str, int] | None = None) -> tuple[list[T
             elif dim is None:
                 unknown.append(name)
                 break
-            elif sizes and dim in sizes:
-                elements *= sizes[dim]
+            elif sizes and dim_size(dim, sizes) is not None:
+                elements *= dim_size(dim, sizes)
             else:
                 assumed[dim] = 1
         else:

@@ -8,6 +8,9 @@ opt shapes and memory is planned for the max shapes (`symbol_sizes(..., "max")` 
 """
 from __future__ import annotations
 
+import ast
+import math
+import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
@@ -245,6 +248,44 @@ def symbol_sizes(inputs: list, profile: Mapping | Profile, kind: str = "max") ->
                 if isinstance(dim, str):
                     sizes.setdefault(dim, size)
     return sizes
+
+
+_FUNCTIONS = {"floor": math.floor, "ceiling": math.ceil, "ceil": math.ceil, "Max": max, "max": max, "Min": min,
+              "min": min, "Mod": lambda a, b: a % b}
+_OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+              ast.Div: operator.truediv, ast.Mod: operator.mod}
+
+
+def dim_size(dim: str, sizes: Mapping[str, int]) -> int | None:
+    """The size of a named dimension at `sizes`: the symbol's own size, or the value of an arithmetic expression of
+    symbols that shape inference wrote for a derived dimension (`2*batch`, `batch*seq`, `floor(N/2) + 1`); None where
+    it names a symbol `sizes` lacks or is no such expression. Expressions are evaluated on their syntax tree, never
+    run as code."""
+    if dim in sizes:
+        return sizes[dim]
+    try:
+        tree = ast.parse(dim, mode="eval").body
+    except SyntaxError:
+        return None
+
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.Name):
+            return sizes[node.id]  # KeyError: a symbol without a size
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
+            return _OPERATORS[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
+            return _FUNCTIONS[node.func.id](*(value(a) for a in node.args))
+        raise ValueError(ast.dump(node))
+
+    try:
+        result = value(tree)
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return None
+    return int(round(result)) if abs(result - round(result)) < 1e-9 and result >= 0 else None
 
 
 def largest_sizes(inputs: list, profiles: list) -> dict[str, int]:

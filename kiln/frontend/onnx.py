@@ -231,14 +231,34 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_skeleton(skeleton: onnx.ModelProto) -> onnx.ModelProto:
-    """The skeleton with ONNX's inferred types, or the skeleton itself where inference cannot run."""
+    """The skeleton with inferred types, or the skeleton itself where inference cannot run.
+
+    A model with symbolic input dimensions goes through onnxruntime's symbolic shape inference first: ONNX's own
+    gives every dimension it computes from shape arithmetic a fresh name (the length of Range(0, Shape(ids)[1])
+    becomes unk__0, not `seq`; a Reshape(-1) flatten loses its static 256), which leaves bindings and the memory
+    plan with sizes no profile defines. The symbolic one keeps the input's names, and writes dimensions it derives
+    as expressions of them (`2*batch`), which the memory planner evaluates at the profiles' sizes."""
+    if skeleton.ByteSize() > 1_900_000_000:
+        return skeleton  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
+    if _has_symbolic_inputs(skeleton):
+        try:
+            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+            return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+        except Exception as error:  # noqa: BLE001 (operators it does not know, custom domains: ONNX's inference then)
+            log.verbose("symbolic shape inference stopped (%s: %s); using ONNX's", type(error).__name__, error)
     try:
-        if skeleton.ByteSize() > 1_900_000_000:
-            return skeleton  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
         return onnx.shape_inference.infer_shapes(skeleton, strict_mode=False, data_prop=True)
     except Exception as error:  # noqa: BLE001
         log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
         return skeleton
+
+
+def _has_symbolic_inputs(model: onnx.ModelProto) -> bool:
+    weights = {t.name for t in model.graph.initializer}
+    return any(dim.HasField("dim_param") or not dim.HasField("dim_value")
+               for value in model.graph.input if value.name not in weights and value.type.HasField("tensor_type")
+               for dim in value.type.tensor_type.shape.dim)
 
 
 def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:

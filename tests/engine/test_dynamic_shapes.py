@@ -254,11 +254,9 @@ def test_cpu_tactics_are_chosen_for_the_first_profiles_opt_sizes(monkeypatch):
     assert sum(layer["tactic"] != "torch" for layer in engine.plan.layers.values() if layer["op"] == "kiln::Conv") == 2
 
 
-@pytest.mark.xfail(strict=True, reason="onnx.shape_inference (kiln/frontend/onnx.py infer_shapes) gives Range(0, "
-                   "Shape(ids)[1]) a fresh unk__N instead of 'seq' and a Reshape(-1) flatten an unk__N instead of 256, "
-                   "so the encoder's output binding reads [batch, unk__1, 32] and the memory plan sizes those tensors "
-                   "with the unknown at 1, not at the profiles' max; onnxruntime.tools.symbolic_shape_infer keeps both")
 def test_symbols_survive_range_and_flatten_so_memory_is_planned_at_the_max():
+    """Range(0, Shape(ids)[1]) keeps the name `seq` and a Reshape(-1) flatten its static size (ONNX's own shape
+    inference names both unk__N), so bindings read as the profile defines them and memory is planned at its max."""
     config = kiln.BuilderConfig()
     config.add_profile().set_shape("input_ids", (1, 1), (2, 8), (3, MAX_SEQ))
     encoder = kiln.build(encoder_model(), config)

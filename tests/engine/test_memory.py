@@ -51,3 +51,17 @@ def test_inspect_reports_peak_naive_and_bound(tmp_path):
     report = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, check=True).stdout)
     assert report["memory"]["peak_bytes"] == 3 * 4 * 64 * 4 and report["memory"]["naive_bytes"] == 4 * 4 * 64 * 4
     assert [layer["output_shapes"] for layer in report["layers"]][0] == ["float32[4x64]"]
+
+
+def test_derived_dimensions_are_planned_at_the_profiles_sizes():
+    from kiln.engine.memory import lifetimes
+    from kiln.ir import DType, Graph, Node, Value
+
+    x = Value("x", DType.float32, ("batch", 4))
+    doubled = Value("d", DType.float32, ("2*batch", 4))
+    odd = Value("o", DType.float32, ("unk__0", 4))
+    graph = Graph([Node("Concat", ("x", "x"), ("d",), {"axis": 0}, "cat"), Node("Relu", ("d",), ("o",), {}, "relu")],
+                  [x], [odd], values={"x": x, "d": doubled, "o": odd})
+    tensors, unknown, assumed = lifetimes(graph, {"batch": 5})
+    # d: 2*5 x 4 float32 = 160 bytes, aligned to 64; o: its unknown at 1, 16 bytes, aligned
+    assert {t.name: t.size for t in tensors} == {"d": 192, "o": 64} and assumed == {"unk__0": 1}

@@ -133,3 +133,13 @@ def test_builder_config_add_profile_returns_a_profile_to_fill():
     config.add_profile().set_shape("image", (1, 3, 8, 8), (2, 3, 8, 8), (4, 3, 8, 8))
     config.add_profile({"image": ((5, 3, 8, 8), (6, 3, 8, 8), (8, 3, 8, 8))})
     assert [p.shape("image", "max") for p in config.profiles] == [(4, 3, 8, 8), (8, 3, 8, 8)]
+
+
+def test_dim_size_evaluates_derived_dimensions_without_running_code():
+    from kiln.engine.profiles import dim_size
+
+    sizes = {"batch": 3, "seq": 12, "N": 7}
+    cases = {"batch": 3, "2*batch": 6, "batch*seq": 36, "floor(N/2) + 1": 4, "ceiling(N/2)": 4, "seq - 1": 11,
+             "Max(batch, seq)": 12, "unk__0": None, "N/2": None, "batch - seq": None, "__import__('os')": None,
+             "seq.real": None, "": None}
+    assert {dim: dim_size(dim, sizes) for dim in cases} == cases
