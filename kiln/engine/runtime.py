@@ -15,7 +15,7 @@ from .target import check_target
 class Engine:
     def __init__(self, plan: Plan):
         self.plan = plan
-        self._program = None
+        self._programs: dict[int, Any] = {}  # optimization profile -> its backend program
         self._profiles = None
         self.active_profile: int | None = None  # the optimization profile of the latest run, for the backend to read
 
@@ -40,12 +40,26 @@ class Engine:
     # -- running -------------------------------------------------------------------------------
     @property
     def program(self):
-        """The backend program, lowered on first use (kernels bound, weights on the device)."""
-        if self._program is None:
-            from ..backends import lower
+        """The backend program of the latest run's optimization profile (the first before any run), lowered on first
+        use (kernels bound, weights on the device)."""
+        return self.program_for_profile(self.active_profile or 0)
 
-            self._program = lower(self.plan)
-        return self._program
+    def program_for_profile(self, index: int):
+        """The program tuned for profile `index`: on the CPU each profile's own (weights packed for its opt shapes,
+        the other weights shared), on the GPU the one program that serves them all."""
+        from ..backends import TUNED_PER_PROFILE, lower
+
+        index = index if self.device in TUNED_PER_PROFILE else 0
+        if index not in self._programs:
+            shares = self.program_for_profile(0) if index else None
+            self._programs[index] = lower(self.plan, index, shares)
+        return self._programs[index]
+
+    def select(self, tensors: dict, profile: int | None = None):
+        """The program for a checked feed (input name -> torch tensor): the profile `profile`, or the first that fits
+        its shapes (KILN-E406 where none does), becomes the active one. Tools that run the program themselves use it."""
+        self.active_profile = check_profiles(tensors, self.profiles, profile)
+        return self.program
 
     @property
     def profiles(self) -> list:
@@ -64,9 +78,9 @@ class Engine:
         import torch
 
         tensors, uses_torch = check_feed(feed, self.inputs)
-        self.active_profile = check_profiles(tensors, self.profiles, profile)
+        program = self.select(tensors, profile)
         with torch.inference_mode():
-            results = self.program.execute(tensors)
+            results = program.execute(tensors)
         from ..tensors import restore_carried
 
         dtypes = {b.name: b.dtype for b in self.outputs}

@@ -145,9 +145,9 @@ class _Runner:
         self.engine, self.feed = engine, feed
         self.device = engine.device
         self.cuda = self.device == "cuda"
-        self.program = engine.program
         self.no_data_transfers = no_data_transfers
         self.host_tensors, _ = check_feed(feed, engine.inputs)
+        self.program = engine.select(self.host_tensors)  # the program of the profile these shapes run with
         self.device_feed = self._to_device()
         self.graph = None
         if use_cuda_graph and not self.cuda:

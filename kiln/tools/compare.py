@@ -179,7 +179,7 @@ def run_kiln(engine, feed: dict[str, np.ndarray], capture: set[str] | None = Non
                 captured.append({"output": name, "layer": step.name, "op": step.op,
                                  "value": np.array(tensor_to_numpy(env[name]), copy=True)})
 
-    program = engine.program
+    program = engine.select(tensors)
     if engine.device == "cuda":
         tensors = {name: t.to("cuda") for name, t in tensors.items()}
     with torch.inference_mode():

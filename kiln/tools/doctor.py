@@ -423,7 +423,7 @@ def layer_bytes(engine, feed: dict) -> dict[str, int]:
         sizes[step.name] = sum(size(env.get(name)) for name in (*step.inputs, *step.outputs) if name)
 
     with torch.inference_mode():
-        engine.program.execute(tensors, on_step=on_step)
+        engine.select(tensors).execute(tensors, on_step=on_step)
     return sizes
 
 

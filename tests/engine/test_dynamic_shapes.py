@@ -236,10 +236,11 @@ def test_residual_fusion_fires_with_a_symbolic_batch():
         assert_close(engine.run({"image": image})["out"], run_onnxruntime(model, {"image": image})["out"], rtol=1e-4, atol=1e-4)
 
 
-def test_cpu_tactics_are_chosen_for_the_first_profiles_opt_sizes(monkeypatch):
-    # oneDNN packs convolution and linear weights for one input shape: the profile's opt, as TensorRT tunes at opt.
-    # With several profiles only the first one's opt is used (one set of steps serves them all).
-    from kiln.backends.cpu import fast
+def test_cpu_tactics_are_chosen_for_each_profiles_opt_sizes(monkeypatch):
+    # oneDNN packs convolution and linear weights for one input shape: each profile's opt, as TensorRT tunes each
+    # profile at its opt. The build lowers the first profile; a run in another lowers that one's program on first use,
+    # sharing the weights no tactic packs.
+    import kiln.backends.cpu.fast as fast
 
     seen = []
     choose = fast.choose
@@ -248,10 +249,19 @@ def test_cpu_tactics_are_chosen_for_the_first_profiles_opt_sizes(monkeypatch):
     config = kiln.BuilderConfig()
     config.add_profile({"image": ((1, 3, 8, 8), (3, 3, 8, 8), (4, 3, 8, 8))})
     config.add_profile({"image": ((5, 3, 8, 8), (6, 3, 8, 8), (8, 3, 8, 8))})
-    engine = kiln.build(cnn_model(), config)
-    convolutions = [sizes for op, sizes in seen if op == "Conv"]
-    assert len(convolutions) == 2 and all(sizes == {"N": 3} for sizes in convolutions), seen
+    model = cnn_model()
+    engine = kiln.build(model, config)
+    assert [sizes for op, sizes in seen if op == "Conv"] == [{"N": 3}] * 2, seen
     assert sum(layer["tactic"] != "torch" for layer in engine.plan.layers.values() if layer["op"] == "kiln::Conv") == 2
+    rng = np.random.default_rng(4)
+    for batch, profile in ((6, 1), (2, 0), (8, 1)):
+        image = rng.standard_normal((batch, 3, 8, 8)).astype(np.float32)
+        assert_close(engine.run({"image": image})["logits"], run_onnxruntime(model, {"image": image})["logits"],
+                     rtol=1e-4, atol=1e-4)
+        assert engine.active_profile == profile
+    assert [sizes for op, sizes in seen if op == "Conv"] == [{"N": 3}] * 2 + [{"N": 6}] * 2, "profile 1 lowered once"
+    first, second = engine.program_for_profile(0), engine.program_for_profile(1)
+    assert first is not second and first.constants is second.constants
 
 
 def test_symbols_survive_range_and_flatten_so_memory_is_planned_at_the_max():

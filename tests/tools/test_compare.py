@@ -42,7 +42,7 @@ def broken_engine(path):
             break
     else:
         raise AssertionError("mm2's weight not found in the engine")
-    engine._program = None  # lower again from the changed weights
+    engine._programs.clear()  # lower again from the changed weights
     return engine
 
 

@@ -255,9 +255,10 @@ def _meet_in_fp32(kernel: Callable) -> Callable:
     return run
 
 
-def lower(plan):
-    """The CPU program for `plan`, each layer bound to its fastest tactic; per-layer choices in
-    `program.layer_info` (precision and tactic, which the builder records in plan.layers)."""
+def lower(plan, profile: int = 0, shares=None):
+    """The CPU program for `plan`, each layer bound to its fastest tactic for optimization profile `profile`'s opt
+    shapes; per-layer choices in `program.layer_info` (precision and tactic, which the builder records in plan.layers).
+    `shares`, the program of another profile, lends it the weights no tactic packs."""
     import torch
 
     from .program import CpuProgram
@@ -269,9 +270,9 @@ def lower(plan):
     chosen: dict[int, Tactic] = {}
     from ...engine.profiles import symbol_sizes
 
-    # tuned for the first profile's opt shapes, as TensorRT tunes each profile at its opt
+    # tuned at the profile's opt shapes, as TensorRT tunes each profile at its opt
     profiles = getattr(plan, "profiles", None)  # a bare graph to lower (tests) has none
-    opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], profiles[0], "opt") if profiles else {}
+    opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], profiles[profile], "opt") if profiles else {}
 
     def kernel_for(node: Node):
         tactic = choose(node, graph, bf16, opt)
@@ -279,7 +280,7 @@ def lower(plan):
         return tactic.run
 
     with torch.inference_mode():
-        program = CpuProgram(graph, kernel_for=kernel_for)
+        program = CpuProgram(graph, kernel_for=kernel_for, constants=shares.constants if shares is not None else None)
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
                           for node in graph.nodes if id(node) in chosen}
     if bf16:

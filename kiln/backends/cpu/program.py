@@ -27,11 +27,13 @@ def _returns_sequence(node, graph: Graph) -> bool:
 
 
 class CpuProgram:
-    def __init__(self, graph: Graph, kernel_for: Callable | None = None):
+    def __init__(self, graph: Graph, kernel_for: Callable | None = None, constants: dict | None = None):
         from ...tensors import numpy_to_torch
 
         self.graph = graph
-        self.constants = {name: numpy_to_torch(array) for name, array in graph.initializers.items()}
+        if constants is None:  # another program of the same graph may lend its own (they are never written)
+            constants = {name: numpy_to_torch(array) for name, array in graph.initializers.items()}
+        self.constants = constants
         kernel_for = kernel_for or (lambda node: bind_kernel(node, graph.opsets.get(node.domain, graph.opset)))
         self.steps = [Step(node.name, node.op_key, kernel_for(node), node.inputs, node.outputs,
                            wants_env=wants_env(node, graph.opsets.get(node.domain, graph.opset)),
