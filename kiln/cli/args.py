@@ -78,8 +78,8 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{kind}Shapes", action="append", metavar="SPEC",
                            help=f"the {what} shape of each dynamic input, e.g. input:1x3x224x224,mask:1x128")
     group.add_argument("--useModelShapes", action="store_true",
-                       help="build dynamic inputs without a profile for the sizes the model declares (a dimension "
-                            "with no declared size still fails the build, naming it)")
+                       help="build dynamic inputs without a profile for the shapes the model declares, each "
+                            "dimension it gives no size at 1 (a warning names them)")
 
 
 def profiles_from_args(args: argparse.Namespace) -> list:

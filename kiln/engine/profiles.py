@@ -14,6 +14,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from .. import log
 from ..errors import BindingError, BuildError
 
 KINDS = ("min", "opt", "max")
@@ -206,21 +207,24 @@ def _complete(profile: Profile, name: str, shape, sizes: dict, use_model_shapes:
     missing = [(axis, dim) for axis, dim in enumerate(shape) if not isinstance(dim, int) and dim not in sizes]
     if missing:
         dims = ", ".join(f"{name}[{axis}]" + (f" ({dim!r})" if dim else "") for axis, dim in missing)
+        example = lambda size: f"{name}:" + "x".join(str(d) if isinstance(d, int) else size(d) for d in shape)  # noqa: E731
+        flags = f"--minShapes {example(lambda d: '1')} --optShapes {example(_placeholder)} --maxShapes {example(_placeholder)}"
         if use_model_shapes:
-            message = f"input {name!r} ({_declared_text(shape)}) has dimensions the model gives no size: {dims}"
+            # as Polygraphy does without shapes: what the model leaves open is 1, said out loud
+            log.warning("--useModelShapes: input %r (%s) is built for size 1 in %s, which the model gives no size; "
+                        "for other sizes give a profile (%s)", name, _declared_text(shape), dims, flags)
+            sizes.update({dim: (1, 1, 1) for _, dim in missing if dim})
+            shape = [1 if not isinstance(d, int) and d not in sizes else d for d in shape]
         else:
             message = (f"input {name!r} ({_declared_text(shape)}) is dynamic and " +
                        (f"{where} gives no shapes for it" if where else "has no optimization profile"))
-        example = lambda size: f"{name}:" + "x".join(str(d) if isinstance(d, int) else size(d) for d in shape)  # noqa: E731
-        python = lambda size: _tuple_text([str(d) if isinstance(d, int) else size(d) for d in shape])  # noqa: E731
-        # No --useModelShapes here: a dimension is missing exactly because the model gives it no size, so that flag
-        # would fail the build again.
-        low, high = python(lambda d: "1"), python(_placeholder)
-        raise BuildError(message, code="KILN-E202", where=dims,
-                         hint=f"add {'--minShapes ' + example(lambda d: '1')} {'--optShapes ' + example(_placeholder)} "
-                              f"{'--maxShapes ' + example(_placeholder)}, with the sizes to tune for (opt) and the "
-                              "largest to accept (max) in place of the <names>; in Python, "
-                              f"config.add_profile({{{name!r}: ({low}, {high}, {high})}})")
+            python = lambda size: _tuple_text([str(d) if isinstance(d, int) else size(d) for d in shape])  # noqa: E731
+            low, high = python(lambda d: "1"), python(_placeholder)
+            raise BuildError(message, code="KILN-E202", where=dims,
+                             hint=f"add {flags}, with the sizes to tune for (opt) and the largest to accept (max) in "
+                                  f"place of the <names>; in Python, config.add_profile({{{name!r}: ({low}, {high}, "
+                                  f"{high})}}); or --useModelShapes (BuilderConfig(use_model_shapes=True)) to build "
+                                  "for size 1 where the model gives none")
     shapes = [tuple(d if isinstance(d, int) else sizes[d][k] for d in shape) for k in range(3)]
     profile.set_shape(name, *shapes)
 

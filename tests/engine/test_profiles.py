@@ -61,19 +61,20 @@ def test_bad_ranges_and_bad_syntax_are_kiln_errors():
 def test_dynamic_input_without_profile_names_it_and_the_flags():
     error = build_error([IMAGE], [], "KILN-E202", "'image'", "no optimization profile", "image[0] ('N')")
     assert "--minShapes image:1x3x8x8 --optShapes image:<N>x3x8x8 --maxShapes image:<N>x3x8x8" in error.hint
-    # The Python form too, which works as written once the <names> are sizes; and no --useModelShapes, which would
-    # fail again (a dimension is missing exactly because the model gives it no size).
+    # The Python form too, which works as written once the <names> are sizes, and the way to build for size 1
     python = "config.add_profile({'image': ((1, 3, 8, 8), (<N>, 3, 8, 8), (<N>, 3, 8, 8))})"
-    assert python in error.hint and "--useModelShapes" not in error.hint
+    assert python in error.hint and "--useModelShapes" in error.hint
     config = kiln.BuilderConfig()
     eval(python.replace("<N>", "4"), {"config": config})  # the hint's own text, with a size filled in
     (profile,) = resolve_profiles([IMAGE], config.profiles)
     assert profile.shapes["image"] == ((1, 3, 8, 8), (4, 3, 8, 8), (4, 3, 8, 8))
-    build_error([IMAGE], [], "KILN-E202", "no size", use_model_shapes=True)  # what the flag would have given
 
 
-def test_model_shapes_still_name_a_dimension_without_a_size():
-    build_error([IMAGE], [], "KILN-E202", "no size", "image[0] ('N')", use_model_shapes=True)
+def test_model_shapes_build_what_the_model_leaves_open_at_1_and_say_so(caplog):
+    with caplog.at_level("WARNING", logger="kiln"):
+        (profile,) = resolve_profiles([IMAGE], [], use_model_shapes=True)
+    assert profile.shapes["image"] == ((1, 3, 8, 8),) * 3
+    assert "size 1 in image[0] ('N')" in caplog.text and "--minShapes image:1x3x8x8" in caplog.text
     static = Binding("image", DType.float32, (2, 3, 8, 8))
     assert resolve_profiles([static], [], use_model_shapes=True) == []  # nothing dynamic: a static engine
 
