@@ -242,9 +242,10 @@ def _infer_skeleton(skeleton: onnx.ModelProto) -> onnx.ModelProto:
         return skeleton  # onnx's in-memory shape inference stops at 2 GB; kiln's kernels compute shapes at build
     if _has_symbolic_inputs(skeleton):
         try:
-            from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-            return SymbolicShapeInference.infer_shapes(skeleton, auto_merge=True)
+            inferred = _symbolic_shapes(skeleton)
+            if inferred is not None:
+                return inferred
+            log.verbose("symbolic shape inference left shapes unknown; using ONNX's")
         except Exception as error:  # noqa: BLE001 (operators it does not know, custom domains: ONNX's inference then)
             log.verbose("symbolic shape inference stopped (%s: %s); using ONNX's", type(error).__name__, error)
     try:
@@ -252,6 +253,22 @@ def _infer_skeleton(skeleton: onnx.ModelProto) -> onnx.ModelProto:
     except Exception as error:  # noqa: BLE001
         log.warning("ONNX shape inference failed (%s); continuing with the shapes the model declares", error)
         return skeleton
+
+
+def _symbolic_shapes(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """onnxruntime's symbolic shape inference, run as its SymbolicShapeInference.infer_shapes runs it, less the
+    file that one writes into the working directory before raising when some shape stays unknown (kiln writes
+    nothing there); None in that case. Its steps are onnxruntime's own methods: where a release changes them, the
+    caller's fallback to ONNX's inference takes over."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    inference = SymbolicShapeInference(2**31 - 1, True, False, 0)  # int_max, auto_merge, guess_output_rank, verbose
+    inference._preprocess(model)
+    complete = False
+    while inference.run_:
+        complete = inference._infer_impl()
+    inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
 
 
 def _has_symbolic_inputs(model: onnx.ModelProto) -> bool:

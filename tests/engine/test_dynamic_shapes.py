@@ -276,3 +276,32 @@ def test_symbols_survive_range_and_flatten_so_memory_is_planned_at_the_max():
     config.add_profile({"image": ((1, 3, 8, 8), (4, 3, 8, 8), (MAX_BATCH, 3, 8, 8))})
     cnn = kiln.build(cnn_model(), config)
     assert not cnn.plan.memory["assumed"]
+
+
+def test_shape_inference_a_custom_operator_stops_writes_no_file_and_falls_back(tmp_path, monkeypatch):
+    """onnxruntime's symbolic inference cannot type a custom operator; its own entry point then saves
+    sym_shape_infer_temp.onnx into the working directory. kiln writes nothing there and uses ONNX's inference."""
+    from onnx import TensorProto, helper
+
+    monkeypatch.chdir(tmp_path)
+
+    @kiln.plugin("Softsign2", domain="com.example.tests", version="1.0",
+                 infer=lambda inputs, attrs: [(inputs[0].dtype, inputs[0].shape)])
+    def softsign2(x):
+        return x / (1 + x.abs())
+
+    nodes = [helper.make_node("Softsign2", ["x"], ["s"], domain="com.example.tests"), helper.make_node("Relu", ["s"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.example.tests", 1)])
+    config = kiln.BuilderConfig()
+    config.add_profile({"x": ((1, 4), (2, 4), (3, 4))})
+    x = np.random.default_rng(5).standard_normal((3, 4)).astype(np.float32)
+    try:
+        engine = kiln.build(model, config)
+    finally:
+        from kiln.plugins import unregister_plugin
+
+        unregister_plugin("Softsign2", "com.example.tests")
+    np.testing.assert_allclose(engine.run({"x": x})["y"], np.maximum(x / (1 + np.abs(x)), 0), rtol=1e-6)
+    assert list(tmp_path.iterdir()) == []
