@@ -33,13 +33,6 @@ def relative_error(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
-def light_model(name: str, batch: int, seed: int = 0):
-    """The light model with random weights (shipped ones are constant 0.02), before its Softmax, at `batch`."""
-    from kiln.tools.models import randomized_light_model
-
-    return randomized_light_model(name, seed, batch)
-
-
 def encoder(batch: int, layers: int, workdir: Path):
     """A BERT-base-shaped encoder as a torch module and its ONNX export, with a feed."""
     import torch
@@ -138,6 +131,7 @@ def main(argv=None) -> int:
     import torch
 
     import kiln
+    from kiln.tools.models import randomized_light_model
 
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -155,7 +149,7 @@ def main(argv=None) -> int:
                     rows.append(bench_row(f"bert-base encoder ({args.encoder_layers} layers, seq 128)", batch, path, feed,
                                           lambda: module(ids, mask), args.runs, args.threads))
                 else:
-                    model = light_model(name, batch)
+                    model = randomized_light_model(name, batch=batch)
                     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
                     rows.append(bench_row(name, batch, model, {model.graph.input[0].name: x}, None, args.runs, args.threads))
     result = {"summary": summary(rows), "rows": rows, "threads": args.threads, "runs": args.runs,

@@ -23,8 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SETTLE_S = 0.05
 KIND = {"Conv": "convolution", "kiln::Conv": "convolution", "MaxPool": "pooling", "AveragePool": "pooling",
@@ -105,13 +103,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from cpu import light_model
+    from kiln.tools.models import randomized_light_model
 
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()[0]:.2f}; kiln {'bf16' if args.bf16 else 'fp32'}, onnxruntime fp32, batch "
           f"{args.batch}, {args.threads} threads; per-layer medians summed by kind, ms")
     for name in args.models.split(","):
-        model = light_model(name, args.batch)
+        model = randomized_light_model(name, batch=args.batch)
         feed = {model.graph.input[0].name: np.random.default_rng(0).standard_normal((args.batch, 3, 224, 224)).astype(np.float32)}
         ours, our_run, theirs, their_run = profiles(model, feed, args.bf16, args.threads, args.iterations)
         print(f"\n{name}: kiln {our_run:.1f} ms per run, onnxruntime {their_run:.1f} ms per run (profiled)")

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
@@ -30,11 +29,11 @@ def resnet50(workdir: Path):
     """(static model, dynamic model, profile, feed at opt): light ResNet-50, batch 4 static, N in 1..8 dynamic."""
     import onnx
 
-    from cpu import light_model
+    from kiln.tools.models import randomized_light_model
 
     batch = 4
-    static = light_model("resnet50", batch)
-    dynamic = light_model("resnet50", 1)
+    static = randomized_light_model("resnet50", batch=batch)
+    dynamic = randomized_light_model("resnet50", batch=1)
     dynamic.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     del dynamic.graph.value_info[:]  # the opset conversion recorded shapes at batch 1
     for node in dynamic.graph.node:  # the classifier's Reshape (1, -1): copy the batch instead (0)

@@ -44,7 +44,7 @@ def check_engines(model_path: Path, engine_paths: list[Path]) -> None:
     reference = session.run([output_name], {binding.name: x})[0]
     runners, failed = {}, []
     for path, engine in zip(engine_paths, engines):
-        precision = engine.plan.config.get("bf16") and "bf16" or "fp32"
+        precision = "bf16" if engine.plan.config.get("bf16") else "fp32"
         ours = engine.run({binding.name: x})[output_name]
         error = np.abs(ours.astype(np.float64) - reference).max()
         relative = error / max(np.abs(reference).max(), 1e-30)

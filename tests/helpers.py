@@ -7,6 +7,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from kiln.tools.models import randomized_light_model  # noqa: F401 (the tests' randomized light models)
+
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 LIGHT_MODELS = ["bvlc_alexnet", "densenet121", "inception_v1", "inception_v2", "resnet50", "shufflenet", "squeezenet",
                 "vgg19", "zfnet512"]
@@ -61,14 +63,6 @@ def light_reference(model_name: str) -> np.ndarray:
 def assert_close(actual, expected, rtol: float, atol: float, what: str = "") -> None:
     np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
                                rtol=rtol, atol=atol, err_msg=what)
-
-
-def randomized_light_model(model_name: str, seed: int = 0) -> onnx.ModelProto:
-    """A light model with fixed-seed random weights in place of its constant placeholders, cut before its
-    final Softmax, so that comparisons see real, unsaturated numbers (logits) rather than a uniform output."""
-    from kiln.tools.models import randomized_light_model as randomized
-
-    return randomized(model_name, seed)
 
 
 def build_for_data(case):

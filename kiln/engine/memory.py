@@ -66,8 +66,8 @@ def lifetimes(graph: Graph, sizes: dict[str, int] | None = None) -> tuple[list[T
             elif dim is None:
                 unknown.append(name)
                 break
-            elif sizes and dim_size(dim, sizes) is not None:
-                elements *= dim_size(dim, sizes)
+            elif sizes and (size := dim_size(dim, sizes)) is not None:
+                elements *= size
             else:
                 assumed[dim] = 1
         else:

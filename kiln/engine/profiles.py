@@ -255,7 +255,7 @@ def symbol_sizes(inputs: list, profile: Mapping | Profile, kind: str = "max") ->
 
 
 _FUNCTIONS = {"floor": math.floor, "ceiling": math.ceil, "ceil": math.ceil, "Max": max, "max": max, "Min": min,
-              "min": min, "Mod": lambda a, b: a % b}
+              "min": min, "Mod": operator.mod}
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
               ast.Div: operator.truediv, ast.Mod: operator.mod}
 

@@ -86,6 +86,13 @@ def _fold_affine_runs(graph: Graph, stem: str, inputs: list, ops: list, operands
     new_inputs, new_ops, new_operands, folded = [inputs[0]], [], [], 0
     run: list[tuple[str, int, np.ndarray]] = []
 
+    def emit(op: str, name: str | None, value_first: bool = True) -> None:
+        """Append one step: op(value, name), op(name, value) when not value_first, or op(value) without a name."""
+        if name is not None:
+            new_inputs.append(name)
+        new_ops.append(op)
+        new_operands.append(0 if name is None else len(new_inputs) - 1 if value_first else -(len(new_inputs) - 1))
+
     def flush():
         nonlocal folded
         steps = [(op, inputs[abs(operand)], operand > 0) for op, operand, _ in run]
@@ -97,10 +104,8 @@ def _fold_affine_runs(graph: Graph, stem: str, inputs: list, ops: list, operands
             if kept:  # (a run that cancels out entirely stays as it is: the chain must not hand its input on)
                 steps = [(op, graph.add_initializer(f"{stem}_{op.lower()}", array.astype(dtype)), True) for op, array in kept]
                 folded += 1
-        for op, name, value_first in steps:
-            new_inputs.append(name)
-            new_ops.append(op)
-            new_operands.append(len(new_inputs) - 1 if value_first else -(len(new_inputs) - 1))
+        for step in steps:
+            emit(*step)
         run.clear()
 
     for op, operand in zip(ops, operands):
@@ -111,11 +116,7 @@ def _fold_affine_runs(graph: Graph, stem: str, inputs: list, ops: list, operands
             run.append((op, operand, other))
             continue
         flush()
-        if operand:
-            new_inputs.append(inputs[abs(operand)])
-            operand = len(new_inputs) - 1 if operand > 0 else -(len(new_inputs) - 1)
-        new_ops.append(op)
-        new_operands.append(operand)
+        emit(op, inputs[abs(operand)] if operand else None, operand > 0)
     flush()
     return new_inputs, new_ops, new_operands, folded
 
