@@ -1,7 +1,7 @@
 """What a timing cache saves a user: the same `kiln build --device cuda --fp16` run three times, each in a fresh
 process, as a user runs it from the command line.
 
-    python3 benchmarks/build_cache.py --out DIR [--cases resnet50:1,bert:1,bert:32]
+    python3 benchmarks/build_cache.py --out DIR [--cases resnet50:1,bert:1,bert:32] [--profile]
 
 1. cold: no timing cache, and an empty Triton kernel cache (TRITON_CACHE_DIR, fresh per case): the first build
    of a model on a machine;
@@ -29,10 +29,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BUILD = """
-import json, sys, time
+import cProfile, json, pstats, sys, time
 started = time.perf_counter()
 import kiln
-engine = kiln.build(sys.argv[1], kiln.BuilderConfig(device="cuda", fp16=True, extra={"timing_cache_file": sys.argv[2] or None}))
+config = kiln.BuilderConfig(device="cuda", fp16=True, extra={"timing_cache_file": sys.argv[2] or None})
+profiler = cProfile.Profile() if sys.argv[3] else None
+if profiler:
+    profiler.enable()
+engine = kiln.build(sys.argv[1], config)
+if profiler:
+    profiler.disable()
+    with open(sys.argv[3], "w") as report:
+        for order in ("cumulative", "tottime"):
+            pstats.Stats(profiler, stream=report).sort_stats(order).print_stats(40)
 info = engine.plan.build_info
 print(json.dumps({"build_s": info["build_seconds"], "stages_s": info["stage_seconds"], "process_s": time.perf_counter() - started,
                   "cache_hits": info.get("cuda_tuning", {}).get("cache_hits"),
@@ -40,10 +49,10 @@ print(json.dumps({"build_s": info["build_seconds"], "stages_s": info["stage_seco
 """
 
 
-def build_in_fresh_process(onnx_path: str, cache: str, triton_cache: str) -> dict:
+def build_in_fresh_process(onnx_path: str, cache: str, triton_cache: str, profile: str = "") -> dict:
     env = {**os.environ, "TRITON_CACHE_DIR": triton_cache, "KILN_PROGRESS": "0", "PYTHONPATH": str(ROOT)}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", BUILD, onnx_path, cache], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", BUILD, onnx_path, cache, profile], check=False, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -55,6 +64,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--cases", default="resnet50:1,bert:1,bert:32")
+    parser.add_argument("--profile", action="store_true", help="profile each warm build (cProfile) into DIR/profile-*.txt")
     args = parser.parse_args()
 
     from benchmarks.gpu import export, make_inputs, make_model
@@ -72,7 +82,8 @@ def main() -> int:
         cache, triton = str(work / f"{name}-{batch}.cache"), str(work / f"triton-{name}-{batch}")
         row = {"model": name, "batch": int(batch)}
         for label, cache_file in (("cold", cache), ("warm", cache), ("no_cache_file", "")):
-            row[label] = build_in_fresh_process(onnx_path, cache_file, triton)
+            profile = str(out / f"profile-{name}-{batch}.txt") if args.profile and label == "warm" else ""
+            row[label] = build_in_fresh_process(onnx_path, cache_file, triton, profile)
             print(f"{name} b{batch} {label:14s} build {row[label]['build_s']:6.2f} s  {row[label]['stages_s']}  "
                   f"(process {row[label]['wall_s']:.1f} s)", flush=True)
         row["speedup"] = row["cold"]["build_s"] / row["warm"]["build_s"]
