@@ -9,8 +9,27 @@ _BIT_VIEWS = {DType.bfloat16: np.uint16, DType.float8e4m3fn: np.uint8, DType.flo
               DType.float8e4m3fnuz: np.uint8, DType.float8e5m2fnuz: np.uint8}
 
 
+def numpy_to_device(array: np.ndarray, device: str):
+    """`array` as a torch tensor on `device` (a GPU), copied once, by the transfer: numpy_to_torch's host copy
+    before it would be a second pass over every weight (a BERT-base's 440 MB) for nothing."""
+    import warnings
+
+    import torch
+
+    array = np.asarray(array)
+    dtype = from_numpy(array.dtype)
+    if dtype == DType.string or dtype in _BIT_VIEWS or dtype in CARRIED or not array.dtype.isnative \
+            or any(stride < 0 for stride in array.strides):
+        return numpy_to_torch(array).to(device)
+    with warnings.catch_warnings():  # a weight read from the model is a read-only array; the transfer only reads it
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).to(device).contiguous()  # a transposed view goes up as stored, is laid out there
+
+
 def numpy_to_torch(array: np.ndarray):
-    """A torch tensor holding a copy of `array`."""
+    """A torch tensor holding a C-contiguous copy of `array`."""
+    import warnings
+
     import torch
 
     array = np.asarray(array)
@@ -22,7 +41,11 @@ def numpy_to_torch(array: np.ndarray):
         return torch.from_numpy(bits.copy()).view(to_torch(dtype))
     if dtype in CARRIED:  # no torch type: carried in a wider one that holds every value exactly
         return torch.from_numpy(np.asarray(array).astype(CARRIED[dtype]))
-    return torch.from_numpy(np.array(array, copy=True))
+    if array.flags.c_contiguous or array.ndim < 2 or not array.dtype.isnative or any(stride < 0 for stride in array.strides):
+        return torch.from_numpy(np.array(array, copy=True, order="C"))
+    with warnings.catch_warnings():  # torch only reads the array: its blocked copy is about twice numpy's strided one
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array).contiguous()
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:

@@ -36,7 +36,8 @@ def cuda_engine():
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((256, 128)).astype(np.float32) / 16
-    engine = SimpleNamespace(device="cuda", program=TwoStepProgram(torch.from_numpy(w).cuda()),
+    program = TwoStepProgram(torch.from_numpy(w).cuda())
+    engine = SimpleNamespace(device="cuda", program=program, select=lambda tensors: program,
                              inputs=[Binding("x", DType.float32, (64, 256))], outputs=[Binding("y", DType.float32, (64, 128))],
                              plan=SimpleNamespace(layers={"mm": {"origin": ["mm"]}, "relu": {"origin": ["relu"]}}))
     x = rng.standard_normal((64, 256)).astype(np.float32)

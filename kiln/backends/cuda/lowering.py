@@ -84,20 +84,21 @@ def parse_workspace(text: str | None) -> int | None:
 
 
 def _constants(graph: Graph, flow_dtype) -> tuple[dict, dict]:
-    """Weights on the GPU (float ones in the engine's precision) and small integer ones also on the host."""
+    """Weights on the GPU (float ones in the engine's precision) and small integer ones also on the host. Each goes
+    up as the model stores it and is rounded there, which is many times faster than rounding on the host."""
     import torch
 
-    from ...tensors import numpy_to_torch
+    from ...tensors import numpy_to_device, numpy_to_torch
 
     device, host = {}, {}
     for name, array in graph.initializers.items():
-        tensor = numpy_to_torch(array)
+        tensor = numpy_to_device(array, "cuda")
         if tensor.dtype == torch.float32 and flow_dtype != torch.float32:
             limit = torch.finfo(flow_dtype).max
-            tensor = tensor.clamp(-limit, limit).to(flow_dtype)  # -3.4e38 masks stay the most negative half
-        device[name] = tensor.to("cuda")
+            tensor = tensor.clamp_(-limit, limit).to(flow_dtype)  # -3.4e38 masks stay the most negative half
+        device[name] = tensor
         if not tensor.dtype.is_floating_point and tensor.numel() <= HOST_CONSTANT_ELEMENTS:
-            host[name] = tensor
+            host[name] = numpy_to_torch(array)
     return device, host
 
 
@@ -222,9 +223,9 @@ def _full_precision(graph: Graph, name: str):
     """A weight as the model stores it (fp32), on the GPU: each candidate casts it to its own precision."""
     if name not in graph.initializers:
         return None
-    from ...tensors import numpy_to_torch
+    from ...tensors import numpy_to_device
 
-    return numpy_to_torch(graph.initializers[name]).to("cuda")
+    return numpy_to_device(graph.initializers[name], "cuda")
 
 
 def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str], set[str]]:
@@ -265,21 +266,66 @@ def lower(plan) -> CudaProgram:
     """The CUDA program for `plan`. Each layer's tactic is chosen on the tensor that reaches it, so a greedy
     choice can switch between NCHW and channels-last convolutions, paying a layout copy at every switch;
     where it does, the engine is also lowered with every convolution channels-last, both whole engines are
-    timed, and the faster is kept (the choice for the chain, not the layer)."""
-    program = _lower(plan)
+    timed, and the faster is kept (the choice for the chain, not the layer). The timing cache keeps that
+    choice too, so a second build lowers only the engine it keeps."""
     tuned = (plan.build_info or {}).get("cuda_tactics")
-    if not tuned and _mixes_conv_layouts(program):
-        try:
-            channels_last = _lower(plan, conv_layout="nhwc")
-        except ResourceError as error:  # the second engine did not fit beside the first: keep the first
-            log.verbose("whole-engine layout: channels-last variant not tried (%s)", error)
+    if tuned:  # a reloaded engine: the tactics its build chose
+        return _lower(plan, conv_layout=plan.build_info.get("cuda_tuning", {}).get("conv_layout"))
+    cache = _timing_cache(plan)
+    whole_engine = {"op": "whole-engine conv layout", "model": _model_signature(plan)}
+    remembered = cache.get(whole_engine)
+    if remembered is not None and remembered.get("chosen") in WHOLE_ENGINE_LAYOUTS:
+        program = _lower(plan, WHOLE_ENGINE_LAYOUTS[remembered["chosen"]], cache)
+        program.tuning["whole_engine_ms"] = remembered.get("times", {})
+    else:
+        program = _lower(plan, cache=cache)
+        if _mixes_conv_layouts(program):
+            try:
+                channels_last = _lower(plan, conv_layout="nhwc", cache=cache)
+            except ResourceError as error:  # the second engine did not fit beside the first: keep the first
+                log.verbose("whole-engine layout: channels-last variant not tried (%s)", error)
+            else:
+                program = _faster(program, channels_last, plan)
+                times = program.tuning["whole_engine_ms"]
+                cache.put(whole_engine, times, min(times, key=times.get))
         else:
-            program = _faster(program, channels_last, plan)
-    if not tuned:  # the build itself, not a reload
-        plan.build_info["cuda_tuning"] = program.tuning
-        plan.build_info["cuda_tactics"] = {step.name: f"{program.layer_info[step.name]['tactic']}/{program.layer_info[step.name]['precision']}"
-                                           for step in program.steps}
+            cache.put(whole_engine, {}, "per-layer choice")
+    cache.save()
+    program.tuning.update(cache_hits=cache.hits, cache_misses=cache.misses)
+    plan.build_info["cuda_tuning"] = program.tuning
+    plan.build_info["cuda_tactics"] = {step.name: f"{program.layer_info[step.name]['tactic']}/{program.layer_info[step.name]['precision']}"
+                                       for step in program.steps}
     return program
+
+
+# The whole-engine choices lower() times, and the conv_layout each lowers with.
+WHOLE_ENGINE_LAYOUTS = {"per-layer choice": None, "all channels-last": "nhwc"}
+
+
+def _timing_cache(plan):
+    from ..timing_cache import TimingCache
+
+    path = ((plan.config or {}).get("extra", {}) or {}).get("timing_cache_file")
+    return TimingCache(path or None)
+
+
+def _model_signature(plan) -> str:
+    """What the whole-engine timing depends on beyond the timing cache's environment: every layer's operator,
+    attributes and value shapes, and the build's precision flags and profiles (not the weights' values)."""
+    import hashlib
+    import json
+
+    graph = plan.graph
+    layers = []
+    for node in graph.nodes:
+        attrs = {k: (v.tolist() if getattr(v, "size", 0) <= 16 and hasattr(v, "tolist") else repr(getattr(v, "shape", v)))
+                 for k, v in node.attrs.items() if not hasattr(v, "nodes")}
+        shapes = [[str(graph.value(n).shape), str(graph.value(n).dtype)] if n and n in graph.values else None
+                  for n in (*node.inputs, *node.outputs)]
+        layers.append([node.op_key, attrs, shapes])
+    config = {k: v for k, v in (plan.config or {}).items() if k != "extra"}
+    text = json.dumps({"layers": layers, "config": config, "profiles": plan.profiles}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _mixes_conv_layouts(program: CudaProgram) -> bool:
@@ -306,8 +352,9 @@ def _faster(first: CudaProgram, second: CudaProgram, plan) -> CudaProgram:
     return chosen
 
 
-def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
-    """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics."""
+def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
+    """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics.
+    cache: the build's timing cache (a reload runs its recorded tactics and needs none)."""
     import torch
 
     graph: Graph = plan.graph
@@ -320,9 +367,10 @@ def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
     if use_cuda_graph is None:
         use_cuda_graph = static
     workspace_limit = parse_workspace(extra.get("mem_pool_size"))
-    from ..timing_cache import TimingCache
+    if cache is None:
+        from ..timing_cache import TimingCache
 
-    cache = TimingCache(extra.get("timing_cache_file")) if extra.get("timing_cache_file") else TimingCache(None)
+        cache = TimingCache(None, env={})
     torch.backends.cudnn.benchmark = True  # cuDNN times its own algorithms per shape: part of each conv tactic
 
     started = time.perf_counter()
@@ -410,7 +458,6 @@ def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
         raise ResourceError(f"the engine needs {activation_bytes / 2**20:.1f} MiB of GPU memory for activations and "
                             f"workspace; --memPoolSize allows {workspace_limit / 2**20:.1f} MiB", code="KILN-E601",
                             hint=f"raise --memPoolSize to at least workspace:{activation_bytes // 2**20 + 1} or build a smaller batch")
-    cache.save()
     float_inputs = {v.name: flow_dtype for v in graph.inputs if graph.value(v.name).dtype is DType.float32}
     float_outputs = {v.name: torch.float32 for v in graph.outputs if graph.value(v.name).dtype is DType.float32}
     control = [step.name for step in steps if step.wants_env]
@@ -425,7 +472,7 @@ def _lower(plan, conv_layout: str | None = None) -> CudaProgram:
     program.layer_info = layer_info
     program.tuning = {"seconds": round(time.perf_counter() - started, 3), "cache_hits": cache.hits,
                       "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
-                      "allowed": allowed, "cuda_graph": use_cuda_graph}
+                      "allowed": allowed, "cuda_graph": use_cuda_graph, "conv_layout": conv_layout}
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
