@@ -21,9 +21,13 @@ def numpy_to_device(array: np.ndarray, device: str):
     if dtype == DType.string or dtype in _BIT_VIEWS or dtype in CARRIED or not array.dtype.isnative \
             or any(stride < 0 for stride in array.strides):
         return numpy_to_torch(array).to(device)
+    order = tuple(int(axis) for axis in np.argsort([-stride for stride in array.strides], kind="stable"))
+    stored = array.transpose(order)  # a transposed view (a MatMul weight) as its bytes lie: goes up in one copy
+    if not stored.flags.c_contiguous:
+        stored, order = np.ascontiguousarray(array), tuple(range(array.ndim))
     with warnings.catch_warnings():  # a weight read from the model is a read-only array; the transfer only reads it
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array).to(device).contiguous()  # a transposed view goes up as stored, is laid out there
+        return torch.from_numpy(stored).to(device).permute(tuple(int(axis) for axis in np.argsort(order))).contiguous()
 
 
 def numpy_to_torch(array: np.ndarray):

@@ -47,6 +47,41 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """Read an ONNX model from a path (external data next to it) or take a ModelProto as is."""
     if isinstance(source, onnx.ModelProto):
         return source
+    path = _model_path(source)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # noqa: BLE001 (protobuf raises several unrelated types for damaged files)
+        raise _unreadable(path, error) from None
+    _load_external_data(model, path)
+    return model
+
+
+def load_skeleton(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """(the model's skeleton, its large float weights by name), as split_weights gives them. From a file, the weights
+    are numpy views of the file's bytes, read once (kiln/frontend/onnx_file.py), and protobuf parses the rest."""
+    if isinstance(source, onnx.ModelProto):
+        skeleton, weights = split_weights(source)
+        return skeleton, {t.name: onnx.numpy_helper.to_array(t) for t in weights}
+    from .onnx_file import read_skeleton
+
+    path = _model_path(source)
+    try:
+        data, found = read_skeleton(path.read_bytes(), SHAPE_DATA_ELEMENTS)
+        model = onnx.ModelProto.FromString(data)
+    except Exception as error:  # noqa: BLE001 (a damaged file fails the wire walk or protobuf's parse)
+        raise _unreadable(path, error) from None
+    _load_external_data(model, path)
+    declared = {i.name for i in model.graph.input}
+    model.graph.input.extend(helper.make_tensor_value_info(name, data_type, dims)
+                             for name, (_, dims, data_type) in found.items() if name not in declared)
+    skeleton, rest = split_weights(model)  # float weights written in typed fields rather than raw_data
+    weights = {name: array for name, (array, _, _) in found.items()}
+    weights.update((t.name, onnx.numpy_helper.to_array(t)) for t in rest)
+    return skeleton, weights
+
+
+def _model_path(source: str | os.PathLike) -> Path:
+    """The path of an ONNX file, or ParseError naming what it is instead."""
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in _FOREIGN_FORMATS:
@@ -60,13 +95,12 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ParseError(f"{str(path)!r} is a directory, not an ONNX file", code="KILN-E104",
                          hint="kiln build takes an .onnx file, a .keras file, or a TensorFlow SavedModel directory "
                               "(one with saved_model.pb; needs pip install kiln[tensorflow])")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # noqa: BLE001 (protobuf raises several unrelated types for damaged files)
-        raise ParseError(f"{path.name} is not a readable ONNX model ({type(error).__name__}: {error})",
-                         code="KILN-E104", hint="check that the file is complete and really ONNX (onnx.checker.check_model)") from None
-    _load_external_data(model, path)
-    return model
+    return path
+
+
+def _unreadable(path: Path, error: Exception) -> ParseError:
+    return ParseError(f"{path.name} is not a readable ONNX model ({type(error).__name__}: {error})",
+                      code="KILN-E104", hint="check that the file is complete and really ONNX (onnx.checker.check_model)")
 
 
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
@@ -414,11 +448,10 @@ def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 
 
 def _graph(proto: onnx.GraphProto, opsets: dict[str, int], extra_types: dict[str, onnx.TypeProto],
-           weights: list = ()) -> Graph:
+           weights: dict[str, np.ndarray] | None = None) -> Graph:
     types = {**extra_types, **_value_types(proto)}
-    initializers = {}
-    for tensor in [*proto.initializer, *weights]:
-        initializers[tensor.name] = onnx.numpy_helper.to_array(tensor)
+    initializers = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in proto.initializer}
+    initializers.update(weights or {})
     for sparse in proto.sparse_initializer:
         initializers[sparse.values.name] = _dense(sparse)
     overridable = [i.name for i in proto.input if i.name in initializers]
@@ -509,8 +542,9 @@ def _carried_type(name: str, values: dict[str, Value], initializers: dict[str, n
     return dtype if dtype in CARRIED else None
 
 
-def to_ir(model: onnx.ModelProto, weights: list = ()) -> Graph:
-    """The IR of `model`; `weights` are initializers split_weights took out of it (declared as its inputs)."""
+def to_ir(model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None) -> Graph:
+    """The IR of `model`; `weights` are the arrays of initializers load_skeleton took out of it (declared as its
+    inputs)."""
     opsets = {("" if o.domain == "ai.onnx" else o.domain): int(o.version) for o in model.opset_import}
     opsets.setdefault("", model_opset(model))
     return _graph(model.graph, opsets, {}, weights)
@@ -520,12 +554,11 @@ def parse(source: str | os.PathLike | onnx.ModelProto) -> Graph:
     """Read an ONNX model into kiln's IR, or raise ParseError saying precisely why not."""
     from ..ops import registry
 
-    model = load_model(source)
+    # The model is its skeleton: the steps below copy and serialize it, and a BERT-base's weights would make each
+    # of those copies 440 MB. The weights rejoin it in the IR.
+    model, weights = load_skeleton(source)
     if not model.graph.node and not model.graph.output:
         raise ParseError("the model has an empty graph", code="KILN-E104", hint="check that the export wrote the network")
-    # From here on the model is its skeleton: the steps below copy and serialize it, and a BERT-base's weights
-    # would make each of those copies 440 MB. The weights rejoin it in the IR.
-    model, weights = split_weights(model)
     model = normalize_opset(model)
     model = inline_local_functions(model)
     model = prepare_dynamic_inputs(model)

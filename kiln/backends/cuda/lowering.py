@@ -83,23 +83,24 @@ def parse_workspace(text: str | None) -> int | None:
     return limits.get("workspace")
 
 
-def _constants(graph: Graph, flow_dtype) -> tuple[dict, dict]:
-    """Weights on the GPU (float ones in the engine's precision) and small integer ones also on the host. Each goes
-    up as the model stores it and is rounded there, which is many times faster than rounding on the host."""
+def _constants(graph: Graph, flow_dtype) -> tuple[dict, dict, dict]:
+    """(weights on the GPU, float ones in the engine's precision; small integer ones also on the host; every weight
+    on the GPU as the model stores it, for the candidates to cast, which the build drops after lowering). Each goes
+    up once, as stored, and is rounded there, many times faster than rounding on the host."""
     import torch
 
     from ...tensors import numpy_to_device, numpy_to_torch
 
-    device, host = {}, {}
+    device, host, stored = {}, {}, {}
     for name, array in graph.initializers.items():
-        tensor = numpy_to_device(array, "cuda")
+        tensor = stored[name] = numpy_to_device(array, "cuda")
         if tensor.dtype == torch.float32 and flow_dtype != torch.float32:
             limit = torch.finfo(flow_dtype).max
-            tensor = tensor.clamp_(-limit, limit).to(flow_dtype)  # -3.4e38 masks stay the most negative half
+            tensor = tensor.clamp(-limit, limit).to(flow_dtype)  # -3.4e38 masks stay the most negative half
         device[name] = tensor
         if not tensor.dtype.is_floating_point and tensor.numel() <= HOST_CONSTANT_ELEMENTS:
             host[name] = numpy_to_torch(array)
-    return device, host
+    return device, host, stored
 
 
 def _example_feed(graph: Graph, profiles: list, flow_dtype) -> dict:
@@ -169,14 +170,15 @@ def _in_flow(kernel, flow_dtype, node: Node):
     return run
 
 
-def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list[str], flow_dtype,
-                pinned: frozenset = frozenset(), fp8: bool = False) -> list[Candidate]:
-    """pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics."""
+def _candidates(node: Node, stored: dict, kernel, allowed: list[str], flow_dtype, pinned: frozenset = frozenset(),
+                fp8: bool = False) -> list[Candidate]:
+    """stored: the weights on the GPU as the model stores them (fp32), which each candidate casts to its own
+    precision; pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics."""
     import torch
 
     key = (node.domain, node.op)
-    weight = _full_precision(graph, node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
-    bias = _full_precision(graph, node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+    weight = stored.get(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] else None
+    bias = stored.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
     found: list[Candidate] = []
     if key == ("kiln", "Conv") and weight is not None and weight.dim() == 4 and (bias is not None or len(node.inputs) < 3 or not node.inputs[2]):
         found = cands.conv_candidates(node, weight, bias, allowed, flow_dtype)
@@ -189,7 +191,7 @@ def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list
     elif key in (("kiln", "QGemm"), ("kiln", "QConv")) and weight is not None:
         from .int8 import int8_candidates
 
-        q_bias = _full_precision(graph, node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+        q_bias = stored.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
         found = int8_candidates(node, weight, bias, q_bias, allowed, flow_dtype, node.name in pinned, fp8)
     elif key == ("kiln", "Attention"):
         found = cands.attention_candidates(node, allowed, flow_dtype)
@@ -217,15 +219,6 @@ def _candidates(node: Node, graph: Graph, kernel, constants: dict, allowed: list
         # The registry kernel stays a candidate in fp32 builds (it is cuDNN/cuBLAS without the extras)
         return found if flow_dtype != torch.float32 else [reference] + found
     return found
-
-
-def _full_precision(graph: Graph, name: str):
-    """A weight as the model stores it (fp32), on the GPU: each candidate casts it to its own precision."""
-    if name not in graph.initializers:
-        return None
-    from ...tensors import numpy_to_device
-
-    return numpy_to_device(graph.initializers[name], "cuda")
 
 
 def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str], set[str]]:
@@ -375,7 +368,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
 
     started = time.perf_counter()
     try:
-        constants, host_constants = _constants(graph, flow_dtype)
+        constants, host_constants, stored = _constants(graph, flow_dtype)
         feed = _example_feed(graph, plan.profiles, flow_dtype)
     except torch.cuda.OutOfMemoryError as error:
         raise ResourceError(f"the engine's weights do not fit on {torch.cuda.get_device_name()}: {str(error).splitlines()[0]}",
@@ -410,7 +403,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
                 plain_kernel = bind_kernel(node, opset)
                 reference_kernel = lambda a, b, *rest, k=plain_kernel: k(a + b, *rest)  # noqa: E731
             else:
-                options = _candidates(node, graph, kernel, constants, allowed, flow_dtype, pinned, bool(config.get("fp8")))
+                options = _candidates(node, stored, kernel, allowed, flow_dtype, pinned, bool(config.get("fp8")))
                 if conv_layout == "nhwc":
                     options = [c for c in options if "nchw" not in c.name] or options
                 reference_kernel = bind_kernel(node, opset)
@@ -444,7 +437,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
             info.update(record)
             layer_info[node.name] = info
             bar.advance(node.name)
-    del env, options, chosen
+    del env, options, chosen, stored
     # What one run needs beyond the weights: a step-by-step run's peak (activations, cuBLAS/cuDNN workspace).
     program = CudaProgram(steps, constants, {}, {}, graph.output_names(), False)
     torch.cuda.synchronize()
