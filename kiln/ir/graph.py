@@ -169,3 +169,20 @@ def subgraphs(node: Node) -> list[Graph]:
         elif isinstance(value, (list, tuple)):
             found.extend(v for v in value if isinstance(v, Graph))
     return found
+
+
+def last_uses(nodes: list[Node]) -> dict[str, int]:
+    """{value name: index of the last node in `nodes` that reads it}, a subgraph's reads of outer values counted
+    at the node that holds it; a value nobody reads is last used where it is made. Runtimes free values there."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for name in node.inputs:
+            if name:
+                last[name] = index
+        for sub in subgraphs(node):
+            for name in sub.outer_references():
+                last[name] = index
+        for name in node.outputs:
+            if name and name not in last:
+                last[name] = index
+    return last

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import BindingError, BuildError
-from ...ir import Graph, subgraphs
+from ...ir import Graph, last_uses
 from .kernels import bind_kernel, wants_env
 
 
@@ -43,18 +43,7 @@ class CpuProgram:
 
     def _plan_releases(self) -> None:
         keep = set(self.graph.output_names()) | set(self.constants)
-        last_use: dict[str, int] = {}
-        for index, (step, node) in enumerate(zip(self.steps, self.graph.nodes)):
-            for name in step.inputs:
-                if name:
-                    last_use[name] = index
-            for sub in subgraphs(node):
-                for name in sub.outer_references():
-                    last_use[name] = index
-        for index, step in enumerate(self.steps):
-            for name in step.outputs:
-                if name and name not in last_use:
-                    last_use[name] = index
+        last_use = last_uses(self.graph.nodes)
         by_step: dict[int, list[str]] = {}
         for name, index in last_use.items():
             if name not in keep:

@@ -7,7 +7,7 @@ import time
 
 from ... import log
 from ...errors import PrecisionError, ResourceError
-from ...ir import DType, Graph, Node
+from ...ir import DType, Graph, Node, last_uses
 from ...progress import Progress
 from ..cpu.kernels import bind_kernel, wants_env
 from ..tactics import Candidate, choose
@@ -382,7 +382,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
     env = dict(constants)
     env.update(feed)
     nodes, folded, fused_norms = fuse_add_layernorm(graph)
-    last_use = _last_use(nodes)
+    last_use = last_uses(nodes)
     outputs = set(graph.output_names())
     with torch.inference_mode(), Progress("kiln tactics", total=len(nodes)) as bar:
         for index, node in enumerate(nodes):
@@ -469,20 +469,3 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
-
-
-def _last_use(nodes: list[Node]) -> dict[str, int]:
-    from ...ir import subgraphs
-
-    last: dict[str, int] = {}
-    for index, node in enumerate(nodes):
-        for name in node.inputs:
-            if name:
-                last[name] = index
-        for sub in subgraphs(node):
-            for name in sub.outer_references():
-                last[name] = index
-        for name in node.outputs:
-            if name and name not in last:
-                last[name] = index
-    return last
