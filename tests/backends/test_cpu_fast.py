@@ -84,6 +84,52 @@ def test_bf16_reference_layers_meet_in_fp32():
     assert run(torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+def test_bf16_activations_round_a_layers_weights_instead_of_widening():
+    """A per-channel multiply-add on a bf16 activation stays bf16 (its fp32 weights rounded once, clamped into
+    bf16's range); an fp32 activation among its inputs still makes the layer fp32."""
+    scale, mask = torch.randn(1, 4, 1, 1), torch.full((1, 4, 1, 1), -3.4e38)
+    run = fast._weights_follow_bf16(lambda x, s, m: x * s + m, frozenset({1, 2}))
+    x = torch.randn(1, 4, 3, 3)
+    y = run(x.bfloat16(), scale, mask)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    expected = x.double() * scale.double()
+    assert ((run(x.bfloat16(), scale, torch.zeros(1, 4, 1, 1)).double() - expected).norm() / expected.norm()) < 1e-2
+    assert run(x, scale, mask).dtype == torch.float32
+
+
+@pytest.mark.skipif(not fast.bf16_supported(), reason="this CPU has no AVX512-BF16/AMX")
+def test_bf16_engine_keeps_batchnorm_relu_chains_in_bf16():
+    """DenseNet's pre-activation pattern (a concatenation of convolutions' outputs, BatchNorm, ReLU, then a
+    convolution) runs its chain in bf16."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 16
+    w = numpy_helper.from_array((rng.standard_normal((c, c, 1, 1)) * 0.3).astype(np.float32), "w")
+    w2 = numpy_helper.from_array((rng.standard_normal((c, 2 * c, 1, 1)) * 0.3).astype(np.float32), "w2")
+    params = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+              (("s", rng.uniform(0.5, 1.5, 2 * c)), ("t", rng.standard_normal(2 * c)),
+               ("m", rng.standard_normal(2 * c) * 0.1), ("v", rng.uniform(0.5, 1.5, 2 * c)))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["a"], kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["a", "w"], ["a2"], kernel_shape=[1, 1]),
+             helper.make_node("Concat", ["a", "a2"], ["cat"], axis=1),
+             helper.make_node("BatchNormalization", ["cat", "s", "t", "m", "v"], ["b"]),
+             helper.make_node("Relu", ["b"], ["r"]), helper.make_node("Conv", ["r", "w2"], ["y"], kernel_shape=[1, 1])]
+    graph = helper.make_graph(nodes, "preact", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 8, 8])], [w, w2, *params])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=True))
+    chains = [n for n in engine.plan.graph.nodes if n.op_key == "kiln::Elementwise"]
+    assert chains, [n.op_key for n in engine.plan.graph.nodes]
+    seen = {}
+    x = rng.standard_normal((1, c, 8, 8)).astype(np.float32)
+    engine.program.execute({"x": torch.from_numpy(x)}, on_step=lambda step, env: seen.update(
+        {step.op: env[step.outputs[0]].dtype}))
+    assert seen["kiln::Elementwise"] == torch.bfloat16
+    expected = kiln.build(model).run({"x": x})["y"].astype(np.float64)
+    got = engine.run({"x": x})["y"]
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-2
+
+
 def test_bf16_on_a_cpu_without_it_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(fast, "bf16_supported", lambda: False)
     with pytest.raises(PrecisionError) as caught:

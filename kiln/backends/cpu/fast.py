@@ -79,6 +79,9 @@ def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = 
         run, name = int8_tactic(node, graph, _meet_in_fp32(bind_kernel(node, opset)))
         return Tactic(run, name, "int8")
     kernel = bind_kernel(node, opset)
+    if bf16 and node.op_key in WEIGHTS_FOLLOW_BF16:
+        weights = frozenset(i for i, name in enumerate(node.inputs) if name in graph.initializers)
+        return Tactic(_weights_follow_bf16(kernel, weights), "torch", "follow")
     if bf16:
         return Tactic(_meet_in_fp32(kernel), "torch", "follow")
     return Tactic(kernel, "torch", "fp32")
@@ -238,6 +241,38 @@ def _attention(node: Node, bf16: bool) -> Tactic:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
     return Tactic(run, "torch-sdpa", "bf16" if bf16 else "fp32")
+
+
+# Memory-bound layers whose fp32 weights (per-channel scales and shifts, mostly) are rounded to bf16 when their
+# activations arrive in bf16, so that the activation stays bf16: upcasting it instead costs a pass to fp32 here, an
+# fp32 pass over twice the bytes, and the next convolution's pass back (DenseNet's 62 BatchNorm+ReLU chains).
+WEIGHTS_FOLLOW_BF16 = {"kiln::Elementwise", "Add", "Sub", "Mul", "Div", "BatchNormalization", "PRelu"}
+_BF16_MAX = 3.3895313892515355e38
+
+
+def _weights_follow_bf16(kernel: Callable, weights: frozenset) -> Callable:
+    """Where every float activation of the layer is bf16, its fp32 weights run as bf16 (rounded once, at the first
+    call, and clamped to bf16's range so that a -3.4e38 mask stays finite); otherwise as _meet_in_fp32."""
+    import torch
+
+    bfloat16, float32 = torch.bfloat16, torch.float32
+    rounded: dict[int, object] = {}
+    mixed = _meet_in_fp32(kernel)
+
+    def run(*args, **context):
+        activations = {a.dtype for i, a in enumerate(args)
+                       if i not in weights and isinstance(a, torch.Tensor) and a.dtype in (bfloat16, float32)}
+        if activations != {bfloat16}:
+            return mixed(*args, **context)
+        args = list(args)
+        for i in weights:
+            if i < len(args) and isinstance(args[i], torch.Tensor) and args[i].dtype == float32:
+                if i not in rounded or rounded[i][0] is not args[i]:
+                    rounded[i] = (args[i], args[i].clamp(-_BF16_MAX, _BF16_MAX).to(bfloat16))
+                args[i] = rounded[i][1]
+        return kernel(*args, **context)
+
+    return run
 
 
 def _meet_in_fp32(kernel: Callable) -> Callable:
