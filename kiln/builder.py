@@ -104,6 +104,7 @@ def build(model, config: BuilderConfig | None = None, **options):
     from .engine.profiles import resolve_profiles
     from .engine.runtime import Engine
     from .frontend import parse_with_profiles
+    from .frontend.onnx_file import release_file_bytes
     from .passes.context import PassContext
     from .passes.pipeline import optimize
     from .plugins import plugins_used
@@ -123,6 +124,7 @@ def build(model, config: BuilderConfig | None = None, **options):
         stages = {"parse": round(time.perf_counter() - started, 3)}
         ctx = PassContext(config=config, validate=os.environ.get("KILN_VALIDATE") == "1")
         optimize(graph, ctx, config=config)
+        release_file_bytes(graph.initializers)
         bar.advance("optimized")
         stages["optimize"] = round(time.perf_counter() - started - sum(stages.values()), 3)
         plan = Plan(graph=graph, target=_target(config), build_info=build_info(config.device),

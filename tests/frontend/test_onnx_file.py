@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 import kiln
 from kiln.errors import KilnError
 from kiln.frontend.onnx import load_model, load_skeleton, split_weights
-from kiln.frontend.onnx_file import _key, _varint_bytes
+from kiln.frontend.onnx_file import _key, _varint_bytes, release_file_bytes
 
 
 def _model(tmp_path, external: bool = False):
@@ -114,3 +114,21 @@ def test_a_truncated_file_is_a_clear_error(tmp_path, cut):
     with pytest.raises(KilnError) as caught:
         load_skeleton(path)
     assert caught.value.code == "KILN-E104" and "m.onnx" in str(caught.value)
+
+
+def _viewed_file(array: np.ndarray):
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base if isinstance(base, bytes) else None
+
+
+def test_weights_holding_little_of_the_file_are_copied_out_and_the_rest_stay_views():
+    data = np.arange(1000, dtype=np.float32).tobytes()
+    small = {"a": np.frombuffer(data, np.float32, 100).reshape(10, 10), "b": np.frombuffer(data, np.float32, 50, 400)}
+    release_file_bytes(small)
+    assert all(_viewed_file(a) is None and not a.flags.writeable for a in small.values())
+    np.testing.assert_array_equal(small["b"], np.arange(100, 150, dtype=np.float32))
+    large = {"w": np.frombuffer(data, np.float32, 900).reshape(30, 30).T}
+    release_file_bytes(large)
+    assert _viewed_file(large["w"]) is data  # most of the file is in use: copying would only double it
