@@ -113,3 +113,20 @@ def test_gemm_residual_moves_into_the_layernorm_it_feeds():
     by_name = {n.name: n for n in nodes}
     assert by_name["gemm"].inputs == ("x", "w", "b") and by_name["norm"].inputs == ("g1", "r", "s")
     assert by_name["gemm_relu"].inputs == ("n1", "w", "b", "r") and by_name["norm_relu"].inputs == ("g2", "s")
+
+
+def test_candidates_are_offered_for_layers_that_read_the_graph_without_a_gpu():
+    """lowering._candidates for layers whose candidates depend on the graph (Softmax reads its opset) and the ones that
+    need no weights: each gets at least the registry kernel, on a machine without CUDA too."""
+    import torch
+
+    from kiln.backends.cuda import lowering
+    from kiln.ir import DType, Graph, Node, Value
+
+    for node in (Node("Softmax", ("x",), ("y",), {"axis": -1}, name="softmax"),
+                 Node("MaxPool", ("x",), ("y",), {"kernel_shape": [2]}, name="pool"),
+                 Node("Elementwise", ("x",), ("y",), {"ops": ["Relu"], "operands": [0]}, name="chain", domain="kiln")):
+        graph = Graph([node], [Value("x", DType.float32, (2, 8))], [Value("y", DType.float32, (2, 8))],
+                      opsets={"": 13, "kiln": 1})
+        offered = lowering._candidates(node, graph, {}, torch.relu, ["fp32"], torch.float32)
+        assert offered and all(callable(c.run) for c in offered), node.op

@@ -170,8 +170,8 @@ def _in_flow(kernel, flow_dtype, node: Node):
     return run
 
 
-def _candidates(node: Node, stored: dict, kernel, allowed: list[str], flow_dtype, pinned: frozenset = frozenset(),
-                fp8: bool = False) -> list[Candidate]:
+def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[str], flow_dtype,
+                pinned: frozenset = frozenset(), fp8: bool = False) -> list[Candidate]:
     """stored: the weights on the GPU as the model stores them (fp32), which each candidate casts to its own
     precision; pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics."""
     import torch
@@ -403,7 +403,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
                 plain_kernel = bind_kernel(node, opset)
                 reference_kernel = lambda a, b, *rest, k=plain_kernel: k(a + b, *rest)  # noqa: E731
             else:
-                options = _candidates(node, stored, kernel, allowed, flow_dtype, pinned, bool(config.get("fp8")))
+                options = _candidates(node, graph, stored, kernel, allowed, flow_dtype, pinned, bool(config.get("fp8")))
                 if conv_layout == "nhwc":
                     options = [c for c in options if "nchw" not in c.name] or options
                 reference_kernel = bind_kernel(node, opset)
