@@ -12,28 +12,37 @@ _BIT_VIEWS = {DType.bfloat16: np.uint16, DType.float8e4m3fn: np.uint8, DType.flo
 def numpy_to_device(array: np.ndarray, device: str):
     """`array` as a torch tensor on `device` (a GPU), copied once, by the transfer: numpy_to_torch's host copy
     before it would be a second pass over every weight (a BERT-base's 440 MB) for nothing."""
-    import warnings
-
-    import torch
-
     array = np.asarray(array)
     dtype = from_numpy(array.dtype)
-    if dtype == DType.string or dtype in _BIT_VIEWS or dtype in CARRIED or not array.dtype.isnative \
-            or any(stride < 0 for stride in array.strides):
+    if dtype == DType.string or dtype in _BIT_VIEWS or dtype in CARRIED or not _viewable(array):
         return numpy_to_torch(array).to(device)
     order = tuple(int(axis) for axis in np.argsort([-stride for stride in array.strides], kind="stable"))
     stored = array.transpose(order)  # a transposed view (a MatMul weight) as its bytes lie: goes up in one copy
     if not stored.flags.c_contiguous:
         stored, order = np.ascontiguousarray(array), tuple(range(array.ndim))
-    with warnings.catch_warnings():  # a weight read from the model is a read-only array; the transfer only reads it
+    inverse = tuple(int(axis) for axis in np.argsort(order))
+    return _torch_view(stored).to(device).permute(inverse).contiguous()
+
+
+def _viewable(array: np.ndarray) -> bool:
+    """Whether torch.from_numpy can share `array`'s memory: native byte order and no negative strides."""
+    return array.dtype.isnative and all(stride >= 0 for stride in array.strides)
+
+
+def _torch_view(array: np.ndarray):
+    """torch.from_numpy(array) for a caller that only reads it: a weight read from a model is a read-only array,
+    which torch warns about sharing."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(stored).to(device).permute(tuple(int(axis) for axis in np.argsort(order))).contiguous()
+        return torch.from_numpy(array)
 
 
 def numpy_to_torch(array: np.ndarray):
     """A torch tensor holding a C-contiguous copy of `array`."""
-    import warnings
-
     import torch
 
     array = np.asarray(array)
@@ -45,11 +54,9 @@ def numpy_to_torch(array: np.ndarray):
         return torch.from_numpy(bits.copy()).view(to_torch(dtype))
     if dtype in CARRIED:  # no torch type: carried in a wider one that holds every value exactly
         return torch.from_numpy(np.asarray(array).astype(CARRIED[dtype]))
-    if array.flags.c_contiguous or array.ndim < 2 or not array.dtype.isnative or any(stride < 0 for stride in array.strides):
+    if array.flags.c_contiguous or array.ndim < 2 or not _viewable(array):
         return torch.from_numpy(np.array(array, copy=True, order="C"))
-    with warnings.catch_warnings():  # torch only reads the array: its blocked copy is about twice numpy's strided one
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(array).contiguous()
+    return _torch_view(array).contiguous()  # a strided view: torch's blocked copy is about twice numpy's
 
 
 def tensor_to_numpy(tensor) -> np.ndarray:

@@ -18,6 +18,7 @@ from ..ir import DType, Graph, Node, Value, subgraphs
 from ..ir.dtypes import CARRIED, from_numpy
 from ..plugins import apply_infer_rules
 from .functions import expand_schema_functions, inline_local_functions
+from .onnx_file import FLOAT_WEIGHTS, read_skeleton
 from .unsupported import describe_unsupported
 
 # Models below this opset are converted up to it; models between it and the newest opset the
@@ -59,22 +60,19 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 def load_skeleton(source: str | os.PathLike | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """(the model's skeleton, its large float weights by name), as split_weights gives them. From a file, the weights
     are numpy views of the file's bytes, read once (kiln/frontend/onnx_file.py), and protobuf parses the rest."""
-    if isinstance(source, onnx.ModelProto):
-        skeleton, weights = split_weights(source)
-        return skeleton, {t.name: onnx.numpy_helper.to_array(t) for t in weights}
-    from .onnx_file import read_skeleton
-
-    path = _model_path(source)
-    try:
-        data, found = read_skeleton(path.read_bytes(), SHAPE_DATA_ELEMENTS)
-        model = onnx.ModelProto.FromString(data)
-    except Exception as error:  # noqa: BLE001 (a damaged file fails the wire walk or protobuf's parse)
-        raise _unreadable(path, error) from None
-    _load_external_data(model, path)
-    declared = {i.name for i in model.graph.input}
-    model.graph.input.extend(helper.make_tensor_value_info(name, data_type, dims)
-                             for name, (_, dims, data_type) in found.items() if name not in declared)
-    skeleton, rest = split_weights(model)  # float weights written in typed fields rather than raw_data
+    model, found = source, {}
+    if not isinstance(source, onnx.ModelProto):
+        path = _model_path(source)
+        try:
+            data, found = read_skeleton(path.read_bytes(), SHAPE_DATA_ELEMENTS)
+            model = onnx.ModelProto.FromString(data)
+        except Exception as error:  # noqa: BLE001 (a damaged file fails the wire walk or protobuf's parse)
+            raise _unreadable(path, error) from None
+        _load_external_data(model, path)
+        declared = {i.name for i in model.graph.input}
+        model.graph.input.extend(helper.make_tensor_value_info(name, data_type, dims)
+                                 for name, (_, dims, data_type) in found.items() if name not in declared)
+    skeleton, rest = split_weights(model)  # from a file: the float weights written in typed fields, not raw_data
     weights = {name: array for name, (array, _, _) in found.items()}
     weights.update((t.name, onnx.numpy_helper.to_array(t)) for t in rest)
     return skeleton, weights
@@ -316,9 +314,8 @@ def split_weights(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list]:
     """(the model's skeleton, its large float weights): the skeleton is the model without its large float
     initializers, each declared as a graph input of its type instead; the weights are the model's own TensorProtos,
     not copies. Without such weights, (model, [])."""
-    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
     weights = [t for t in model.graph.initializer
-               if t.data_type in floats and math.prod(t.dims) > SHAPE_DATA_ELEMENTS and t.data_location != TensorProto.EXTERNAL]
+               if t.data_type in FLOAT_WEIGHTS and math.prod(t.dims) > SHAPE_DATA_ELEMENTS and t.data_location != TensorProto.EXTERNAL]
     if not weights:
         return model, []
     removed = {t.name for t in weights}

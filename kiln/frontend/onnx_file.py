@@ -21,7 +21,8 @@ from onnx import TensorProto, helper
 # ModelProto.graph, GraphProto.initializer, and the TensorProto fields read here (onnx.proto's field numbers)
 MODEL_GRAPH, GRAPH_INITIALIZER = 7, 5
 TENSOR_DIMS, TENSOR_DATA_TYPE, TENSOR_SEGMENT, TENSOR_NAME, TENSOR_RAW_DATA, TENSOR_DATA_LOCATION = 1, 2, 3, 8, 9, 14
-FLOATS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+# the initializers taken out of the skeleton (here and by onnx.split_weights) are of these types
+FLOAT_WEIGHTS = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
 
 
@@ -78,7 +79,7 @@ def _raw_float_weight(data: bytes, view: memoryview, start: int, end: int, min_e
             raw = (value_start, field_end)
         elif number == TENSOR_SEGMENT or (number == TENSOR_DATA_LOCATION and value != TensorProto.DEFAULT):
             return None  # a segment, or data kept in another file
-    if name is None or raw is None or data_type not in FLOATS or math.prod(dims) <= min_elements:
+    if name is None or raw is None or data_type not in FLOAT_WEIGHTS or math.prod(dims) <= min_elements:
         return None
     dtype = np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
     count = math.prod(dims)

@@ -132,12 +132,16 @@ def _example_feed(graph: Graph, profiles: list, flow_dtype) -> dict:
     return device_feed
 
 
-def _signature(node: Node, args: list, allowed: list[str], flow: str) -> dict:
+def _attributes(node: Node) -> dict:
+    """A node's attributes as a timing-cache key sees them: small arrays as lists, large ones as "<tensor>", no bodies."""
     import numpy as np
 
-    attrs = {k: (v.tolist() if isinstance(v, np.ndarray) and v.size <= 16 else "<tensor>" if isinstance(v, np.ndarray) else v)
-             for k, v in node.attrs.items() if not hasattr(v, "nodes")}
-    return {"op": node.op_key, "attrs": attrs, "allowed": allowed, "flow": flow,
+    return {k: (v.tolist() if isinstance(v, np.ndarray) and v.size <= 16 else "<tensor>" if isinstance(v, np.ndarray) else v)
+            for k, v in node.attrs.items() if not hasattr(v, "nodes")}
+
+
+def _signature(node: Node, args: list, allowed: list[str], flow: str) -> dict:
+    return {"op": node.op_key, "attrs": _attributes(node), "allowed": allowed, "flow": flow,
             "inputs": [None if a is None else [list(a.shape), str(a.dtype), list(a.stride())] if hasattr(a, "stride") else repr(a)
                        for a in args]}
 
@@ -311,11 +315,9 @@ def _model_signature(plan) -> str:
     graph = plan.graph
     layers = []
     for node in graph.nodes:
-        attrs = {k: (v.tolist() if getattr(v, "size", 0) <= 16 and hasattr(v, "tolist") else repr(getattr(v, "shape", v)))
-                 for k, v in node.attrs.items() if not hasattr(v, "nodes")}
         shapes = [[str(graph.value(n).shape), str(graph.value(n).dtype)] if n and n in graph.values else None
                   for n in (*node.inputs, *node.outputs)]
-        layers.append([node.op_key, attrs, shapes])
+        layers.append([node.op_key, _attributes(node), shapes])
     config = {k: v for k, v in (plan.config or {}).items() if k != "extra"}
     text = json.dumps({"layers": layers, "config": config, "profiles": plan.profiles}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
