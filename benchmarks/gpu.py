@@ -168,7 +168,9 @@ def kiln_rows(name, batch, onnx_path, inputs, reference, runs, out: Path, cache_
                "build_stages_s": stages,
                "error": max_relative_error(output, reference), "cuda_graph": program.use_cuda_graph and program.graph_error is None,
                "graph_error": program.graph_error, "tuning": engine.plan.build_info.get("cuda_tuning"),
-               "tactics": _tactic_histogram(engine.plan.layers)}
+               "tactics": _tactic_histogram(engine.plan.layers),
+               "layers": {layer: {k: info.get(k) for k in ("op", "tactic", "precision", "times_ms")}
+                          for layer, info in engine.plan.layers.items()}}
         rows.append(row)
         print(f"  kiln {precision:5s} {latency:8.3f} ms  build {build_s:6.1f} s" + (f" (warm cache {warm_s:.1f} s)" if warm_s else "")
               + f"  err {row['error']:.2e}  graph={row['cuda_graph']}  stages {stages}", flush=True)

@@ -337,3 +337,20 @@ def test_elementwise_chain_times_kiln_triton_kernel_and_matches_onnxruntime(prec
     layer = next(layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::Elementwise")
     timed = {key.split("/")[0] for key in layer["times_ms"]}
     assert {"torch", "triton-chain-b512-w4", "triton-chain-b1024-w4", "triton-chain-b2048-w8"} <= timed, layer
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_softmax_outside_attention_builds_and_matches_onnxruntime(opset):
+    """A Softmax that no attention pattern absorbs is lowered as its own layer, whose candidates depend on the
+    opset's axis rule (opset 11 coerces to 2-D): a MatMul, then Softmax over axis 1 of a 3-D tensor."""
+    rng = np.random.default_rng(6)
+    inits = {"w": (rng.standard_normal((24, 40)) / 5).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["y"], axis=1)]
+    x = rng.standard_normal((3, 7, 24)).astype(np.float32)
+    model = make_model(nodes, {"x": x}, ["y"], inits, opset=opset)
+    model = _for_onnxruntime(model)
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    engine = kiln.build(model, BuilderConfig(device="cuda", fp16=True))
+    assert relative_error(engine.run({"x": x})["y"], expected) < RELATIVE["fp16"]
+

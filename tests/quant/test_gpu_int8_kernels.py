@@ -87,12 +87,17 @@ ws, b, xs = torch.rand(20, generator=g) * 0.01, torch.randn(20, generator=g), 0.
 res = torch.randn(2, 20, 5, 4, generator=g)
 want = qconv(x, wq, ws, b, res, x_scale=xs, strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1], group=1,
              kernel_shape=[3, 3], activation="relu")
-weight_k = wq.permute(2, 3, 1, 0).reshape(-1, 20).contiguous()
-got = K.conv_int8(x, weight_k, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (32, 32, 32, 4, 2))
+weight_nk = wq.permute(0, 2, 3, 1).reshape(20, -1).contiguous()
+got = K.conv_int8(x, weight_nk, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (32, 32, 32, 4, 2))
 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+quantized = K.quantize(x.permute(0, 2, 3, 1), xs).permute(0, 3, 1, 2)  # int8 input, channels-last: taken as is
+got = K.conv_int8(quantized, weight_nk, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (16, 32, 64, 4, 2))
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+got = K.conv_int8(quantized, weight_nk, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (16, 32, 64, 4, 2), out_scale=0.05)
+assert got.dtype == torch.int8 and torch.equal(got, quantize_activation(want, 0.05))  # int8 out, in the next layer's scale
 xg, wg, r = torch.randn(3, 5, 40, generator=g), torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8), torch.randn(3, 5, 24, generator=g)
 want = qgemm(xg, wg, ws.repeat(2)[:24], None, r, x_scale=xs, activation="gelu")
-got = K.gemm_int8(xg, wg.t().contiguous(), ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
+got = K.gemm_int8(xg, wg, ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 assert torch.equal(K.quantize(xg * 3, xs), quantize_activation(xg * 3, xs))
 acc = torch.randint(-1000, 1000, (6, 12), dtype=torch.int32)[:, :10]
@@ -102,7 +107,8 @@ print("ok")
 
 
 def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
-    """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU; the
+    """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
+    input and on an int8 one, with a float output and an int8 one, with a channel count that does not fill the last channel block; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

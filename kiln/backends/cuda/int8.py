@@ -222,13 +222,13 @@ def _int8_gemm(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
     if triton_available() and _triton_epilogue(activation):
         from .int8_kernels import CONV_CONFIGS, gemm_int8
 
-        weight_k, scale = wq.t().contiguous(), (w_scale.float() * x_scale).contiguous()
+        weight_nk, scale = wq.contiguous(), (w_scale.float() * x_scale).contiguous()
         fp32_bias = None if bias is None else bias.float().contiguous()
         for config in CONV_CONFIGS:
             def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-                return gemm_int8(x, weight_k, scale, fp32_bias, residual, x_scale, activation, flow, config)
+                return gemm_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, activation, flow, config)
 
-            found.append(Candidate("triton-int8-gemm-%dx%dx%d" % config[:3], "int8", run))
+            found.append(Candidate(f"triton-int8-gemm-{_blocks(config)}", "int8", run))
     return found
 
 
@@ -253,14 +253,19 @@ def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
     if triton_available() and _triton_epilogue(activation):
         from .int8_kernels import CONV_CONFIGS, conv_int8
 
-        weight_k = wq.permute(2, 3, 1, 0).reshape(-1, out_channels).contiguous()
+        weight_nk = wq.permute(0, 2, 3, 1).reshape(out_channels, -1).contiguous()
         geometry = (tuple(wq.shape[2:]), tuple(strides), tuple(pads[:2]), tuple(dilations))
         for config in CONV_CONFIGS:
             def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-                return conv_int8(x, weight_k, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config)
+                return conv_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config)
 
-            found.append(Candidate("triton-int8-implicit-gemm-%dx%dx%d" % config[:3], "int8", run))
+            found.append(Candidate(f"triton-int8-implicit-gemm-{_blocks(config)}", "int8", run))
     return found
+
+
+def _blocks(config) -> str:
+    """A Triton configuration's block shape as a tactic name shows it: BLOCK_M x BLOCK_N x BLOCK_K."""
+    return "x".join(str(size) for size in config[:3])
 
 
 def pointwise_rows(x, strides):

@@ -3,8 +3,10 @@ that quantizes its input as it loads it and dequantizes in its epilogue, and the
 torch._int_mm (quantize the input; dequantize, add bias and residual, activate).
 
 The products are int8 x int8 with int32 accumulation on the tensor cores (tl.dot with out_dtype int32): exact,
-like kiln::QConv's reference. Imported only when a CUDA engine is lowered (it needs triton); under
-TRITON_INTERPRET=1 the same kernels run on the CPU, which is how their arithmetic is tested without a GPU.
+like kiln::QConv's reference. Both operands are read K-contiguous (channels-last pixels, weight rows [N, K]), the
+layout Hopper's int8 tensor-core instructions take from shared memory, and the reduction over (kh, kw, channel
+block) is one loop, so Triton pipelines its loads. Imported only when a CUDA engine is lowered (it needs triton);
+under TRITON_INTERPRET=1 the same kernels run on the CPU, which is how their arithmetic is tested without a GPU.
 """
 from __future__ import annotations
 
@@ -14,7 +16,9 @@ import triton.language as tl
 from .triton_kernels import ACTIVATION_CODES, _activate
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) the tactic chooser times for each int8 convolution or matrix layer
-CONV_CONFIGS = ((64, 64, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 128, 4, 4))
+# (benchmarks/int8_conv.py on ResNet-50's convolutions: each of these is the fastest on some shape and batch)
+CONV_CONFIGS = ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 64, 4, 4),
+                (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))
 
 
 @triton.jit
@@ -27,34 +31,40 @@ def _round_int8(v):
 
 @triton.jit
 def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
-                      batch, height, width, out_h, out_w, out_channels,
+                      pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
-                      CHANNELS: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                      ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oh, ow) flattened
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
-    row_ok = rows < batch * out_h * out_w
+                      inverse_out_scale, KH: tl.constexpr, KW: tl.constexpr, CHANNEL_STEPS: tl.constexpr, QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # output-channel tiles run fastest, so the programs that share a tile of pixels run together (read once from DRAM)
+    column_tiles = tl.cdiv(out_channels, BLOCK_N)
+    rows = (tl.program_id(0) // column_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels (n, oh, ow) flattened
+    cols = (tl.program_id(0) % column_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)  # output channels
+    row_ok = rows < pixels
     col_ok = cols < out_channels
     ow = rows % out_w
     oh = (rows // out_w) % out_h
-    n = (rows // (out_w * out_h)).to(tl.int64)
+    image = (rows // (out_w * out_h)).to(tl.int64) * sx_n
+    top = oh * stride_h - pad_h
+    left = ow * stride_w - pad_w
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for kh in tl.static_range(KH):
-        for kw in tl.static_range(KW):
-            ih = oh * stride_h - pad_h + kh * dil_h
-            iw = ow * stride_w - pad_w + kw * dil_w
-            inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            base = n * sx_n + ih.to(tl.int64) * sx_h + iw.to(tl.int64) * sx_w
-            for c0 in range(0, CHANNELS, BLOCK_K):  # a compile-time count: one kernel per channel count
-                c = c0 + ks
-                a = tl.load(x_ptr + base[:, None] + c[None, :] * sx_c, mask=inside[:, None] & (c[None, :] < CHANNELS),
-                            other=0.0)
-                a = _round_int8(a.to(tl.float32) * inverse_scale)  # padding and tails load 0, which stays 0
-                k = (kh * KW + kw) * CHANNELS + c  # the weight's rows run (kh, kw, c)
-                b = tl.load(w_ptr + k[:, None].to(tl.int64) * out_channels + cols[None, :],
-                            mask=(c[:, None] < CHANNELS) & col_ok[None, :], other=0)
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    for step in range(KH * KW * CHANNEL_STEPS):  # (kh, kw, channel block): one loop, pipelined
+        tap = step // CHANNEL_STEPS
+        c = (step - tap * CHANNEL_STEPS) * BLOCK_K + ks
+        kh = tap // KW
+        ih = top + kh * dil_h
+        iw = left + (tap - kh * KW) * dil_w
+        inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+        channel_ok = c < channels
+        a = tl.load(x_ptr + (image + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
+                    mask=inside[:, None] & channel_ok[None, :], other=0)
+        if not QUANTIZED_INPUT:
+            a = _round_int8(a.to(tl.float32) * inverse_scale)  # padding and tails load 0, which stays 0
+        k = tap * channels + c  # the weight's columns run (kh, kw, c)
+        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * k_total + k[:, None], mask=channel_ok[:, None] & col_ok[None, :],
+                    other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -63,13 +73,17 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
     if HAS_RESIDUAL:
         y += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     y = _activate(y, ACTIVATION)
+    if QUANTIZED_OUTPUT:  # handed to the next int8 layer as int8, in its input scale
+        y = _round_int8(y * inverse_out_scale)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def conv_int8(x, weight_k, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config):
-    """y = activation(conv(quant(x), Wq) * scale + bias + residual) for a 4-D x in any layout, one kernel.
+def conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config,
+              out_scale: float | None = None):
+    """y = activation(conv(quant(x), Wq) * scale + bias + residual) for a 4-D x in any layout, one kernel; an int8
+    x is taken as already quantized (by x_scale); with out_scale, y is quantized by it and returned as int8.
 
-    weight_k: int8 [KH * KW * C, C_out] (rows in (kh, kw, c) order); scale: float32 [C_out] (x_scale * w_scale);
+    weight_nk: int8 [C_out, KH * KW * C] (columns in (kh, kw, c) order); scale: float32 [C_out] (x_scale * w_scale);
     geometry: (kernel (KH, KW), strides, pads (top, left), dilations). The result is NCHW in shape and
     channels-last in memory; residual is read channels-last (made so when it is not)."""
     import torch
@@ -78,40 +92,45 @@ def conv_int8(x, weight_k, scale, bias, residual, x_scale: float, geometry, acti
     batch, channels, height, width = x.shape
     out_h = (height + 2 * pad_h - dil_h * (kh - 1) - 1) // stride_h + 1
     out_w = (width + 2 * pad_w - dil_w * (kw - 1) - 1) // stride_w + 1
-    out_channels = weight_k.shape[1]
-    y = torch.empty((batch, out_h, out_w, out_channels), dtype=out_dtype, device=x.device)
+    out_channels = weight_nk.shape[0]
+    y = torch.empty((batch, out_h, out_w, out_channels), dtype=torch.int8 if out_scale else out_dtype, device=x.device)
     if residual is not None:
         residual = residual.contiguous(memory_format=torch.channels_last)
-    sx_n, sx_c, sx_h, sx_w = x.stride()
-    _launch(x, weight_k, scale, bias, residual, y, (batch, height, width, channels, out_h, out_w, out_channels),
-            (sx_n, sx_c, sx_h, sx_w), (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w), x_scale, (kh, kw), activation,
-            config)
+    _launch(x, weight_nk, scale, bias, residual, y, (batch * out_h * out_w, height, width, out_h, out_w, channels),
+            x.stride(), (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w), x_scale, (kh, kw), activation, config,
+            out_scale)
     return y.permute(0, 3, 1, 2)
 
 
-def gemm_int8(x, weight_k, scale, bias, residual, x_scale: float, activation: str, out_dtype, config):
-    """y = activation((quant(x) @ Wq^T) * scale + bias + residual) in one kernel; weight_k int8 [K, N]."""
+def gemm_int8(x, weight_nk, scale, bias, residual, x_scale: float, activation: str, out_dtype, config):
+    """y = activation((quant(x) @ Wq^T) * scale + bias + residual) in one kernel; weight_nk int8 [N, K]."""
     import torch
 
     x = x if x.stride(-1) == 1 else x.contiguous()
-    inner, out_features = x.shape[-1], weight_k.shape[1]
+    inner, out_features = x.shape[-1], weight_nk.shape[0]
     rows = x.numel() // inner if inner else 0
     flat = x.reshape(rows, inner)
     y = torch.empty((rows, out_features), dtype=out_dtype, device=x.device)
     if residual is not None:
         residual = residual.reshape(rows, out_features).contiguous()
-    _launch(flat, weight_k, scale, bias, residual, y, (rows, 1, 1, inner, 1, 1, out_features),
-            (flat.stride(0), 1, 0, 0), (1, 1, 0, 0, 1, 1), x_scale, (1, 1), activation, config)
+    _launch(flat, weight_nk, scale, bias, residual, y, (rows, 1, 1, 1, 1, inner), (flat.stride(0), 1, 0, 0),
+            (1, 1, 0, 0, 1, 1), x_scale, (1, 1), activation, config)
     return y.reshape(*x.shape[:-1], out_features)
 
 
-def _launch(x, weight_k, scale, bias, residual, y, sizes, strides, geometry, x_scale, kernel, activation, config):
+def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_scale, kernel, activation, config,
+            out_scale=None):
+    import torch
+
     block_m, block_n, block_k, warps, stages = config
-    batch, height, width, channels, out_h, out_w, out_channels = sizes
-    grid = (triton.cdiv(batch * out_h * out_w, block_m), triton.cdiv(out_channels, block_n))
-    _conv_int8_kernel[grid](x, weight_k, scale, bias if bias is not None else scale, residual if residual is not None else y,
-                            y, batch, height, width, out_h, out_w, out_channels, *strides, *geometry, 1.0 / x_scale,
-                            CHANNELS=channels, KH=kernel[0], KW=kernel[1],
+    pixels, height, width, out_h, out_w, channels = sizes
+    out_channels, k_total = weight_nk.shape
+    grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
+    _conv_int8_kernel[grid](x, weight_nk, scale, bias if bias is not None else scale, residual if residual is not None else y,
+                            y, pixels, height, width, out_h, out_w, channels, out_channels, k_total, *strides, *geometry,
+                            1.0 / x_scale, 1.0 / out_scale if out_scale else 1.0, KH=kernel[0], KW=kernel[1],
+                            CHANNEL_STEPS=triton.cdiv(channels, block_k), QUANTIZED_INPUT=x.dtype == torch.int8,
+                            QUANTIZED_OUTPUT=y.dtype == torch.int8,
                             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                             ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                             num_warps=warps, num_stages=stages)
