@@ -174,3 +174,88 @@ def test_onednn_linear_with_residual(bf16):
     expected = reference(graph, feed)
     assert actual.dtype == torch.float32, "an fp32 residual keeps the sum in fp32"
     assert (actual - expected).norm() / expected.norm() < (1e-2 if bf16 else 1e-6)
+
+
+def pointwise_graph(activation, bias=True, channels=(16, 24), size=6, batch=2):
+    cin, cout = channels
+    inputs = ("x", "w", "b") if bias else ("x", "w")
+    node = Node("Conv", inputs, ("y",), {"dilations": [1, 1], "group": 1, "kernel_shape": [1, 1], "pads": [0, 0, 0, 0],
+                                         "strides": [1, 1], "activation": activation, "activation_params": []},
+                name="conv", domain="kiln")
+    initializers = {"w": (rng.standard_normal((cout, cin, 1, 1)) * 0.3).astype(np.float32)}
+    if bias:
+        initializers["b"] = rng.standard_normal(cout).astype(np.float32)
+    return Graph([node], [Value("x", DType.float32, (batch, cin, size, size))],
+                 [Value("y", DType.float32, (batch, cout, size, size))], initializers=initializers, opsets={"": 18, "kiln": 1})
+
+
+@pytest.mark.parametrize("activation", ["", "relu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_small_pointwise_conv_runs_as_a_matrix_product(activation, bias, channels_last):
+    """A small 1x1 convolution runs as MKL's matrix product over the pixels (oneDNN's call costs more than its
+    work) and returns the channels-last tensor oneDNN would; its numbers match the reference convolution."""
+    graph = pointwise_graph(activation, bias)
+    tactic = fast.choose(graph.nodes[0], graph, bf16=False)
+    assert tactic.name == "onednn-linear"
+    x = torch.randn(2, 16, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        actual = tactic.run(x, None, None)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual, reference(graph, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_large_or_fused_pointwise_convs_stay_onednn():
+    large = pointwise_graph("relu", channels=(512, 1000), size=13, batch=1)
+    assert fast.choose(large.nodes[0], large, bf16=False).name == "onednn-packed"
+    sigmoid = pointwise_graph("sigmoid")  # only ReLU runs in place after the product
+    assert fast.choose(sigmoid.nodes[0], sigmoid, bf16=False).name == "onednn-packed"
+    residual = pointwise_graph("relu")  # oneDNN adds a residual as a post-op
+    residual.nodes[0] = residual.nodes[0].replace(inputs=("x", "w", "b", "r"))
+    residual.inputs.append(Value("r", DType.float32, (2, 24, 6, 6)))
+    assert fast.choose(residual.nodes[0], residual, bf16=False).name == "onednn-packed"
+    assert fast.choose(pointwise_graph("relu").nodes[0], pointwise_graph("relu"), bf16=True).name == "onednn-packed"
+
+
+def residual_block_model(residual_is_output: bool, residual_is_input: bool = False):
+    """t = relu(conv(x)); y = relu(conv(u) + t), u = relu(conv(t)) (or t itself): the last convolution reads t as its
+    fused residual, last."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    c = 8
+    weights = [numpy_helper.from_array((rng.standard_normal((c, c, 3, 3)) * 0.2).astype(np.float32), name) for name in ("w1", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["t"]),
+             helper.make_node("Conv", ["t", "w1"], ["c3"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c3"], ["u"]),
+             helper.make_node("Conv", ["t" if residual_is_input else "u", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c2", "t"], ["s"]), helper.make_node("Relu", ["s"], ["y"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 6, 6])]
+    if residual_is_output:
+        outputs.append(helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, c, 6, 6]))
+    graph = helper.make_graph(nodes, "block", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 6, 6])],
+                              outputs, weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("residual_is_output, residual_is_input", [(False, False), (True, False), (False, True)])
+def test_a_dying_residual_takes_the_convolution_sum_in_place(residual_is_output, residual_is_input):
+    """The block's last convolution adds into t's buffer only where nothing reads t afterwards (here: unless t is
+    also a graph output) and it does not read t as its input too; either way the outputs equal onnxruntime's, on
+    every run."""
+    import onnxruntime as ort
+
+    model = residual_block_model(residual_is_output, residual_is_input)
+    engine = kiln.build(model, kiln.BuilderConfig())
+    graph = engine.plan.graph
+    fused = [n for n in graph.nodes if n.op_key == "kiln::Conv" and len(n.inputs) > 3 and n.inputs[3]]
+    assert len(fused) == 1
+    assert fast._residual_dies_here(fused[0], graph) is not (residual_is_output or residual_is_input)
+    x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    for _ in range(2):
+        outputs = engine.run({"x": x})
+        for name, want in zip(["y", "t"], expected):
+            np.testing.assert_allclose(np.asarray(outputs[name]), want, rtol=1e-5, atol=1e-5)
