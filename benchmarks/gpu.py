@@ -42,11 +42,20 @@ PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "int8", "fp8")
 CALIB_FEEDS = 4
 
 
-def median_ms(run, runs: int, warmup: int = 10) -> float:
+def median_ms(run, runs: int, warmup: int = 10, warmup_seconds: float = 0.5) -> float:
+    """Median of `runs` calls, each timed alone with CUDA events, after at least `warmup` calls and `warmup_seconds`
+    of them: a GPU left idle through a long build (an int8 build compiles for minutes) runs its first milliseconds
+    at lower clocks, which a latency of half a millisecond would otherwise measure."""
+    import time
+
     import torch
 
-    for _ in range(warmup):
+    began, calls = time.perf_counter(), 0
+    while calls < warmup or time.perf_counter() - began < warmup_seconds:
         run()
+        calls += 1
+        if calls % 10 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     times = []
     for _ in range(runs):
