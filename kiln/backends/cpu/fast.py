@@ -139,20 +139,10 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
             y = convolve(x.contiguous(memory_format=channels_last), packed, bias, padding, stride, dilation, groups,
                          "none", [], "")
             return apply_activation(y.add_(residual.to(dtype)), activation, params)
-    elif len(node.inputs) > 3 and node.inputs[3] and _residual_dies_here(node, graph):
+    elif len(node.inputs) > 3 and node.inputs[3]:
+        in_place = _residual_dies_here(node, graph)
         accumulate = torch.ops.mkldnn._convolution_pointwise_.binary
 
-        def run(x, w_unused, b_unused, residual):
-            if x.dtype != dtype:
-                x = x.to(dtype)
-            if residual.dtype != dtype:
-                residual = residual.to(dtype)
-            x = x.contiguous(memory_format=channels_last)
-            residual = residual.contiguous(memory_format=channels_last)
-            # the sum lands in the residual's own buffer, which nothing reads after this layer
-            return accumulate(residual, x, packed, bias, padding, stride, dilation, groups, "add", None,
-                              attr if attr != "none" else None, scalars, algorithm or None)
-    elif len(node.inputs) > 3 and node.inputs[3]:
         def run(x, w_unused, b_unused, residual):
             if x.dtype != dtype:
                 x = x.to(dtype)
@@ -161,8 +151,10 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
             # oneDNN adds the residual in its own layout: both NHWC
             x = x.contiguous(memory_format=channels_last)
             residual = residual.contiguous(memory_format=channels_last)
-            return convolve.binary(x, residual, packed, bias, padding, stride, dilation, groups, "add", None,
-                                   attr if attr != "none" else None, scalars, algorithm or None)
+            post_op = ("add", None, attr if attr != "none" else None, scalars, algorithm or None)
+            if in_place:  # the sum lands in the residual's own buffer, which nothing reads after this layer
+                return accumulate(residual, x, packed, bias, padding, stride, dilation, groups, *post_op)
+            return convolve.binary(x, residual, packed, bias, padding, stride, dilation, groups, *post_op)
     else:
         def run(x, *unused):
             if x.dtype != dtype:
