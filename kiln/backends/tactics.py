@@ -110,8 +110,12 @@ def choose(candidates: list[Candidate], args: list, reference: Callable, signatu
             continue
         del output
         times[candidate.key] = round(median_ms(candidate.run, args), 5)
-    if not times:
-        raise AssertionError(f"no tactic ran for {signature.get('op')}: {rejected}")  # the reference candidate always runs
+    if not times:  # where the step's own kernel is a candidate it always runs; an int8 hand-off layer has none
+        from ..errors import BuildError
+
+        raise BuildError(f"no tactic of this {signature.get('op')} layer ran or agreed with its reference",
+                         code="KILN-E201", where="; ".join(f"{key}: {why}" for key, why in rejected.items())[:600],
+                         hint="report this with the model: each tactic's reason for rejection is listed above")
     chosen = min(times, key=times.get)
     if cache is not None:
         cache.put(signature, times, chosen)

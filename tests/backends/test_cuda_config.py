@@ -130,3 +130,24 @@ def test_candidates_are_offered_for_layers_that_read_the_graph_without_a_gpu():
                       opsets={"": 13, "kiln": 1})
         offered = lowering._candidates(node, graph, {}, torch.relu, ["fp32"], torch.float32)
         assert offered and all(callable(c.run) for c in offered), node.op
+
+
+def test_a_layer_whose_every_tactic_fails_is_a_clear_build_error(monkeypatch):
+    """choose() with no candidate that runs (an int8 hand-off layer has no float fallback to fall back on): a
+    KILN-E201 naming each tactic's reason, not an assertion. torch.cuda's bookkeeping is stubbed: no GPU needed."""
+    import torch
+
+    from kiln.backends.tactics import Candidate, choose
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+
+    def broken(*args):
+        raise RuntimeError("triton compile failed")
+
+    candidates = [Candidate("triton-int8-a", "int8", broken), Candidate("triton-int8-b", "int8", broken)]
+    with pytest.raises(KilnError) as caught:
+        choose(candidates, [], lambda: None, {"op": "kiln::QConv"}, None)
+    assert caught.value.code == "KILN-E201" and "triton-int8-a/int8: RuntimeError: triton compile failed" in caught.value.where
