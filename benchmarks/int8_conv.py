@@ -56,7 +56,8 @@ OUT_SCALE = 0.05
 
 
 def _runner(shape, batch, config, kind):
-    """A zero-argument call of the int8 kernel on this shape, its output, and the fp64 reference (batch 2 only)."""
+    """(a zero-argument call of the int8 kernel on this shape, the case's tensors: x, wq, w_scale, bias, x_scale,
+    pad, stride)."""
     import torch
 
     from kiln.backends.cuda.int8_kernels import conv_int8, quantize
@@ -81,13 +82,15 @@ def _check(shape, config, kind) -> float:
     import torch
     import torch.nn.functional as F
 
+    from kiln.ops.quantize import quantize_activation
+
     run, (x, wq, w_scale, bias, x_scale, pad, stride) = _runner(shape, 2, config, kind)
     got = run()
-    xq = torch.clamp(torch.round(x.float() * (1.0 / x_scale)), -128, 127).double()  # the kernels' rounding
+    xq = quantize_activation(x, x_scale).double()  # the kernels' rounding
     want = F.conv2d(xq, wq.double(), stride=stride, padding=pad) * (w_scale.double() * x_scale)[None, :, None, None]
     want = torch.relu(want + bias.double()[None, :, None, None])
     if got.dtype == torch.int8:
-        steps = torch.clamp(torch.round(want / OUT_SCALE), -128, 127) - got.double()
+        steps = quantize_activation(want, OUT_SCALE).double() - got.double()
         return -float(steps.abs().max())
     got = got.double()
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
@@ -164,7 +167,8 @@ def main() -> None:
                      + ", ".join(f"{k} {v:.3f}" for k, v in totals.items()))
         print(lines[-1], flush=True)
         rows.append({"batch": batch, "totals_ms": totals})
-    (out / "results.json").write_text(json.dumps({"worst_error": worst, "wrong": [[*job, e] for job, e in wrong.items()], "rows": rows}, indent=1))
+    results = {"worst_error": worst, "wrong": [[*job, e] for job, e in wrong.items()], "rows": rows}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 

@@ -193,8 +193,8 @@ def pointwise_graph(activation, bias=True, channels=(16, 24), size=6, batch=2):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_small_pointwise_conv_runs_as_a_matrix_product(activation, bias, channels_last):
-    """A small 1x1 convolution runs as MKL's matrix product over the pixels (oneDNN's call costs more than its
-    work) and returns the channels-last tensor oneDNN would; its numbers match the reference convolution."""
+    """A small 1x1 convolution runs as oneDNN's matrix product over the pixels (the convolution's call costs more
+    than its work) and returns the channels-last tensor the convolution would; its numbers match the reference."""
     graph = pointwise_graph(activation, bias)
     tactic = fast.choose(graph.nodes[0], graph, bf16=False)
     assert tactic.name == "onednn-linear"

@@ -117,13 +117,13 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     dtype = torch.bfloat16 if bf16 else torch.float32
     padding, stride, dilation = pads[:2], list(node.attrs["strides"]), list(node.attrs["dilations"])
     groups = int(node.attrs["group"])
-    if _small_pointwise(node, weight, example, bf16):
-        return _conv_as_linear(node, graph, weight, math.prod(example) // example[1])
-    w = torch.from_numpy(weight.copy()).to(dtype)
-    packed = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, example)
     bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
+    if _small_pointwise(node, weight, example, bf16):
+        return _conv_as_linear(weight, bias, (attr, scalars, algorithm), math.prod(example) // example[1])
+    w = torch.from_numpy(weight.copy()).to(dtype)
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w, padding, stride, dilation, groups, example)
     convolve = torch.ops.mkldnn._convolution_pointwise
     channels_last = torch.channels_last
 
@@ -206,22 +206,20 @@ def _small_pointwise(node: Node, weight, example: list[int], bf16: bool) -> bool
     return pointwise and activation and not residual and not bf16 and macs < SMALL_POINTWISE_MACS
 
 
-def _conv_as_linear(node: Node, graph: Graph, weight, rows: int) -> Tactic:
+def _conv_as_linear(weight, bias, post_op: tuple, rows: int) -> Tactic:
     """A 1x1 convolution as oneDNN's matrix product over the pixels of its NHWC input (a view, no copy), bias and
-    ReLU fused; the result is the NHWC (channels-last) tensor oneDNN's convolution would have returned."""
+    the convolution's post-op (_post_op's) fused; the result is the NHWC (channels-last) tensor oneDNN's
+    convolution would have returned."""
     import torch
 
     out_channels = weight.shape[0]
     packed = torch.ops.mkldnn._reorder_linear_weight(torch.from_numpy(weight.reshape(out_channels, -1).copy()), rows)
-    bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
-    bias = torch.from_numpy(graph.initializers[bias_name].copy()) if bias_name else None
-    attr = "relu" if node.attrs.get("activation", "") == "relu" else "none"
     linear, channels_last = torch.ops.mkldnn._linear_pointwise, torch.channels_last
 
     def run(x, *unused):
         n, c, h, w = x.shape
         pixels = x.contiguous(memory_format=channels_last).permute(0, 2, 3, 1).reshape(n * h * w, c)
-        y = linear(pixels, packed, bias, attr, [], "")
+        y = linear(pixels, packed, bias, *post_op)
         return y.view(n, h, w, out_channels).permute(0, 3, 1, 2)
 
     return Tactic(run, "onednn-linear", "fp32")

@@ -33,7 +33,8 @@ def _round_int8(v):
 def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
                       pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
-                      inverse_out_scale, KH: tl.constexpr, KW: tl.constexpr, CHANNEL_STEPS: tl.constexpr, QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      inverse_out_scale, KH: tl.constexpr, KW: tl.constexpr, CHANNEL_STEPS: tl.constexpr,
+                      QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
                       HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # output-channel tiles run fastest, so the programs that share a tile of pixels run together (read once from DRAM)
