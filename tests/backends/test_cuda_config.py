@@ -132,6 +132,61 @@ def test_candidates_are_offered_for_layers_that_read_the_graph_without_a_gpu():
         assert offered and all(callable(c.run) for c in offered), node.op
 
 
+def _qconv(name, x, y, x_scale, kernel=(1, 1), residual="", group=1, activation="relu"):
+    from kiln.ir import Node
+
+    return Node("QConv", (x, f"{name}.w", f"{name}.s", "", residual), (y,), name=name, domain="kiln",
+                attrs={"x_scale": x_scale, "kernel_shape": list(kernel), "group": group, "pads": [0, 0, 0, 0],
+                       "strides": [1, 1], "dilations": [1, 1], "activation": activation})
+
+
+def test_int8_handoff_takes_the_tensors_only_int8_convolutions_read():
+    """A tensor is handed on in int8 when a Triton-run int8 conv makes it and Triton-run int8 convs read it as
+    their input, all in one scale; not when anything else reads it (a pool, a residual, a grouped conv), when
+    its readers' scales differ, or when it is a graph output."""
+    from kiln.backends.cuda.int8 import handoff_scales
+    from kiln.ir import Node
+
+    nodes = [
+        _qconv("a", "x", "t1", 0.1, kernel=(3, 3)),
+        _qconv("b", "t1", "t2", 0.2, residual="x"),  # t1: read only by b's input -> handed on at b's scale
+        _qconv("c", "t2", "t3", 0.3),
+        _qconv("d", "t2", "t4", 0.3),  # t2: two readers, one scale -> handed on
+        Node("MaxPool", ("t3",), ("p",), name="pool"),  # t3: a pool reads it -> not
+        _qconv("e", "t4", "t5", 0.4),  # t4 -> handed on
+        _qconv("f", "p", "t6", 0.5, residual="t5"),  # t5: read as a residual -> not
+        _qconv("g", "t6", "t7", 0.6),
+        _qconv("h", "t6", "t8", 0.7),  # t6: two scales -> not
+        _qconv("i", "t7", "t9", 0.8, group=2),  # t7: a grouped reader (no Triton int8 kernel) -> not
+        _qconv("j", "t8", "y", 0.9),  # t8 -> handed on; y is the graph output -> not
+    ]
+    assert handoff_scales(nodes, {"y", "t9"}) == {"t1": 0.2, "t2": 0.3, "t4": 0.4, "t8": 0.9}
+
+
+def test_whole_engine_variant_names_map_to_lowering_options():
+    from kiln.backends.cuda.lowering import _variant
+
+    assert _variant("per-layer choice") == {}
+    assert _variant("all channels-last") == {"conv_layout": "nhwc"}
+    assert _variant("all channels-last + int8 hand-off") == {"conv_layout": "nhwc", "int8_handoff": True}
+    assert _variant("per-layer") is None and _variant(None) is None
+
+
+def test_int8_handoff_takes_residuals_when_an_input_sets_the_scale():
+    """A block's output read as one conv's input and another's residual is handed on in the input's scale (the
+    residual reader dequantizes it); a tensor read only as a residual has no input scale and stays float."""
+    from kiln.backends.cuda.int8 import handoff_scales
+
+    nodes = [
+        _qconv("a", "x", "block", 0.1),
+        _qconv("b", "block", "t1", 0.2),
+        _qconv("c", "t1", "t2", 0.3, residual="block"),  # block: input of b, residual of c -> handed on at 0.2
+        _qconv("d", "t2", "shortcut", 0.4),
+        _qconv("e", "t2", "y", 0.4, residual="shortcut"),  # shortcut: only a residual -> not
+    ]
+    assert handoff_scales(nodes, {"y"}) == {"block": 0.2, "t1": 0.3, "t2": 0.4}
+
+
 def test_a_layer_whose_every_tactic_fails_is_a_clear_build_error(monkeypatch):
     """choose() with no candidate that runs (an int8 hand-off layer has no float fallback to fall back on): a
     KILN-E201 naming each tactic's reason, not an assertion. torch.cuda's bookkeeping is stubbed: no GPU needed."""

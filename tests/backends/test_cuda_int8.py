@@ -100,14 +100,42 @@ def test_cnn_int8_matches_onnxruntime_and_times_int8_tactics(cnn, half):
     assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
     layers = int8_layers(engine)
     assert len(layers) == 5, "every convolution and the matrix layer was quantized"
+    handed_off = bool(engine.plan.build_info["cuda_tuning"].get("int8_handoff"))  # that whole engine was faster
     for name, layer in layers.items():
         assert timed_int8(layer), f"{name}: no int8 tactic was timed: {layer}"
         fallbacks = [key for key in layer["times_ms"] if key.startswith("fallback-")]
-        assert fallbacks, f"{name}: the float fallbacks were not timed beside int8"
+        # in an int8 hand-off engine, the layers on either side of a handed-on tensor run int8 kernels only
+        on_handoff = layer["tactic"].endswith("-int8-out") or layer.get("int8_inputs")
+        assert fallbacks or on_handoff, f"{name}: the float fallbacks were not timed beside int8"
         assert layer["precision"] in (("int8", "fp16") if half else ("int8", "fp32")), layer
     pointwise = [layer for layer in layers.values() if any(k.startswith("int8-cublaslt-1x1") for k in layer["times_ms"])]
-    assert len(pointwise) == 2, "both 1x1 convolutions were offered as int8 GEMMs"
+    assert len(pointwise) == (0 if handed_off else 2), "the 1x1 convolutions (both on the hand-off) were offered as int8 GEMMs"
     assert engine.plan.build_info["cuda_tuning"]["flow"] == ("fp16" if half else "fp32")
+
+
+def test_cnn_int8_handoff_engine_is_timed_whole_and_matches_onnxruntime(cnn):
+    """c1's, c2's and c3's outputs are each read only by the next convolution's input (c4's goes to the pool): an
+    int8 build also lowers the engine that hands those three on in int8, times it whole beside the per-layer
+    one, and keeps the faster. Lowered so on its own, that engine writes them in int8 (-int8-out tactics), its
+    readers take them as they are, and its output stays within the int8 tolerance."""
+    import dataclasses
+
+    import torch
+
+    from kiln.backends.cuda.lowering import _lower
+
+    model, calib, feed, expected = cnn
+    engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib))
+    variants = engine.plan.build_info["cuda_tuning"]["whole_engine_ms"]
+    assert any("int8 hand-off" in name for name in variants), variants
+    untuned = {k: v for k, v in engine.plan.build_info.items() if k not in ("cuda_tactics", "cuda_tuning")}
+    program = _lower(dataclasses.replace(engine.plan, build_info=untuned), int8_handoff=True)
+    info = program.layer_info
+    assert sum(layer["tactic"].endswith("-int8-out") for layer in info.values()) == 3, info
+    assert sum("input" in layer.get("int8_inputs", []) for layer in info.values()) == 3, info
+    out = program.execute({"x": torch.from_numpy(feed["x"]).cuda()})["y"].float().cpu().numpy()
+    relative, cosine = agreement(out, expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
 
 
 def test_cnn_int8_obey_runs_every_layer_int8(cnn):

@@ -95,6 +95,27 @@ got = K.conv_int8(quantized, weight_nk, ws * xs, b, res, xs, ((3, 3), (2, 2), (1
 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 got = K.conv_int8(quantized, weight_nk, ws * xs, b, res, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32, (16, 32, 64, 4, 2), out_scale=0.05)
 assert got.dtype == torch.int8 and torch.equal(got, quantize_activation(want, 0.05))  # int8 out, in the next layer's scale
+from kiln.backends.cuda.int8 import int8_candidates
+from kiln.backends.tactics import relative_error
+from kiln.ir import Node
+node = Node("QConv", ("x", "w", "s", "b", "r"), ("y",), domain="kiln", name="q", attrs={"x_scale": xs,
+            "kernel_shape": [3, 3], "group": 1, "pads": [1, 1, 1, 1], "strides": [2, 2], "dilations": [1, 1], "activation": "relu"})
+handed_out = int8_candidates(node, wq, ws, b, ["fp32"], torch.float32, False, False, out_scale=0.05, int8_input=True)
+handed_in = int8_candidates(node, wq, ws, b, ["fp32"], torch.float32, False, False, int8_input=True)
+assert all(c.precision == "int8" and c.name.endswith("-int8-out") for c in handed_out)
+assert all(c.precision == "int8" and not c.name.endswith("-int8-out") for c in handed_in)
+res_q = K.quantize(res.permute(0, 2, 3, 1), 0.04).permute(0, 3, 1, 2)  # a residual handed on in int8
+want = qconv(x, wq, ws, b, res_q.float() * 0.04, x_scale=xs, strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1],
+             group=1, kernel_shape=[3, 3], activation="relu")
+got = K.conv_int8(quantized, weight_nk, ws * xs, b, res_q, xs, ((3, 3), (2, 2), (1, 1), (1, 1)), "relu", torch.float32,
+                  (16, 32, 64, 4, 2), residual_scale=0.04)
+torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+handed_res = int8_candidates(node, wq, ws, b, ["fp32"], torch.float32, False, False, int8_input=True, residual_scale=0.04)
+args = [quantized, wq, ws, b, res_q]
+assert relative_error(handed_res[0].run(*args), handed_res[0].reference(*args)) < 1e-3
+for candidate in (handed_in[0], handed_out[0]):  # int8 in; float out, int8 out
+    args = [quantized, wq, ws, b, res]
+    assert relative_error(candidate.run(*args), candidate.reference(*args)) < 1e-3, candidate.name
 xg, wg, r = torch.randn(3, 5, 40, generator=g), torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8), torch.randn(3, 5, 24, generator=g)
 want = qgemm(xg, wg, ws.repeat(2)[:24], None, r, x_scale=xs, activation="gelu")
 got = K.gemm_int8(xg, wg, ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
@@ -108,7 +129,8 @@ print("ok")
 
 def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
-    input and on an int8 one, with a float output and an int8 one, with a channel count that does not fill the last channel block; the
+    input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
+    hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

@@ -7,6 +7,11 @@ the fp8 candidates of matrix layers, which kiln/backends/cuda/lowering.py times 
 - int8 convolutions: 1x1 ones as that int8 GEMM over channels-last pixels (stride 2 by sampling first), any
   ungrouped one as kiln's Triton implicit-GEMM int8 kernel (kiln/backends/cuda/int8_kernels.py). A grouped
   convolution has no int8 tactic: it runs its float tactics, and the build log says so, as TensorRT's does;
+- the int8 hand-off: in an engine lowered with it, a convolution whose output only such convolutions read
+  (handoff_scales) writes it in int8 in their input scale, and they read it as it is (Triton kernels only, on
+  both sides). The gain is the readers' (int8 loads go straight to shared memory) and half the bytes moved, so
+  no one layer's timing can choose it: the lowering times the whole engine with it and without, and keeps the
+  faster;
 - fp8 e4m3 (compute capability 8.9+): torch._scaled_mm with per-tensor scales (the weight's |max|, the
   input's calibrated |max|) passed to the kernel, so dequantization and bias happen inside the GEMM.
 
@@ -137,15 +142,23 @@ def dequantized(wq, w_scale):
     return wq.float() * w_scale.float().reshape(-1, *([1] * (wq.dim() - 1)))
 
 
-def int8_candidates(node: Node, wq, w_scale, bias, precisions: list[str], flow, pinned: bool, fp8: bool) -> list[Candidate]:
+def int8_candidates(node: Node, wq, w_scale, bias, precisions: list[str], flow, pinned: bool, fp8: bool,
+                    out_scale: float | None = None, int8_input: bool = False,
+                    residual_scale: float | None = None) -> list[Candidate]:
     """Candidates of a kiln::QGemm / kiln::QConv step: its int8 tactics, and unless the layer is pinned to int8
     (obey), its float tactics as fallbacks and, with --fp8, its fp8 ones. Called with the step's inputs
-    (X, Wq, Ws, B?, R?); float weights, bias and scales come prepared from the graph's fp32 initializers."""
+    (X, Wq, Ws, B?, R?); float weights, bias and scales come prepared from the graph's fp32 initializers.
+
+    The int8 hand-off (handoff_scales), in an engine lowered with it: with out_scale, the convolution writes its
+    output in int8 in that scale (its readers' input scale); int8_input: its X arrives so; residual_scale: its
+    residual arrives in int8, in that scale. Each way only kiln's Triton kernels, which do all three, are offered."""
     from . import candidates as cands
 
     x_scale = float(node.attrs["x_scale"])
     has_residual = len(node.inputs) > 4 and bool(node.inputs[4])
     conv = node.op == "QConv"
+    if out_scale is not None or int8_input or residual_scale is not None:
+        return _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow, out_scale, int8_input, residual_scale)
     found = _int8_conv(node, wq, w_scale, bias, x_scale, flow) if conv else _int8_gemm(node, wq, w_scale, bias, x_scale, flow)
     if pinned:
         if not found:
@@ -233,34 +246,106 @@ def _int8_gemm(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
 
 
 def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Candidate]:
-    from .candidates import triton_available
-
     pads = list(node.attrs.get("pads") or [0, 0, 0, 0])
-    strides, dilations = list(node.attrs["strides"]), list(node.attrs["dilations"])
+    strides = list(node.attrs["strides"])
     group, activation = int(node.attrs.get("group", 1)), node.attrs.get("activation", "")
     params = tuple(node.attrs.get("activation_params", ()))
     if wq.dim() != 4 or group != 1 or pads[:2] != pads[2:]:
         return []
     found = []
     out_channels, channels = wq.shape[:2]
-    scale = (w_scale.float() * x_scale).contiguous()
-    fp32_bias = None if bias is None else bias.float().contiguous()
     if tuple(wq.shape[2:]) == (1, 1) and not any(pads):
         for name, fused in [("int8-cublaslt-1x1", False)] + ([("int8-cublaslt-1x1+triton", True)] if _triton_epilogue(activation) else []):
             layer = Int8Linear.prepare(wq.reshape(out_channels, channels), w_scale, bias, x_scale, activation, params,
                                        device=wq.device, out_dtype=flow, triton=fused)
             found.append(Candidate(name, "int8", _pointwise(layer, strides)))
-    if triton_available() and _triton_epilogue(activation):
-        from .int8_kernels import CONV_CONFIGS, conv_int8
+    return found + _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow)
 
-        weight_nk = wq.permute(0, 2, 3, 1).reshape(out_channels, -1).contiguous()
-        geometry = (tuple(wq.shape[2:]), tuple(strides), tuple(pads[:2]), tuple(dilations))
-        for config in CONV_CONFIGS:
-            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-                return conv_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config)
 
-            found.append(Candidate(f"triton-int8-implicit-gemm-{_blocks(config)}", "int8", run))
+def triton_conv_applies(node: Node) -> bool:
+    """kiln's Triton int8 convolution runs this kiln::QConv: 2-D, ungrouped, symmetric pads, an epilogue it has."""
+    pads = list(node.attrs.get("pads") or [0, 0, 0, 0])
+    return (node.op_key == "kiln::QConv" and len(node.attrs.get("kernel_shape") or ()) == 2
+            and int(node.attrs.get("group", 1)) == 1 and pads[:2] == pads[2:]
+            and _triton_epilogue(node.attrs.get("activation", "")))
+
+
+def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_scale: float | None = None,
+                      int8_input: bool = False, residual_scale: float | None = None) -> list[Candidate]:
+    """The Triton implicit-GEMM int8 kernel in each block configuration. With out_scale it writes int8 in that
+    scale ("-int8-out" tactics); int8_input: X is int8 already; residual_scale: so is the residual, in that scale.
+    On the hand-off each candidate is checked against the layer's own int8 arithmetic (kiln::QConv's reference)
+    on the dequantized inputs, quantized like the output."""
+    from .candidates import triton_available
+
+    if not (triton_available() and wq.dim() == 4 and triton_conv_applies(node)):
+        return []
+    from .int8_kernels import CONV_CONFIGS, conv_int8
+
+    out_channels = wq.shape[0]
+    pads, strides, dilations = list(node.attrs.get("pads") or [0, 0, 0, 0]), list(node.attrs["strides"]), list(node.attrs["dilations"])
+    activation = node.attrs.get("activation", "")
+    scale = (w_scale.float() * x_scale).contiguous()
+    fp32_bias = None if bias is None else bias.float().contiguous()
+    weight_nk = wq.permute(0, 2, 3, 1).reshape(out_channels, -1).contiguous()
+    geometry = (tuple(wq.shape[2:]), tuple(strides), tuple(pads[:2]), tuple(dilations))
+    handed = out_scale is not None or int8_input or residual_scale is not None
+    reference = _int8_reference(node, wq, w_scale, bias, x_scale, out_scale, int8_input, residual_scale) if handed else None
+    suffix = "-int8-out" if out_scale is not None else ""
+    found = []
+    for config in CONV_CONFIGS:
+        def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
+            return conv_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
+                             out_scale, residual_scale)
+
+        found.append(Candidate(f"triton-int8-implicit-gemm-{_blocks(config)}{suffix}", "int8", run, reference=reference))
     return found
+
+
+def _int8_reference(node: Node, wq, w_scale, bias, x_scale: float, out_scale: float | None, int8_input: bool,
+                    residual_scale: float | None = None):
+    """kiln::QConv's reference on the step's inputs, its int8 input dequantized first (which the reference's own
+    quantization gives back exactly), an int8 residual dequantized by residual_scale, its output quantized into
+    out_scale (as float: compared value for value)."""
+    from ...ops.quantize import qconv, quantize_activation
+    from .candidates import fp32_reference
+
+    attrs = {k: node.attrs[k] for k in ("dilations", "group", "kernel_shape", "pads", "strides", "activation",
+                                        "activation_params") if k in node.attrs}
+    b = None if bias is None else bias.float()
+
+    def reference(x, wq_=None, ws_=None, b_=None, residual=None):
+        x = x.float() * x_scale if int8_input else x.float()
+        if residual is not None:
+            residual = residual.float() * residual_scale if residual_scale is not None else residual.float()
+        with fp32_reference():
+            y = qconv(x, wq, w_scale.float(), b, residual, x_scale=x_scale, **attrs)
+        return y if out_scale is None else quantize_activation(y, out_scale).float()
+
+    return reference
+
+
+def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
+    """Tensors an int8 engine may hand from layer to layer in int8: each made by a kiln::QConv that kiln's Triton
+    kernel runs, and read only by such layers, as their input X (all in one input scale, at least one) or their
+    residual, and not a graph output. Maps each to that scale, in which its producer may quantize in its epilogue
+    (as TensorRT's int8 engines hand int8 activations on): half the bytes written and read, and the readers'
+    loads of X go straight to shared memory."""
+    readers: dict[str, list[tuple[Node, int]]] = {}
+    for node in nodes:
+        for position, name in enumerate(node.inputs):
+            if name:
+                readers.setdefault(name, []).append((node, position))
+    scales = {}
+    for node in nodes:
+        if not triton_conv_applies(node) or not node.outputs or node.outputs[0] in outputs:
+            continue
+        uses = readers.get(node.outputs[0], [])
+        if uses and all(position in (0, 4) and triton_conv_applies(reader) for reader, position in uses):
+            found = {float(reader.attrs["x_scale"]) for reader, position in uses if position == 0}
+            if len(found) == 1:
+                scales[node.outputs[0]] = found.pop()
+    return scales
 
 
 def _blocks(config) -> str:

@@ -33,9 +33,10 @@ def _round_int8(v):
 def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
                       pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
-                      inverse_out_scale, KH: tl.constexpr, KW: tl.constexpr, CHANNEL_STEPS: tl.constexpr,
-                      QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      HAS_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                      inverse_out_scale, residual_scale, KH: tl.constexpr, KW: tl.constexpr,
+                      CHANNEL_STEPS: tl.constexpr, QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
+                      ACTIVATION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # output-channel tiles run fastest, so the programs that share a tile of pixels run together (read once from DRAM)
     column_tiles = tl.cdiv(out_channels, BLOCK_N)
@@ -72,7 +73,10 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
     offsets = rows[:, None].to(tl.int64) * out_channels + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(tl.float32)
+        if QUANTIZED_RESIDUAL:  # handed on in int8 by its producer, in residual_scale
+            residual = residual * residual_scale
+        y += residual
     y = _activate(y, ACTIVATION)
     if QUANTIZED_OUTPUT:  # handed to the next int8 layer as int8, in its input scale
         y = _round_int8(y * inverse_out_scale)
@@ -80,9 +84,10 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
 
 
 def conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config,
-              out_scale: float | None = None):
+              out_scale: float | None = None, residual_scale: float | None = None):
     """y = activation(conv(quant(x), Wq) * scale + bias + residual) for a 4-D x in any layout, one kernel; an int8
-    x is taken as already quantized (by x_scale); with out_scale, y is quantized by it and returned as int8.
+    x is taken as already quantized (by x_scale), an int8 residual as quantized by residual_scale; with out_scale,
+    y is quantized by it and returned as int8.
 
     weight_nk: int8 [C_out, KH * KW * C] (columns in (kh, kw, c) order); scale: float32 [C_out] (x_scale * w_scale);
     geometry: (kernel (KH, KW), strides, pads (top, left), dilations). The result is NCHW in shape and
@@ -99,7 +104,7 @@ def conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, act
         residual = residual.contiguous(memory_format=torch.channels_last)
     _launch(x, weight_nk, scale, bias, residual, y, (batch * out_h * out_w, height, width, out_h, out_w, channels),
             x.stride(), (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w), x_scale, (kh, kw), activation, config,
-            out_scale)
+            out_scale, residual_scale)
     return y.permute(0, 3, 1, 2)
 
 
@@ -120,7 +125,7 @@ def gemm_int8(x, weight_nk, scale, bias, residual, x_scale: float, activation: s
 
 
 def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_scale, kernel, activation, config,
-            out_scale=None):
+            out_scale=None, residual_scale=None):
     import torch
 
     block_m, block_n, block_k, warps, stages = config
@@ -129,10 +134,12 @@ def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_
     grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
     _conv_int8_kernel[grid](x, weight_nk, scale, bias if bias is not None else scale, residual if residual is not None else y,
                             y, pixels, height, width, out_h, out_w, channels, out_channels, k_total, *strides, *geometry,
-                            1.0 / x_scale, 1.0 / out_scale if out_scale else 1.0, KH=kernel[0], KW=kernel[1],
+                            1.0 / x_scale, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
+                            KH=kernel[0], KW=kernel[1],
                             CHANNEL_STEPS=triton.cdiv(channels, block_k), QUANTIZED_INPUT=x.dtype == torch.int8,
                             QUANTIZED_OUTPUT=y.dtype == torch.int8,
                             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                            QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
                             ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                             num_warps=warps, num_stages=stages)
 

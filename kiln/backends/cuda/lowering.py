@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from ... import log
-from ...errors import PrecisionError, ResourceError
+from ...errors import BuildError, PrecisionError, ResourceError
 from ...ir import DType, Graph, Node, last_uses
 from ...progress import Progress
 from ..cpu.kernels import bind_kernel, wants_env
@@ -155,6 +155,14 @@ def _reference(kernel, args: list):
         return kernel(*upcast)
 
 
+def _dequantizing(kernel, scales: dict[int, float]):
+    """A step's kernel, called with the inputs at these positions in int8 (each in its scale): those as float first."""
+    def run(*args):
+        return kernel(*(a.float() * scales[i] if i in scales else a for i, a in enumerate(args)))
+
+    return run
+
+
 def _in_flow(kernel, flow_dtype, node: Node):
     """A registry kernel in a half engine: a Cast to float32 casts to the engine's dtype instead, and
     float32 tensors meeting half ones are brought to half (the model's own fp32 islands, e.g. masks)."""
@@ -175,9 +183,12 @@ def _in_flow(kernel, flow_dtype, node: Node):
 
 
 def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[str], flow_dtype,
-                pinned: frozenset = frozenset(), fp8: bool = False) -> list[Candidate]:
+                pinned: frozenset = frozenset(), fp8: bool = False, out_scale: float | None = None,
+                int8_input: bool = False, residual_scale: float | None = None) -> list[Candidate]:
     """stored: the weights on the GPU as the model stores them (fp32), which each candidate casts to its own
-    precision; pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics."""
+    precision; pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics;
+    out_scale, int8_input, residual_scale: the int8 hand-off of an int8 convolution's output, input and residual
+    (int8.handoff_scales)."""
     import torch
 
     key = (node.domain, node.op)
@@ -196,7 +207,8 @@ def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[st
         from .int8 import int8_candidates
 
         q_bias = stored.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
-        found = int8_candidates(node, weight, bias, q_bias, allowed, flow_dtype, node.name in pinned, fp8)
+        found = int8_candidates(node, weight, bias, q_bias, allowed, flow_dtype, node.name in pinned, fp8, out_scale,
+                                int8_input, residual_scale)
     elif key == ("kiln", "Attention"):
         found = cands.attention_candidates(node, allowed, flow_dtype)
     elif key == ("", "LayerNormalization"):
@@ -261,32 +273,37 @@ def fuse_add_layernorm(graph: Graph) -> tuple[list[Node], dict[str, str], set[st
 
 def lower(plan) -> CudaProgram:
     """The CUDA program for `plan`. Each layer's tactic is chosen on the tensor that reaches it, so a greedy
-    choice can switch between NCHW and channels-last convolutions, paying a layout copy at every switch;
-    where it does, the engine is also lowered with every convolution channels-last, both whole engines are
-    timed, and the faster is kept (the choice for the chain, not the layer). The timing cache keeps that
+    choice can switch between NCHW and channels-last convolutions, paying a layout copy at every switch, and an
+    int8 layer that hands its output on in int8 commits its readers to int8 tactics. Where either happens, the
+    engine is also lowered without it (every convolution channels-last; no int8 hand-off), the whole engines
+    are timed, and the fastest is kept (the choice for the chain, not the layer). The timing cache keeps that
     choice too, so a second build lowers only the engine it keeps."""
     tuned = (plan.build_info or {}).get("cuda_tactics")
     if tuned:  # a reloaded engine: the tactics its build chose
-        return _lower(plan, conv_layout=plan.build_info.get("cuda_tuning", {}).get("conv_layout"))
+        tuning = plan.build_info.get("cuda_tuning", {})
+        return _lower(plan, conv_layout=tuning.get("conv_layout"), int8_handoff=bool(tuning.get("int8_handoff")))
     cache = _timing_cache(plan)
-    whole_engine = {"op": "whole-engine conv layout", "model": _model_signature(plan)}
+    whole_engine = {"op": "whole-engine variant", "model": _model_signature(plan)}
     remembered = cache.get(whole_engine)
-    if remembered is not None and remembered.get("chosen") in WHOLE_ENGINE_LAYOUTS:
-        program = _lower(plan, WHOLE_ENGINE_LAYOUTS[remembered["chosen"]], cache)
+    if remembered is not None and _variant(remembered.get("chosen")) is not None:
+        program = _lower(plan, cache=cache, **_variant(remembered["chosen"]))
         program.tuning["whole_engine_ms"] = remembered.get("times", {})
     else:
-        program = _lower(plan, cache=cache)
-        if _mixes_conv_layouts(program):
+        chosen, program = PER_LAYER, _lower(plan, cache=cache)
+        times: dict[str, float] = {}
+        rivals = [CHANNELS_LAST] if _mixes_conv_layouts(program) else []
+        rivals += [HANDOFF] if _int8_handoffs(plan.graph) else []
+        for rival in rivals:
+            name = rival if chosen == PER_LAYER else f"{chosen} + {rival}"
             try:
-                channels_last = _lower(plan, conv_layout="nhwc", cache=cache)
-            except ResourceError as error:  # the second engine did not fit beside the first: keep the first
-                log.verbose("whole-engine layout: channels-last variant not tried (%s)", error)
-            else:
-                program = _faster(program, channels_last, plan)
-                times = program.tuning["whole_engine_ms"]
-                cache.put(whole_engine, times, min(times, key=times.get))
-        else:
-            cache.put(whole_engine, {}, "per-layer choice")
+                other = _lower(plan, cache=cache, **_variant(name))
+            except (ResourceError, BuildError) as error:  # no room beside the first, or a layer without a tactic
+                log.info("whole-engine variant %r not kept: %s", name, str(error).splitlines()[0])
+                continue
+            chosen, program, pair = _faster({chosen: program, name: other}, plan)
+            times.update(pair)
+        program.tuning["whole_engine_ms"] = times
+        cache.put(whole_engine, times, chosen)
     cache.save()
     program.tuning.update(cache_hits=cache.hits, cache_misses=cache.misses)
     plan.build_info["cuda_tuning"] = program.tuning
@@ -295,8 +312,19 @@ def lower(plan) -> CudaProgram:
     return program
 
 
-# The whole-engine choices lower() times, and the conv_layout each lowers with.
-WHOLE_ENGINE_LAYOUTS = {"per-layer choice": None, "all channels-last": "nhwc"}
+# The whole-engine variants lower() times, and what each changes in _lower; a variant's name joins its parts with " + ".
+PER_LAYER, CHANNELS_LAST, HANDOFF = "per-layer choice", "all channels-last", "int8 hand-off"
+WHOLE_ENGINE_VARIANTS = {PER_LAYER: {}, CHANNELS_LAST: {"conv_layout": "nhwc"}, HANDOFF: {"int8_handoff": True}}
+
+
+def _variant(name) -> dict | None:
+    """_lower's keyword arguments for a whole-engine variant's name; None for a name it does not know."""
+    if not isinstance(name, str):
+        return None
+    parts = name.split(" + ")
+    if any(part not in WHOLE_ENGINE_VARIANTS for part in parts):
+        return None
+    return {key: value for part in parts for key, value in WHOLE_ENGINE_VARIANTS[part].items()}
 
 
 def _timing_cache(plan):
@@ -329,27 +357,40 @@ def _mixes_conv_layouts(program: CudaProgram) -> bool:
     return len(layouts) > 1
 
 
-def _faster(first: CudaProgram, second: CudaProgram, plan) -> CudaProgram:
-    """Of two programs for the same plan, the one whose whole run (as the runtime runs it) is faster."""
+def _int8_handoffs(graph: Graph) -> dict[str, float]:
+    """The tensors an int8 hand-off would carry in int8, and their scales (none without triton or int8 convs)."""
+    if not any(node.op_key == "kiln::QConv" for node in graph.nodes) or not cands.triton_available():
+        return {}
+    from .int8 import handoff_scales
+
+    return handoff_scales(graph.nodes, set(graph.output_names()))
+
+
+def _faster(programs: dict[str, CudaProgram], plan) -> tuple[str, CudaProgram, dict[str, float]]:
+    """Of two programs for the same plan (by variant name), the one whose whole run (as the runtime runs it) is
+    faster: (its name, it, both times in ms). The other's captured graphs are freed."""
     import torch
 
     from ..tactics import median_ms
 
+    first = next(iter(programs.values()))
     feed = _example_feed(plan.graph, plan.profiles, cands.torch_dtype(first.tuning["flow"]))
-    times = []
+    times = {}
     with torch.inference_mode():
-        for program in (first, second):
-            times.append(median_ms(lambda: program.execute(feed), [], warmup=3, repeat=20))
-    chosen, other = (first, second) if times[0] <= times[1] else (second, first)
-    other.graphs.clear()
-    chosen.tuning["whole_engine_ms"] = {"per-layer choice": round(times[0], 4), "all channels-last": round(times[1], 4)}
-    log.verbose("whole-engine layout: per-layer choice %.3f ms, all channels-last %.3f ms", times[0], times[1])
-    return chosen
+        for name, program in programs.items():
+            times[name] = round(median_ms(lambda: program.execute(feed), [], warmup=3, repeat=20), 4)
+    chosen = min(times, key=times.get)
+    for name, program in programs.items():
+        if name != chosen:
+            program.graphs.clear()
+    log.verbose("whole-engine variants: %s", ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items()))
+    return chosen, programs[chosen], times
 
 
-def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
-    """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics.
-    cache: the build's timing cache (a reload runs its recorded tactics and needs none)."""
+def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool = False) -> CudaProgram:
+    """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics;
+    int8_handoff: int8 convolutions whose output only int8 convolutions read hand it on in int8
+    (int8.handoff_scales). cache: the build's timing cache (a reload runs its recorded tactics and needs none)."""
     import torch
 
     graph: Graph = plan.graph
@@ -386,6 +427,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
     nodes, folded, fused_norms = fuse_add_layernorm(graph)
     last_use = last_uses(nodes)
     outputs = set(graph.output_names())
+    handoffs = _int8_handoffs(graph) if int8_handoff else {}
     with torch.inference_mode(), Progress("kiln tactics", total=len(nodes)) as bar:
         for index, node in enumerate(nodes):
             opset = graph.opsets.get(node.domain, graph.opset)
@@ -400,20 +442,31 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
             from .program import _same_device
 
             args = _same_device(args, positions)
+            # the int8 hand-off: which of this layer's inputs arrive in int8 (their producers' scale), and its output's
+            handed = {position: handoffs[node.inputs[position]] for position in (0, 4)
+                      if len(args) > position and node.inputs[position] in handoffs
+                      and isinstance(args[position], torch.Tensor) and args[position].dtype == torch.int8}
+            int8_input, residual_scale = 0 in handed, handed.get(4)
+            out_scale = handoffs.get(node.outputs[0]) if node.outputs else None
             if node.name in fused_norms:
                 options = cands.add_layernorm_candidates(node, kernel, flow_dtype)
                 plain_kernel = bind_kernel(node, opset)
                 reference_kernel = lambda a, b, *rest, k=plain_kernel: k(a + b, *rest)  # noqa: E731
             else:
-                options = _candidates(node, graph, stored, kernel, allowed, flow_dtype, pinned, bool(config.get("fp8")))
+                options = _candidates(node, graph, stored, kernel, allowed, flow_dtype, pinned, bool(config.get("fp8")),
+                                      out_scale, int8_input, residual_scale)
                 if conv_layout == "nhwc":
                     options = [c for c in options if "nchw" not in c.name] or options
                 reference_kernel = bind_kernel(node, opset)
+                if handed:  # the layer's reference reads those inputs in float, as their producers' scale gives them back
+                    reference_kernel = _dequantizing(reference_kernel, handed)
             if tuned and node.name in tuned:  # a reloaded engine runs the tactics its build chose
                 options = [c for c in options if c.key == tuned[node.name]] or options[:1]
             if len(options) > 1:
-                chosen, record = choose(options, args, lambda: _reference(reference_kernel, args),
-                                        {**_signature(node, args, allowed, flow), "layout": conv_layout}, cache,
+                signature = {**_signature(node, args, allowed, flow), "layout": conv_layout}
+                if out_scale is not None:  # its output in int8: tactics of their own
+                    signature["int8_out_scale"] = out_scale
+                chosen, record = choose(options, args, lambda: _reference(reference_kernel, args), signature, cache,
                                         workspace_limit)
             else:
                 chosen, record = options[0], {}
@@ -436,6 +489,8 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
             steps.append(Step(node.name, node.op_key, chosen.run, node.inputs, node.outputs, release, step_host, positions,
                               needs_env))
             info = {"tactic": chosen.name, "precision": chosen.precision}
+            if handed:  # inputs their producers handed on in int8
+                info["int8_inputs"] = [{0: "input", 4: "residual"}[position] for position in sorted(handed)]
             info.update(record)
             layer_info[node.name] = info
             bar.advance(node.name)
@@ -467,7 +522,8 @@ def _lower(plan, conv_layout: str | None = None, cache=None) -> CudaProgram:
     program.layer_info = layer_info
     program.tuning = {"seconds": round(time.perf_counter() - started, 3), "cache_hits": cache.hits,
                       "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
-                      "allowed": allowed, "cuda_graph": use_cuda_graph, "conv_layout": conv_layout}
+                      "allowed": allowed, "cuda_graph": use_cuda_graph, "conv_layout": conv_layout,
+                      "int8_handoff": int8_handoff}
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
