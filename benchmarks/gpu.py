@@ -142,37 +142,43 @@ def export(model, inputs: dict, path: str) -> float:
 
 
 def kiln_rows(name, batch, onnx_path, inputs, reference, runs, out: Path, cache_dir: Path, rows: list,
-              precisions=PRECISIONS):
+              precisions=PRECISIONS, eager_timed: bool = False):
+    """eager_timed: each precision also built with its tactics timed call by call on the host (as an engine
+    without CUDA graphs is), then run in a graph like the others: the A/B of the build's in-graph timing."""
     import torch
 
     import kiln
     from kiln.builder import BuilderConfig
 
-    for precision in precisions:
+    for precision, timing in [(p, t) for p in precisions for t in ("in-graph", "eager")[:1 + eager_timed]]:
+        extra = {"timing_cache_file": str(cache_dir / f"{name}-{batch}-{precision}-{timing}.cache")}
+        if timing == "eager":
+            extra["use_cuda_graph"] = False
+        label = f"kiln {precision}" + (" (eager-timed tactics)" if timing == "eager" else "")
         flags = {precision: True} if precision != "fp32" else {}
         if precision == "fp8" and torch.cuda.get_device_capability() < (8, 9):
             print("  kiln fp8: skipped (needs compute capability 8.9+)", flush=True)
             continue
         if precision in ("int8", "fp8"):
             flags.update(calib=calibration_feeds(name, batch), fp16=True)
-        cache = str(cache_dir / f"{name}-{batch}-{precision}.cache")
         started = time.perf_counter()
-        engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra={"timing_cache_file": cache}, **flags))
+        engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra=extra, **flags))
         build_s = time.perf_counter() - started
         stages = {"cold": engine.plan.build_info.get("stage_seconds")}
         warm_s = None
-        if precision == "fp16":  # the same build again, with the timing cache the first one wrote
+        if precision == "fp16" and timing == "in-graph":  # the same build again, with the timing cache the first one wrote
             del engine
             gc.collect()
             torch.cuda.empty_cache()
             started = time.perf_counter()
-            engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra={"timing_cache_file": cache}, **flags))
+            engine = kiln.build(onnx_path, BuilderConfig(device="cuda", extra=extra, **flags))
             warm_s = time.perf_counter() - started
             stages["warm"] = engine.plan.build_info.get("stage_seconds")
+        engine.program.use_cuda_graph = True  # an eager-timed engine runs in a graph too: only the timing differs
         output = engine.run(inputs)["output"]
         latency = median_ms(lambda: engine.run(inputs), runs)
         program = engine.program
-        row = {"model": name, "batch": batch, "runner": f"kiln {precision}", "latency_ms": latency,
+        row = {"model": name, "batch": batch, "runner": label, "latency_ms": latency,
                "throughput": batch / latency * 1e3, "build_s": build_s, "warm_build_s": warm_s,
                "build_stages_s": stages,
                "error": max_relative_error(output, reference), "cuda_graph": program.use_cuda_graph and program.graph_error is None,
@@ -181,9 +187,9 @@ def kiln_rows(name, batch, onnx_path, inputs, reference, runs, out: Path, cache_
                "layers": {layer: {k: info.get(k) for k in ("op", "tactic", "precision", "times_ms")}
                           for layer, info in engine.plan.layers.items()}}
         rows.append(row)
-        print(f"  kiln {precision:5s} {latency:8.3f} ms  build {build_s:6.1f} s" + (f" (warm cache {warm_s:.1f} s)" if warm_s else "")
+        print(f"  {label:34s} {latency:8.3f} ms  build {build_s:6.1f} s" + (f" (warm cache {warm_s:.1f} s)" if warm_s else "")
               + f"  err {row['error']:.2e}  graph={row['cuda_graph']}  stages {stages}", flush=True)
-        if precision == "fp16":
+        if precision == "fp16" and timing == "in-graph":
             _profile(engine, inputs, out / "profiles.txt", f"{name} batch {batch}, kiln fp16, step by step (no CUDA graph)")
         del engine, program
         gc.collect()
@@ -311,6 +317,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--precisions", default=",".join(PRECISIONS), help="kiln rows to run, e.g. int8,fp8")
+    parser.add_argument("--eager-timed", action="store_true",
+                        help="also build each kiln row with its tactics timed eagerly (the A/B of in-graph timing)")
     args = parser.parse_args()
 
     import torch
@@ -339,7 +347,7 @@ def main() -> int:
             print(f"  exported in {export(model, inputs, onnx_path):.1f} s", flush=True)
             try:
                 kiln_rows(name, batch, onnx_path, inputs, reference, args.runs, out, work, rows,
-                          [p for p in args.precisions.split(",") if p])
+                          [p for p in args.precisions.split(",") if p], args.eager_timed)
             except Exception as error:  # noqa: BLE001 (report and go on to the torch rows)
                 import traceback
 

@@ -135,6 +135,28 @@ def test_timing_cache_skips_timing_on_the_second_build(block, tmp_path):
     assert relative_error(second.run(feed)["y"], expected) < RELATIVE["fp16"]
 
 
+def test_tactics_of_a_graph_engine_are_timed_in_a_cuda_graph():
+    """Where the engine replays a CUDA graph, a host-bound candidate's time is its GPU time in a graph: many tiny
+    kernels queued from Python time far below their eager calls; a candidate that reads the host cannot be
+    captured and keeps its eager time (graph_ms gives None)."""
+    import torch
+
+    from kiln.backends.tactics import graph_ms, median_ms
+
+    x = torch.randn(64, 64, device="cuda")
+
+    def tiny_kernels(a):
+        for _ in range(20):
+            a = a + 1
+        return a
+
+    tiny_kernels(x)
+    eager, replayed = median_ms(tiny_kernels, [x]), graph_ms(tiny_kernels, [x])
+    assert replayed is not None and 0 < replayed < eager / 2, (eager, replayed)
+    assert graph_ms(lambda a: a.sum().item(), [x]) is None
+    assert torch.equal(tiny_kernels(x), x + 20)  # capturing left the stream usable
+
+
 def test_cuda_graph_replays_per_shape_and_matches_eager():
     import torch
 

@@ -463,11 +463,12 @@ def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool 
             if tuned and node.name in tuned:  # a reloaded engine runs the tactics its build chose
                 options = [c for c in options if c.key == tuned[node.name]] or options[:1]
             if len(options) > 1:
-                signature = {**_signature(node, args, allowed, flow), "layout": conv_layout}
+                signature = {**_signature(node, args, allowed, flow), "layout": conv_layout,
+                             "timed": "in a CUDA graph" if use_cuda_graph else "eagerly"}
                 if out_scale is not None:  # its output in int8: tactics of their own
                     signature["int8_out_scale"] = out_scale
                 chosen, record = choose(options, args, lambda: _reference(reference_kernel, args), signature, cache,
-                                        workspace_limit)
+                                        workspace_limit, in_graph=use_cuda_graph)
             else:
                 chosen, record = options[0], {}
             try:
