@@ -206,3 +206,29 @@ def test_a_layer_whose_every_tactic_fails_is_a_clear_build_error(monkeypatch):
     with pytest.raises(KilnError) as caught:
         choose(candidates, [], lambda: None, {"op": "kiln::QConv"}, None)
     assert caught.value.code == "KILN-E201" and "triton-int8-a/int8: RuntimeError: triton compile failed" in caught.value.where
+
+
+def test_few_channel_convolution_is_offered_over_zero_padded_channels():
+    """A 3-channel stem is also offered channels-last over 4 and 8 zero-padded channels (cuDNN's tensor-core
+    kernels want multiples of 4 or 8); padding input and weight alike leaves the result as it was. Run on the
+    host with the candidate whose epilogue is torch's (F.conv2d), against float64."""
+    import torch
+    import torch.nn.functional as F
+
+    from kiln.backends.cuda.candidates import conv_candidates
+    from kiln.ir import Node
+
+    node = Node("Conv", ("x", "w", "b"), ("y",), {"dilations": [1, 1], "group": 1, "kernel_shape": [7, 7],
+                                                   "pads": [3, 3, 3, 3], "strides": [2, 2], "activation": "relu"},
+                name="stem", domain="kiln")
+    generator = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=generator) for shape in ((2, 3, 20, 20), (8, 3, 7, 7), (8,)))
+    candidates = {c.name: c for c in conv_candidates(node, w, b, ["fp32"], torch.float32)}
+    assert {"cudnn-nhwc-c4", "cudnn-fused-nhwc-c8"} <= set(candidates)
+    expected = F.relu(F.conv2d(x.double(), w.double(), b.double(), stride=2, padding=3))
+    for name in ("cudnn-nhwc-c4", "cudnn-nhwc-c8"):
+        actual = candidates[name].run(x)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+    wide = node.replace(name="wide")
+    assert not any("-c8" in c.name for c in conv_candidates(wide, torch.randn(8, 16, 3, 3), None, ["fp32"], torch.float32))
