@@ -311,7 +311,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     parser.add_argument("--models", default="resnet50,bert")
-    parser.add_argument("--batches", default="", help="model:batch,... to run only these (default: all of CASES)")
+    parser.add_argument("--batches", default="", help="model:batch,... to run only these, any batch (default: all of CASES)")
     parser.add_argument("--compile", default="reduce-overhead,max-autotune-no-cudagraphs")
     parser.add_argument("--autotune-only", default="", help="model:batch rows that get max-autotune (default: all)")
     parser.add_argument("--runs", type=int, default=100)
@@ -336,9 +336,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="kiln-gpu-bench-"))
     for name in args.models.split(","):
         model = make_model(name)
-        for batch in CASES[name]:
-            if only and f"{name}:{batch}" not in only:
-                continue
+        asked = sorted({int(b.split(":")[1]) for b in only if b.split(":")[0] == name})
+        for batch in asked if only else CASES[name]:
             print(f"{name} batch {batch}", flush=True)
             inputs = make_inputs(name, batch)
             with torch.inference_mode():
