@@ -35,7 +35,7 @@ SHAPES = [
     (1024, 512, 1, 1, 14, 1), (512, 512, 3, 2, 14, 1), (2048, 512, 1, 1, 7, 2), (512, 512, 3, 1, 7, 2),
     (512, 2048, 1, 1, 7, 3), (1024, 2048, 1, 2, 14, 1),
 ]
-EXTRA_CONFIGS = ((256, 128, 64, 8, 3), (128, 64, 128, 4, 4))  # tried beside kiln's CONV_CONFIGS
+EXTRA_CONFIGS = ((256, 128, 64, 8, 3), (128, 64, 128, 4, 4))  # tried beside kiln's own (conv_configs)
 
 
 def _case(shape, batch, seed=0):
@@ -123,11 +123,15 @@ def main() -> None:
     import torch
     from triton.testing import do_bench
 
-    from kiln.backends.cuda.int8_kernels import CONV_CONFIGS
+    from kiln.backends.cuda.int8_kernels import conv_configs
 
     torch.backends.cudnn.benchmark = True
-    configs = list(CONV_CONFIGS) + ([c for c in EXTRA_CONFIGS if c not in CONV_CONFIGS] if args.configs == "all" else [])
-    jobs = [(s, c, kind) for s in SHAPES for c in configs for kind in KINDS]
+
+    def configs(shape) -> list:  # what kiln's tactic chooser times for this shape, and with --configs all a few more
+        offered = list(conv_configs(shape[0], (shape[2], shape[2])))
+        return offered + ([c for c in EXTRA_CONFIGS if c not in offered] if args.configs == "all" else [])
+
+    jobs = [(s, c, kind) for s in SHAPES for c in configs(s) for kind in KINDS]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         errors = dict(zip(jobs, pool.map(_warm, jobs)))
     wrong = {job: e for job, e in errors.items() if not (-1 <= e < 2e-3)}
@@ -150,7 +154,7 @@ def main() -> None:
             best = {}
             for kind in KINDS:
                 times = {c: do_bench(_runner(shape, batch, c, kind)[0], warmup=10, rep=40, return_mode="median")
-                         for c in configs if (shape, c, kind) not in wrong}
+                         for c in configs(shape) if (shape, c, kind) not in wrong}
                 chosen = min(times, key=times.get) if times else None
                 best[kind] = (times[chosen] if times else float("nan"), chosen, times)
             totals["fp16"] += count * fp16

@@ -116,6 +116,21 @@ assert relative_error(handed_res[0].run(*args), handed_res[0].reference(*args)) 
 for candidate in (handed_in[0], handed_out[0]):  # int8 in; float out, int8 out
     args = [quantized, wq, ws, b, res]
     assert relative_error(candidate.run(*args), candidate.reference(*args)) < 1e-3, candidate.name
+for kernel, stride, pad in ((7, 2, 3), (3, 1, 1)):  # a 3-channel stem: its reduction packs (kh, kw, c) columns
+    assert K.packs(3, (kernel, kernel)) and K.conv_configs(3, (kernel, kernel)) == K.PACKED_CONFIGS
+    xs3, ws3 = torch.randn(2, 3, 13, 11, generator=g), torch.rand(8, generator=g) * 0.01
+    wq3 = torch.randint(-127, 128, (8, 3, kernel, kernel), generator=g, dtype=torch.int8)
+    want = qconv(xs3, wq3, ws3, b[:8], None, x_scale=xs, strides=[stride] * 2, pads=[pad] * 4, dilations=[1, 1], group=1,
+                 kernel_shape=[kernel] * 2, activation="relu")
+    w3 = wq3.permute(0, 2, 3, 1).reshape(8, -1).contiguous()
+    geometry3 = ((kernel, kernel), (stride, stride), (pad, pad), (1, 1))
+    for config in ((16, 32, 32, 4, 2), (32, 32, 64, 4, 2)):  # 147 or 27 columns: a partial last block either way
+        got = K.conv_int8(xs3, w3, ws3 * xs, b[:8], None, xs, geometry3, "relu", torch.float32, config)  # NCHW float in
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    q3 = K.quantize(xs3.permute(0, 2, 3, 1), xs).permute(0, 3, 1, 2)
+    got = K.conv_int8(q3, w3, ws3 * xs, b[:8], None, xs, geometry3, "relu", torch.float32, (16, 32, 32, 4, 2), out_scale=0.05)
+    assert torch.equal(got, quantize_activation(want, 0.05))
+assert not K.packs(24, (3, 3)) and not K.packs(3, (1, 1))
 xg, wg, r = torch.randn(3, 5, 40, generator=g), torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8), torch.randn(3, 5, 24, generator=g)
 want = qgemm(xg, wg, ws.repeat(2)[:24], None, r, x_scale=xs, activation="gelu")
 got = K.gemm_int8(xg, wg, ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
@@ -130,7 +145,8 @@ print("ok")
 def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
     input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
-    hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block; the
+    hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block,
+    and 3-channel stems whose reduction packs (kh, kw, c) columns; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

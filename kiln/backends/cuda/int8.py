@@ -280,7 +280,7 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
 
     if not (triton_available() and wq.dim() == 4 and triton_conv_applies(node)):
         return []
-    from .int8_kernels import CONV_CONFIGS, conv_int8
+    from .int8_kernels import conv_configs, conv_int8
 
     out_channels = wq.shape[0]
     pads, strides, dilations = list(node.attrs.get("pads") or [0, 0, 0, 0]), list(node.attrs["strides"]), list(node.attrs["dilations"])
@@ -293,7 +293,7 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
     reference = _int8_reference(node, wq, w_scale, bias, x_scale, out_scale, int8_input, residual_scale) if handed else None
     suffix = "-int8-out" if out_scale is not None else ""
     found = []
-    for config in CONV_CONFIGS:
+    for config in conv_configs(wq.shape[1], tuple(wq.shape[2:])):
         def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
             return conv_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
                              out_scale, residual_scale)

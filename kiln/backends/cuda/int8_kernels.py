@@ -19,6 +19,21 @@ from .triton_kernels import ACTIVATION_CODES, _activate
 # (benchmarks/int8_conv.py on ResNet-50's convolutions: each of these is the fastest on some shape and batch)
 CONV_CONFIGS = ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 64, 4, 4),
                 (128, 128, 64, 8, 3), (128, 256, 64, 8, 3))
+# A convolution over fewer channels than this (an image stem's 3) packs its reduction: each block of BLOCK_K lanes
+# runs over the weight's (kh, kw, c) columns in order, so a 3-channel 7x7 reduces over 147 lanes in 5 blocks of 32
+# instead of 49 blocks of which 61 of every 64 lanes are padding; its configurations are these.
+PACKED_CHANNELS = 16
+PACKED_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (256, 64, 32, 8, 3))
+
+
+def packs(channels: int, kernel: tuple[int, int]) -> bool:
+    """Whether a convolution with this many input channels and this kernel reduces over packed columns."""
+    return channels < PACKED_CHANNELS and tuple(kernel) != (1, 1)
+
+
+def conv_configs(channels: int, kernel: tuple[int, int]) -> tuple:
+    """The block configurations the tactic chooser times for a convolution of this shape."""
+    return PACKED_CONFIGS if packs(channels, kernel) else CONV_CONFIGS
 
 
 @triton.jit
@@ -34,7 +49,8 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
                       pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
                       inverse_out_scale, residual_scale, KH: tl.constexpr, KW: tl.constexpr,
-                      CHANNEL_STEPS: tl.constexpr, QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr,
+                      CHANNEL_STEPS: tl.constexpr, PACKED: tl.constexpr, STEPS: tl.constexpr,
+                      QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
                       ACTIVATION: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -51,20 +67,31 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
     left = ow * stride_w - pad_w
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for step in range(KH * KW * CHANNEL_STEPS):  # (kh, kw, channel block): one loop, pipelined
-        tap = step // CHANNEL_STEPS
-        c = (step - tap * CHANNEL_STEPS) * BLOCK_K + ks
-        kh = tap // KW
-        ih = top + kh * dil_h
-        iw = left + (tap - kh * KW) * dil_w
-        inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-        channel_ok = c < channels
-        a = tl.load(x_ptr + (image + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
-                    mask=inside[:, None] & channel_ok[None, :], other=0)
+    for step in range(STEPS):  # (kh, kw, channel block), or PACKED blocks of (kh, kw, c) columns: one loop, pipelined
+        if PACKED:  # each lane its own column k = (kh * KW + kw) * channels + c
+            k = step * BLOCK_K + ks
+            lane_ok = k < k_total
+            tap = k // channels
+            c = k - tap * channels
+            kh = tap // KW
+            ih = top[:, None] + (kh * dil_h)[None, :]
+            iw = left[:, None] + ((tap - kh * KW) * dil_w)[None, :]
+            inside = row_ok[:, None] & lane_ok[None, :] & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+            a = tl.load(x_ptr + image[:, None] + ih * sx_h + iw * sx_w + (c * sx_c)[None, :], mask=inside, other=0)
+        else:
+            tap = step // CHANNEL_STEPS
+            c = (step - tap * CHANNEL_STEPS) * BLOCK_K + ks
+            kh = tap // KW
+            ih = top + kh * dil_h
+            iw = left + (tap - kh * KW) * dil_w
+            inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
+            lane_ok = c < channels
+            a = tl.load(x_ptr + (image + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
+                        mask=inside[:, None] & lane_ok[None, :], other=0)
+            k = tap * channels + c  # the weight's columns run (kh, kw, c)
         if not QUANTIZED_INPUT:
             a = _round_int8(a.to(tl.float32) * inverse_scale)  # padding and tails load 0, which stays 0
-        k = tap * channels + c  # the weight's columns run (kh, kw, c)
-        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * k_total + k[:, None], mask=channel_ok[:, None] & col_ok[None, :],
+        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * k_total + k[:, None], mask=lane_ok[:, None] & col_ok[None, :],
                     other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
@@ -132,11 +159,14 @@ def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_
     pixels, height, width, out_h, out_w, channels = sizes
     out_channels, k_total = weight_nk.shape
     grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
+    packed = packs(channels, kernel)
+    steps = triton.cdiv(k_total, block_k) if packed else kernel[0] * kernel[1] * triton.cdiv(channels, block_k)
     _conv_int8_kernel[grid](x, weight_nk, scale, bias if bias is not None else scale, residual if residual is not None else y,
                             y, pixels, height, width, out_h, out_w, channels, out_channels, k_total, *strides, *geometry,
                             1.0 / x_scale, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
                             KH=kernel[0], KW=kernel[1],
-                            CHANNEL_STEPS=triton.cdiv(channels, block_k), QUANTIZED_INPUT=x.dtype == torch.int8,
+                            CHANNEL_STEPS=triton.cdiv(channels, block_k), PACKED=packed, STEPS=steps,
+                            QUANTIZED_INPUT=x.dtype == torch.int8,
                             QUANTIZED_OUTPUT=y.dtype == torch.int8,
                             HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                             QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
