@@ -142,8 +142,8 @@ def _qconv(name, x, y, x_scale, kernel=(1, 1), residual="", group=1, activation=
 
 def test_int8_handoff_takes_the_tensors_only_int8_convolutions_read():
     """A tensor is handed on in int8 when a Triton-run int8 conv makes it and Triton-run int8 convs read it as
-    their input, all in one scale; not when anything else reads it (a pool, a residual, a grouped conv), when
-    its readers' scales differ, or when it is a graph output."""
+    their input, all in one scale, or a max pool alone reads it whose output they read; not when anything else
+    reads it (a residual alone, a grouped conv), when its readers' scales differ, or when it is a graph output."""
     from kiln.backends.cuda.int8 import handoff_scales
     from kiln.ir import Node
 
@@ -152,7 +152,7 @@ def test_int8_handoff_takes_the_tensors_only_int8_convolutions_read():
         _qconv("b", "t1", "t2", 0.2, residual="x"),  # t1: read only by b's input -> handed on at b's scale
         _qconv("c", "t2", "t3", 0.3),
         _qconv("d", "t2", "t4", 0.3),  # t2: two readers, one scale -> handed on
-        Node("MaxPool", ("t3",), ("p",), name="pool"),  # t3: a pool reads it -> not
+        Node("MaxPool", ("t3",), ("p",), {"kernel_shape": [3, 3]}, name="pool"),  # t3 -> through the pool at f's 0.5
         _qconv("e", "t4", "t5", 0.4),  # t4 -> handed on
         _qconv("f", "p", "t6", 0.5, residual="t5"),  # t5: read as a residual -> not
         _qconv("g", "t6", "t7", 0.6),
@@ -160,7 +160,11 @@ def test_int8_handoff_takes_the_tensors_only_int8_convolutions_read():
         _qconv("i", "t7", "t9", 0.8, group=2),  # t7: a grouped reader (no Triton int8 kernel) -> not
         _qconv("j", "t8", "y", 0.9),  # t8 -> handed on; y is the graph output -> not
     ]
-    assert handoff_scales(nodes, {"y", "t9"}) == {"t1": 0.2, "t2": 0.3, "t4": 0.4, "t8": 0.9}
+    assert handoff_scales(nodes, {"y", "t9"}) == {"t1": 0.2, "t2": 0.3, "t3": 0.5, "p": 0.5, "t4": 0.4, "t8": 0.9}
+    ceil = nodes[4].replace(attrs={"kernel_shape": [3, 3], "ceil_mode": 1})  # a pool the Triton pass does not run
+    assert "p" not in handoff_scales(nodes[:4] + [ceil] + nodes[5:], {"y", "t9"})
+    shared = nodes + [_qconv("k", "t3", "t10", 0.5)]  # t3 read by the pool and a conv -> not through the pool
+    assert "t3" not in handoff_scales(shared, {"y", "t9", "t10"})
 
 
 def test_whole_engine_variant_names_map_to_lowering_options():

@@ -138,6 +138,62 @@ def test_cnn_int8_handoff_engine_is_timed_whole_and_matches_onnxruntime(cnn):
     assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
 
 
+def stem_model(batch=4, size=32):
+    """An image stem: 3-channel 7x7 stride-2 conv+relu, 3x3 stride-2 MaxPool, 3x3 conv+relu, 1x1 conv, pool, Gemm."""
+    rng = np.random.default_rng(2)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    inits = {"w1": w(32, 3, 7, 7), "b1": (0.1 * rng.standard_normal(32)).astype(np.float32), "w2": w(32, 32, 3, 3),
+             "w3": w(64, 32, 1, 1), "fc": w(10, 64), "fcb": np.zeros(10, np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[3, 3, 3, 3], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("MaxPool", ["r1"], ["p1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "w3"], ["c3"]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "fc", "fcb"], ["y"], transB=1),
+    ]
+    model = make_model(nodes, {"x": np.zeros((batch, 3, size, size), np.float32)}, ["y"], inits)
+    model.ir_version = 10
+    return model
+
+
+def test_stem_int8_packs_its_reduction_and_hands_int8_through_the_pool():
+    """A 3-channel stem is timed with the packed-reduction int8 kernels; lowered with the hand-off, it writes int8
+    in the scale of the convolution after the MaxPool, the pool runs on the int8 values, and that convolution
+    reads them as they are; the output stays within the int8 tolerance of onnxruntime fp32."""
+    import dataclasses
+
+    import torch
+
+    from kiln.backends.cuda.int8 import _blocks
+    from kiln.backends.cuda.int8_kernels import PACKED_CONFIGS
+    from kiln.backends.cuda.lowering import _lower
+
+    model, rng = stem_model(), np.random.default_rng(3)
+    calib = [{"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)} for _ in range(8)]
+    feed = {"x": rng.standard_normal((4, 3, 32, 32)).astype(np.float32)}
+    expected = run_onnxruntime(model, feed)["y"]
+    engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib))
+    stem = next(layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::QConv")
+    packed = {f"triton-int8-implicit-gemm-{_blocks(config)}/int8" for config in PACKED_CONFIGS}
+    assert packed <= set(stem["times_ms"]), stem["times_ms"]
+    assert any("int8 hand-off" in name for name in engine.plan.build_info["cuda_tuning"]["whole_engine_ms"])
+    relative, cosine = agreement(engine.run(feed)["y"], expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+    untuned = {k: v for k, v in engine.plan.build_info.items() if k not in ("cuda_tactics", "cuda_tuning")}
+    program = _lower(dataclasses.replace(engine.plan, build_info=untuned), int8_handoff=True)
+    tactics = [layer["tactic"] for layer in program.layer_info.values()]
+    # the stem and the 3x3 write int8 (the 1x1's output goes to the average pool); the pool, the 3x3 and the 1x1 read it
+    assert "triton-nhwc-int8" in tactics and sum(t.endswith("-int8-out") for t in tactics) == 2, program.layer_info
+    assert sum("input" in layer.get("int8_inputs", []) for layer in program.layer_info.values()) == 3, program.layer_info
+    out = program.execute({"x": torch.from_numpy(feed["x"]).cuda()})["y"].float().cpu().numpy()
+    relative, cosine = agreement(out, expected)
+    assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
+
+
 def test_cnn_int8_obey_runs_every_layer_int8(cnn):
     model, calib, feed, expected = cnn
     engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib,

@@ -131,6 +131,14 @@ for kernel, stride, pad in ((7, 2, 3), (3, 1, 1)):  # a 3-channel stem: its redu
     got = K.conv_int8(q3, w3, ws3 * xs, b[:8], None, xs, geometry3, "relu", torch.float32, (16, 32, 32, 4, 2), out_scale=0.05)
     assert torch.equal(got, quantize_activation(want, 0.05))
 assert not K.packs(24, (3, 3)) and not K.packs(3, (1, 1))
+from kiln.backends.cpu.kernels import bind_kernel
+from kiln.backends.cuda.candidates import maxpool_candidates
+pool = Node("MaxPool", ("p",), ("q",), name="pool", attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
+qp = K.quantize(torch.randn(2, 9, 8, 6, generator=g) - 3.0, 0.05).permute(0, 3, 1, 2)  # int8, channels-last, negatives
+(candidate,) = maxpool_candidates(pool, bind_kernel(pool, 17), torch.float32, int8_scale=0.05)  # int8 through the pool
+got = candidate.run(qp)
+assert got.dtype == torch.int8 and torch.equal(got, torch.nn.functional.max_pool2d(qp.float(), 3, 2, 1).to(torch.int8))
+assert torch.equal(got, candidate.reference(qp))  # padding never wins, negative maxima included
 xg, wg, r = torch.randn(3, 5, 40, generator=g), torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8), torch.randn(3, 5, 24, generator=g)
 want = qgemm(xg, wg, ws.repeat(2)[:24], None, r, x_scale=xs, activation="gelu")
 got = K.gemm_int8(xg, wg, ws.repeat(2)[:24] * xs, None, r, xs, "gelu", torch.float32, (32, 32, 32, 4, 2))
@@ -146,7 +154,7 @@ def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
     input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
     hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block,
-    and 3-channel stems whose reduction packs (kh, kw, c) columns; the
+    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

@@ -349,26 +349,44 @@ def add_layernorm_candidates(node: Node, kernel: Callable, flow) -> list[Candida
     return candidates
 
 
-def maxpool_candidates(node: Node, kernel: Callable, flow) -> list[Candidate]:
-    """torch's max pooling, and kiln's channels-last Triton pass (no index output) for plain 2-D MaxPool."""
+def plain_maxpool(node: Node) -> bool:
+    """A 2-D MaxPool kiln's channels-last Triton pass runs: explicit pads, floor mode, no dilation, no indices."""
+    attrs = node.attrs
+    return (node.op_key == "MaxPool" and len(attrs.get("kernel_shape") or []) == 2
+            and attrs.get("auto_pad", "NOTSET") == "NOTSET" and not attrs.get("ceil_mode", 0)
+            and all(d == 1 for d in attrs.get("dilations") or [1, 1]) and len([o for o in node.outputs if o]) == 1)
+
+
+def maxpool_candidates(node: Node, kernel: Callable, flow, int8_scale: float | None = None) -> list[Candidate]:
+    """torch's max pooling, and kiln's channels-last Triton pass (no index output) for plain 2-D MaxPool. With
+    int8_scale, the pool's input arrives in int8 in that scale (an int8 hand-off through the pool: the maximum
+    commutes with rounding to int8) and the Triton pass, pooling the int8 values, is the only candidate."""
     import torch
 
-    candidates = [Candidate("torch", _precision_of(flow), kernel)]
-    attrs = node.attrs
-    shape = list(attrs.get("kernel_shape") or [])
-    plain = attrs.get("auto_pad", "NOTSET") == "NOTSET" and not attrs.get("ceil_mode", 0) \
-        and all(d == 1 for d in attrs.get("dilations") or [1, 1]) and len([o for o in node.outputs if o]) == 1
-    if not (triton_available() and plain and len(shape) == 2):
+    candidates = [Candidate("torch", _precision_of(flow), kernel)] if int8_scale is None else []
+    if not (triton_available() and plain_maxpool(node)):
         return candidates
     from .triton_kernels import maxpool_nhwc
 
-    strides = tuple(attrs.get("strides") or [1, 1])
-    pads = tuple(attrs.get("pads") or [0, 0, 0, 0])
+    shape = tuple(node.attrs["kernel_shape"])
+    strides = tuple(node.attrs.get("strides") or [1, 1])
+    pads = tuple(node.attrs.get("pads") or [0, 0, 0, 0])
+
+    def pool(x):
+        return maxpool_nhwc(x.contiguous(memory_format=torch.channels_last), shape, strides, pads)
+
+    if int8_scale is not None:
+        from ...ops.quantize import quantize_activation
+
+        def pooled_in_float(x):  # what the pool of the dequantized input gives, quantized back: the same integers
+            return quantize_activation(kernel(x.float() * int8_scale).float(), int8_scale)
+
+        return [Candidate("triton-nhwc-int8", "int8", pool, reference=pooled_in_float)]
 
     def run(x):
         if x.dim() != 4 or not x.is_floating_point():
             return kernel(x)
-        return maxpool_nhwc(x.contiguous(memory_format=torch.channels_last), tuple(shape), strides, pads)
+        return pool(x)
 
     candidates.append(Candidate("triton-nhwc", _precision_of(flow), run))
     return candidates

@@ -328,23 +328,42 @@ def _int8_reference(node: Node, wq, w_scale, bias, x_scale: float, out_scale: fl
 def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
     """Tensors an int8 engine may hand from layer to layer in int8: each made by a kiln::QConv that kiln's Triton
     kernel runs, and read only by such layers, as their input X (all in one input scale, at least one) or their
-    residual, and not a graph output. Maps each to that scale, in which its producer may quantize in its epilogue
-    (as TensorRT's int8 engines hand int8 activations on): half the bytes written and read, and the readers'
-    loads of X go straight to shared memory."""
+    residual, and not a graph output; or read only by a plain MaxPool whose output is such a tensor (the pool
+    then runs on the int8 values: the maximum commutes with rounding to int8, as in TensorRT's int8 pooling).
+    Maps each to that scale, in which its producer may quantize in its epilogue: half the bytes written and
+    read, and the readers' loads of X go straight to shared memory."""
+    from .candidates import plain_maxpool
+
     readers: dict[str, list[tuple[Node, int]]] = {}
     for node in nodes:
         for position, name in enumerate(node.inputs):
             if name:
                 readers.setdefault(name, []).append((node, position))
+
+    def input_scale(tensor: str) -> float | None:
+        """The one input scale of the Triton int8 convolutions that alone read `tensor`, or None."""
+        uses = readers.get(tensor, [])
+        if tensor in outputs or not uses or not all(position in (0, 4) and triton_conv_applies(reader)
+                                                    for reader, position in uses):
+            return None
+        found = {float(reader.attrs["x_scale"]) for reader, position in uses if position == 0}
+        return found.pop() if len(found) == 1 else None
+
     scales = {}
     for node in nodes:
         if not triton_conv_applies(node) or not node.outputs or node.outputs[0] in outputs:
             continue
-        uses = readers.get(node.outputs[0], [])
-        if uses and all(position in (0, 4) and triton_conv_applies(reader) for reader, position in uses):
-            found = {float(reader.attrs["x_scale"]) for reader, position in uses if position == 0}
-            if len(found) == 1:
-                scales[node.outputs[0]] = found.pop()
+        made = node.outputs[0]
+        scale = input_scale(made)
+        if scale is not None:
+            scales[made] = scale
+            continue
+        uses = readers.get(made, [])
+        if len(uses) == 1 and uses[0][1] == 0 and plain_maxpool(uses[0][0]):  # through a max pool
+            pooled = uses[0][0].outputs[0]
+            scale = input_scale(pooled)
+            if scale is not None:
+                scales[made] = scales[pooled] = scale
     return scales
 
 

@@ -188,7 +188,7 @@ def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[st
     """stored: the weights on the GPU as the model stores them (fp32), which each candidate casts to its own
     precision; pinned: int8 layers --precisionConstraints obey keeps in int8; fp8: the build allows fp8 tactics;
     out_scale, int8_input, residual_scale: the int8 hand-off of an int8 convolution's output, input and residual
-    (int8.handoff_scales)."""
+    (int8.handoff_scales); a max pool on the hand-off has its input and output in int8, both in out_scale."""
     import torch
 
     key = (node.domain, node.op)
@@ -214,7 +214,7 @@ def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[st
     elif key == ("", "LayerNormalization"):
         found = cands.layernorm_candidates(node, kernel, flow_dtype)
     elif key == ("", "MaxPool"):
-        found = cands.maxpool_candidates(node, kernel, flow_dtype)
+        found = cands.maxpool_candidates(node, kernel, flow_dtype, out_scale if int8_input else None)
     elif key == ("", "Softmax"):
         found = cands.softmax_candidates(node, kernel, flow_dtype, graph.opsets.get("", graph.opset))
     elif key == ("kiln", "Elementwise"):

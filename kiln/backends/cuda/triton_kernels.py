@@ -155,15 +155,15 @@ def _maxpool_nhwc_kernel(x_ptr, y_ptr, total, C, H, W, OH, OW, SH, SW, PH, PW, K
             ih = oh * SH - PH + kh
             iw = ow * SW - PW + kw
             inside = mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            value = tl.load(x_ptr + ((n * H + ih) * W + iw) * C + c, mask=inside, other=float("-inf"))
-            best = tl.maximum(best, value.to(tl.float32))
+            value = tl.load(x_ptr + ((n * H + ih) * W + iw) * C + c, mask=inside, other=0)  # any dtype, int8 too
+            best = tl.maximum(best, tl.where(inside, value.to(tl.float32), float("-inf")))
     tl.store(y_ptr + offsets, best.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def maxpool_nhwc(x, kernel: tuple[int, int], strides: tuple[int, int], pads: tuple[int, int, int, int],
                  block: int = 1024, warps: int = 4):
-    """2-D max pooling of a channels-last x (ONNX MaxPool, no dilation, floor mode): one pass, no index
-    output (torch's CUDA max_pool2d writes an int64 index per output as well)."""
+    """2-D max pooling of a channels-last x (ONNX MaxPool, no dilation, floor mode) in its own dtype (int8
+    included): one pass, no index output (torch's CUDA max_pool2d writes an int64 index per output as well)."""
     import torch
 
     n, c, h, w = x.shape
