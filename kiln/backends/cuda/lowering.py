@@ -476,6 +476,12 @@ def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool 
             except torch.cuda.OutOfMemoryError as error:
                 raise ResourceError(f"layer {node.name!r} ran out of GPU memory during the build: {str(error).splitlines()[0]}",
                                     code="KILN-E601", hint="build with a smaller batch (profile) or on a larger GPU") from None
+            except Exception as error:  # noqa: BLE001 (on the hand-off: that variant is not kept; else a bug to report)
+                if not (handed or out_scale is not None):
+                    raise
+                raise BuildError(f"layer {node.name!r} ({node.op_key}) cannot run on the int8 hand-off: "
+                                 f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                                 code="KILN-E201", where=node.name, hint="the engine without the hand-off is kept") from None
             results = result if isinstance(result, (tuple, list)) else (result,)
             for name, value in zip(node.outputs, results):
                 if name:
