@@ -156,6 +156,16 @@ def _shape(entry: dict) -> str:
     return "x".join("?" if d is None else str(d) for d in entry["shape"]) or "scalar"
 
 
+def _whole_engine(tuning: dict) -> list[str]:
+    """A CUDA engine's whole-engine choice: each variant the build timed whole, and the one it kept (the fastest)."""
+    times = tuning.get("whole_engine_ms") or {}
+    if not times:
+        return []
+    kept = min(times, key=times.get)
+    timed = ", ".join(f"{name} {ms:.3f} ms" for name, ms in times.items())
+    return [f"  whole engine: kept {kept!r} of the variants timed whole ({timed})"]
+
+
 def format_report(report: dict[str, Any]) -> str:
     lines = []
     if report["kind"] == "onnx":
@@ -190,8 +200,10 @@ def format_report(report: dict[str, Any]) -> str:
         for layer in report["layers"]:
             origin = ", ".join(layer["origin"][:4]) + (" ..." if len(layer["origin"]) > 4 else "")
             shapes = ", ".join(layer.get("input_shapes", [])) + " -> " + ", ".join(layer.get("output_shapes", []))
+            handed = f" (int8 {' and '.join(layer['int8_inputs'])} in)" if layer.get("int8_inputs") else ""
             lines.append(f"    {layer['name']:<40} {layer['op']:<24} {layer.get('precision', ''):<5} {layer.get('tactic', ''):<14} "
-                         f"{shapes}  from {origin}")
+                         f"{shapes}{handed}  from {origin}")
+        lines += _whole_engine(info.get("cuda_tuning") or {})
         memory = report["memory"]
         if memory.get("peak_bytes") is not None:
             lines.append(f"  activation memory: peak {memory['peak_bytes'] / 1e6:.2f} MB (shared by lifetime), "

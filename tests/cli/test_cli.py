@@ -67,6 +67,25 @@ def test_inspect_model_and_engine(engine_path, capsys):
     assert report["kind"] == "engine" and report["inputs"][0]["name"] == "data_0" and report["layers"]
 
 
+def test_inspect_text_shows_int8_inputs_and_the_whole_engine_choice():
+    """A CUDA engine's report (as inspect_engine reads it from the file): layers that take int8 from the layer before
+    say so, and the whole-engine variants the build timed are listed with the one it kept."""
+    from kiln.tools.inspect import format_report
+
+    binding = {"name": "x", "dtype": "float32", "shape": [1, 3, 8, 8], "dynamic": False}
+    layer = {"name": "conv2", "op": "kiln::QConv", "origin": ["Conv_2"], "precision": "int8",
+             "tactic": "triton-int8-implicit-gemm-64x64x64", "int8_inputs": ["input", "residual"]}
+    report = {"kind": "engine", "path": "e.kiln", "size_bytes": 10, "weights_bytes": 4, "memory": {},
+              "target": {"device": "cuda", "name": "H200", "capability": "90"}, "inputs": [binding], "outputs": [binding],
+              "build_info": {"cuda_tuning": {"whole_engine_ms": {"per-layer choice": 3.403, "int8 hand-off": 3.305}}},
+              "layers": [layer, {**layer, "name": "conv1", "int8_inputs": []}]}
+    text = format_report(report)
+    assert "(int8 input and residual in)" in text and text.count("int8 input") == 1
+    assert "whole engine: kept 'int8 hand-off' of the variants timed whole (per-layer choice 3.403 ms, int8 hand-off 3.305 ms)" in text
+    report["build_info"] = {}
+    assert "whole engine" not in format_report(report)
+
+
 def test_inspect_shows_dynamic_dims_and_unsupported_nodes(tmp_path, capsys):
     import onnx
     from onnx import helper
