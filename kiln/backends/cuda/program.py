@@ -103,25 +103,27 @@ class CudaProgram:
         import torch
 
         on_host = any(isinstance(v, torch.Tensor) and not v.is_cuda for v in feed.values())
-        device_feed = self._device_feed(feed)
         capturing = torch.cuda.is_current_stream_capturing()
         if on_step is not None or capturing or not self.use_cuda_graph or self.graph_error is not None:
             env = dict(self.constants)
-            env.update(device_feed)
+            env.update(self._device_feed(feed))
             results = self.run_steps(env, on_step)
             if capturing:
                 return results
         else:
-            results = self._replay(device_feed)
+            results = self._replay(feed)
         if on_host:
             return {name: v.cpu() if isinstance(v, torch.Tensor) else v for name, v in results.items()}
         return results
 
-    def _replay(self, device_feed: dict) -> dict:
-        key = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(device_feed.items())
+    def _replay(self, feed: dict) -> dict:
+        """One replay of the graph captured for the feed's shapes. Each input is copied into the graph's own input
+        buffer by one copy_, which also moves it to the GPU and casts it to the engine's dtype where needed."""
+        key = tuple((name, tuple(t.shape), str(self.input_casts.get(name, t.dtype))) for name, t in sorted(feed.items())
                     if hasattr(t, "shape"))
         captured = self.graphs.get(key)
         if captured is None:
+            device_feed = self._device_feed(feed)
             captured = self._capture(device_feed)
             if captured is None:  # capture failed: run eagerly from now on
                 env = dict(self.constants)
@@ -131,7 +133,7 @@ class CudaProgram:
             while len(self.graphs) > GRAPH_CACHE_SIZE:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
-        for name, tensor in device_feed.items():
+        for name, tensor in feed.items():
             if hasattr(tensor, "copy_"):
                 captured.inputs[name].copy_(tensor, non_blocking=True)
         captured.graph.replay()
