@@ -275,14 +275,22 @@ def test_fp8_is_refused_clearly_below_compute_capability_8_9(block):
 
 
 def test_host_input_copy_gives_numpy_and_cuda_input_gives_cuda(block):
+    """Host and CUDA fp32 inputs of fp32 and fp16 graph-replayed engines: each replay's one copy_ into the graph's
+    input buffer moves and casts the new input (a second, different input gives its own result)."""
     import torch
 
     model, feed, expected = block
-    engine = kiln.build(model, BuilderConfig(device="cuda"))
-    host = engine.run(feed)["y"]
-    device = engine.run({"x": torch.from_numpy(feed["x"]).cuda()})["y"]
-    assert isinstance(host, np.ndarray) and device.is_cuda
-    np.testing.assert_allclose(host, device.cpu().numpy(), rtol=1e-6, atol=1e-6)
+    other = {"x": (feed["x"] * -0.5).astype(np.float32)}
+    other_expected = run_onnxruntime(model, other)["y"]
+    for precision in ("fp32", "fp16"):
+        engine = kiln.build(model, BuilderConfig(device="cuda", **({"fp16": True} if precision == "fp16" else {})))
+        host = engine.run(feed)["y"]
+        device = engine.run({"x": torch.from_numpy(feed["x"]).cuda()})["y"]
+        assert isinstance(host, np.ndarray) and device.is_cuda
+        np.testing.assert_allclose(host, device.cpu().numpy(), rtol=1e-6, atol=1e-6)
+        assert relative_error(host, expected) < RELATIVE[precision]
+        for again in (engine.run(other)["y"], engine.run({"x": torch.from_numpy(other["x"]).cuda()})["y"].cpu().numpy()):
+            assert relative_error(again, other_expected) < RELATIVE[precision], precision
 
 
 def attention_model(batch=2, heads=4, length=37, head_dim=64, mask_rows=1):
