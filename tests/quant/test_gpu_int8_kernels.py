@@ -131,6 +131,25 @@ for kernel, stride, pad in ((7, 2, 3), (3, 1, 1)):  # a 3-channel stem: its redu
     got = K.conv_int8(q3, w3, ws3 * xs, b[:8], None, xs, geometry3, "relu", torch.float32, (16, 32, 32, 4, 2), out_scale=0.05)
     assert torch.equal(got, quantize_activation(want, 0.05))
 assert not K.packs(24, (3, 3)) and not K.packs(3, (1, 1))
+xp, wp = torch.randn(2, 32, 5, 3, generator=g), torch.randint(-127, 128, (48, 32, 1, 1), generator=g, dtype=torch.int8)
+wsp, rp = torch.rand(48, generator=g) * 0.01, torch.randn(2, 48, 5, 3, generator=g)  # 30 pixels: a partial row tile
+qx, rq = K.quantize(xp.permute(0, 2, 3, 1), xs).permute(0, 3, 1, 2), K.quantize(rp.permute(0, 2, 3, 1), 0.04).permute(0, 3, 1, 2)
+want = qconv(qx.float() * xs, wp, wsp, b[:16].repeat(3), rq.float() * 0.04, x_scale=xs, strides=[1, 1], pads=[0] * 4,
+             dilations=[1, 1], group=1, kernel_shape=[1, 1], activation="relu")
+wp_nk = wp.reshape(48, 32).contiguous()
+assert K.pointwise_applies(32, 48, torch.int8) and not K.pointwise_applies(24, 48, torch.int8)
+for config, out_scale in (((16, 32, 32, 4, 2), None), ((32, 16, 16, 4, 2), 0.05)):  # 48 columns: a partial column tile
+    got = K.pointwise_int8(qx, wp_nk, wsp * xs, b[:16].repeat(3), rq, "relu", torch.float32, config, out_scale, 0.04)
+    assert got.shape == want.shape
+    if out_scale is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.dtype == torch.int8 and torch.equal(got, quantize_activation(want, out_scale))
+node1 = Node("QConv", ("x", "w", "s", "b", "r"), ("y",), domain="kiln", name="p", attrs={"x_scale": xs,
+             "kernel_shape": [1, 1], "group": 1, "pads": [0] * 4, "strides": [1, 1], "dilations": [1, 1], "activation": "relu"})
+tma = [c for c in int8_candidates(node1, wp, wsp, b[:16].repeat(3), ["fp32"], torch.float32, False, False, out_scale=0.05,
+                                  int8_input=True, residual_scale=0.04) if "tma" in c.name]
+assert len(tma) == len(K.POINTWISE_CONFIGS) and all(c.name.endswith("-int8-out") for c in tma)
 from kiln.backends.cpu.kernels import bind_kernel
 from kiln.backends.cuda.candidates import maxpool_candidates
 pool = Node("MaxPool", ("p",), ("q",), name="pool", attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
@@ -154,7 +173,7 @@ def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
     input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
     hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block,
-    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the
+    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the TMA pointwise GEMM on int8 pixels with partial tiles; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

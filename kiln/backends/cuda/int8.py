@@ -280,7 +280,9 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
 
     if not (triton_available() and wq.dim() == 4 and triton_conv_applies(node)):
         return []
-    from .int8_kernels import conv_configs, conv_int8
+    import torch
+
+    from .int8_kernels import POINTWISE_CONFIGS, conv_configs, conv_int8, pointwise_applies, pointwise_int8
 
     out_channels = wq.shape[0]
     pads, strides, dilations = list(node.attrs.get("pads") or [0, 0, 0, 0]), list(node.attrs["strides"]), list(node.attrs["dilations"])
@@ -299,6 +301,14 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
                              out_scale, residual_scale)
 
         found.append(Candidate(f"triton-int8-implicit-gemm-{_blocks(config)}{suffix}", "int8", run, reference=reference))
+    pointwise = tuple(wq.shape[2:]) == (1, 1) and tuple(strides) == (1, 1) and not any(pads)
+    if int8_input and pointwise and pointwise_applies(wq.shape[1], out_channels, torch.int8 if out_scale else flow):
+        for config in POINTWISE_CONFIGS:  # int8 pixels in: a plain GEMM whose every tile moves by TMA
+            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
+                return pointwise_int8(x, weight_nk, scale, fp32_bias, residual, activation, flow, config, out_scale,
+                                      residual_scale)
+
+            found.append(Candidate(f"triton-int8-tma-1x1-{_blocks(config)}{suffix}", "int8", run, reference=reference))
     return found
 
 

@@ -174,6 +174,80 @@ def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_
                             num_warps=warps, num_stages=stages)
 
 
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the TMA pointwise kernel below
+POINTWISE_CONFIGS = ((128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 3))
+
+
+@triton.jit
+def _pointwise_int8_kernel(a_desc, b_desc, y_desc, r_desc, scale_ptr, bias_ptr, out_channels, inverse_out_scale,
+                           residual_scale, K_STEPS: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # a 1x1 convolution on int8 channels-last pixels is a plain [pixels, C] x [C, C_out] product: every operand,
+    # the residual and the output move by TMA (tiles past the edges load zeros and are not stored)
+    column_tiles = tl.cdiv(out_channels, BLOCK_N)
+    row = (tl.program_id(0) // column_tiles) * BLOCK_M
+    col = (tl.program_id(0) % column_tiles) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for step in range(K_STEPS):
+        a = a_desc.load([row, step * BLOCK_K])
+        b = b_desc.load([col, step * BLOCK_K])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    cols = col + tl.arange(0, BLOCK_N)
+    col_ok = cols < out_channels
+    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual = r_desc.load([row, col]).to(tl.float32)
+        if QUANTIZED_RESIDUAL:
+            residual = residual * residual_scale
+        y += residual
+    y = _activate(y, ACTIVATION)
+    if QUANTIZED_OUTPUT:
+        y = _round_int8(y * inverse_out_scale)
+    y_desc.store([row, col], y.to(y_desc.dtype))
+
+
+def pointwise_applies(channels: int, out_channels: int, out_dtype) -> bool:
+    """TMA needs 16-byte aligned rows: int8 pixels of `channels`, outputs of `out_channels` in out_dtype."""
+    import torch
+
+    width = 1 if out_dtype == torch.int8 else torch.empty((), dtype=out_dtype).element_size()
+    return channels % 16 == 0 and (out_channels * width) % 16 == 0 and out_channels % 16 == 0
+
+
+def pointwise_int8(x, weight_nk, scale, bias, residual, activation: str, out_dtype, config,
+                   out_scale: float | None = None, residual_scale: float | None = None):
+    """A stride-1 unpadded 1x1 convolution of an int8 x (already quantized) as one TMA int8 GEMM over its pixels:
+    y = activation(x @ Wq^T * scale + bias + residual), int8 in out_scale when given. The result is NCHW in shape
+    and channels-last in memory, as conv_int8's."""
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_m, block_n, block_k, warps, stages = config
+    batch, channels, height, width = x.shape
+    out_channels = weight_nk.shape[0]
+    pixels = batch * height * width
+    rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(pixels, channels)
+    y = torch.empty((pixels, out_channels), dtype=torch.int8 if out_scale else out_dtype, device=x.device)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(pixels, out_channels)
+    a_desc = TensorDescriptor.from_tensor(rows, [block_m, block_k])
+    b_desc = TensorDescriptor.from_tensor(weight_nk, [block_n, block_k])
+    y_desc = TensorDescriptor.from_tensor(y, [block_m, block_n])
+    r_desc = TensorDescriptor.from_tensor(residual, [block_m, block_n]) if residual is not None else y_desc
+    grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
+    _pointwise_int8_kernel[grid](a_desc, b_desc, y_desc, r_desc, scale, bias if bias is not None else scale,
+                                 out_channels, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
+                                 K_STEPS=triton.cdiv(channels, block_k), QUANTIZED_OUTPUT=y.dtype == torch.int8,
+                                 HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                                 QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
+                                 ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
+                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
+
+
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, total, inverse_scale, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
