@@ -1,5 +1,6 @@
-"""ResNet-50's convolutions one by one on the GPU: kiln's Triton int8 implicit-GEMM kernel (each block
-configuration of a list) against cuDNN fp16 channels-last, the tactic an fp16 engine runs.
+"""ResNet-50's convolutions one by one on the GPU: kiln's Triton int8 convolutions (the implicit-GEMM kernel and,
+on int8 input at stride 1, the TMA 1x1 GEMM and window kernels; each in every block configuration the tactic
+chooser offers) against cuDNN fp16 channels-last, the tactic an fp16 engine runs.
 
     python3 benchmarks/int8_conv.py --out DIR [--batches 1,128] [--configs all|default] [--jobs 12]
 
@@ -60,7 +61,7 @@ def _runner(shape, batch, config, kind):
     pad, stride)."""
     import torch
 
-    from kiln.backends.cuda.int8_kernels import conv_int8, quantize
+    from kiln.backends.cuda.int8_kernels import conv_int8, pointwise_int8, quantize, window_conv_int8
 
     x, wq, w_scale, bias, x_scale, (pad, stride) = _case(shape, batch)
     cout, k = wq.shape[0], wq.shape[2]
@@ -71,9 +72,17 @@ def _runner(shape, batch, config, kind):
     source = x
     if quantized_input:  # quantized as a channels-last tensor and kept so
         source = quantize(x.permute(0, 2, 3, 1), x_scale).permute(0, 3, 1, 2)
-    return lambda: conv_int8(source, weight_nk, scale, bias, None, x_scale, geometry, "relu", torch.float16, config,
-                             OUT_SCALE if quantized_output else None), \
-        (x, wq, w_scale, bias, x_scale, pad, stride)
+    kernel, blocks = config
+    out_scale = OUT_SCALE if quantized_output else None
+    if kernel == "tma-1x1":
+        run = lambda: pointwise_int8(source, weight_nk, scale, bias, None, "relu", torch.float16, blocks, out_scale)
+    elif kernel == "tma-window":
+        run = lambda: window_conv_int8(source, weight_nk, scale, bias, None, geometry, "relu", torch.float16, blocks,
+                                       out_scale)
+    else:
+        run = lambda: conv_int8(source, weight_nk, scale, bias, None, x_scale, geometry, "relu", torch.float16, blocks,
+                                out_scale)
+    return run, (x, wq, w_scale, bias, x_scale, pad, stride)
 
 
 def _check(shape, config, kind) -> float:
@@ -94,6 +103,14 @@ def _check(shape, config, kind) -> float:
         return -float(steps.abs().max())
     got = got.double()
     return float((got - want).abs().max() / want.abs().max().clamp(min=1e-12))
+
+
+def _named(config) -> str:
+    """("tma-1x1", (128, 128, 64, 4, 3)) as "tma-1x1 128x128x64 w4 s3"; "-" for none."""
+    if config is None:
+        return "-"
+    kernel, blocks = config
+    return f"{kernel} {'x'.join(map(str, blocks[:-2]))} w{blocks[-2]} s{blocks[-1]}"
 
 
 def _warm(job):
@@ -123,15 +140,22 @@ def main() -> None:
     import torch
     from triton.testing import do_bench
 
-    from kiln.backends.cuda.int8_kernels import conv_configs
+    from kiln.backends.cuda.int8_kernels import POINTWISE_CONFIGS, WINDOW_CONFIGS, conv_configs
 
     torch.backends.cudnn.benchmark = True
 
-    def configs(shape) -> list:  # what kiln's tactic chooser times for this shape, and with --configs all a few more
-        offered = list(conv_configs(shape[0], (shape[2], shape[2])))
-        return offered + ([c for c in EXTRA_CONFIGS if c not in offered] if args.configs == "all" else [])
+    def configs(shape, kind) -> list:
+        """(kernel, blocks) kiln's tactic chooser times for this shape and input kind, with --configs all a few more:
+        the implicit-GEMM kernel's, and on int8 input at stride 1 the TMA kernels' (1x1 GEMM, window convolution)."""
+        cin, _, k, stride, _, _ = shape
+        offered = list(conv_configs(cin, (k, k)))
+        implicit = offered + ([c for c in EXTRA_CONFIGS if c not in offered] if args.configs == "all" else [])
+        found = [("implicit", c) for c in implicit]
+        if KINDS[kind][0] and stride == 1 and cin % 16 == 0:
+            found += [("tma-1x1" if k == 1 else "tma-window", c) for c in (POINTWISE_CONFIGS if k == 1 else WINDOW_CONFIGS)]
+        return found
 
-    jobs = [(s, c, kind) for s in SHAPES for c in configs(s) for kind in KINDS]
+    jobs = [(s, c, kind) for s in SHAPES for kind in KINDS for c in configs(s, kind)]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         errors = dict(zip(jobs, pool.map(_warm, jobs)))
     wrong = {job: e for job, e in errors.items() if not (-1 <= e < 2e-3)}
@@ -154,7 +178,7 @@ def main() -> None:
             best = {}
             for kind in KINDS:
                 times = {c: do_bench(_runner(shape, batch, c, kind)[0], warmup=10, rep=40, return_mode="median")
-                         for c in configs(shape) if (shape, c, kind) not in wrong}
+                         for c in configs(shape, kind) if (shape, c, kind) not in wrong}
                 chosen = min(times, key=times.get) if times else None
                 best[kind] = (times[chosen] if times else float("nan"), chosen, times)
             totals["fp16"] += count * fp16
@@ -163,7 +187,7 @@ def main() -> None:
                 totals[f"best of fp16/{kind}"] += count * min(fp16, best[kind][0])
             name = f"{cin}->{cout} {k}x{k}/{stride} @{size}"
             lines.append(f"| {name} | {count} | {fp16:.4f} | "
-                         + " | ".join(f"{best[k][0]:.4f} ({best[k][1]})" for k in KINDS) + " |")
+                         + " | ".join(f"{best[k][0]:.4f} ({_named(best[k][1])})" for k in KINDS) + " |")
             rows.append({"batch": batch, "conv": name, "count": count, "cudnn_fp16_ms": fp16,
                          **{kind: {str(c): t for c, t in best[kind][2].items()} for kind in KINDS}})
             print(lines[-1], flush=True)

@@ -150,6 +150,24 @@ node1 = Node("QConv", ("x", "w", "s", "b", "r"), ("y",), domain="kiln", name="p"
 tma = [c for c in int8_candidates(node1, wp, wsp, b[:16].repeat(3), ["fp32"], torch.float32, False, False, out_scale=0.05,
                                   int8_input=True, residual_scale=0.04) if "tma" in c.name]
 assert len(tma) == len(K.POINTWISE_CONFIGS) and all(c.name.endswith("-int8-out") for c in tma)
+w3x3 = torch.randint(-127, 128, (48, 32, 3, 3), generator=g, dtype=torch.int8)
+w3x3_nk = w3x3.permute(0, 2, 3, 1).reshape(48, -1).contiguous()
+want = qconv(qx.float() * xs, w3x3, wsp, b[:16].repeat(3), rq.float() * 0.04, x_scale=xs, strides=[1, 1], pads=[1] * 4,
+             dilations=[1, 1], group=1, kernel_shape=[3, 3], activation="relu")
+geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+assert K.window_applies(32, 48, torch.int8, geometry) and not K.window_applies(32, 48, torch.int8, ((3, 3), (2, 2), (1, 1), (1, 1)))
+for config, out_scale in (((4, 8, 32, 32, 4, 2), None), ((8, 4, 16, 64, 4, 2), 0.05)):  # windows past the 5x3 image's edges
+    got = K.window_conv_int8(qx, w3x3_nk, wsp * xs, b[:16].repeat(3), rq, geometry, "relu", torch.float32, config,
+                             out_scale, 0.04)
+    assert got.shape == want.shape
+    if out_scale is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.dtype == torch.int8 and torch.equal(got, quantize_activation(want, out_scale))
+node3 = node1.replace(attrs={**node1.attrs, "kernel_shape": [3, 3], "pads": [1] * 4})
+window = [c for c in int8_candidates(node3, w3x3, wsp, None, ["fp32"], torch.float32, False, False, int8_input=True)
+          if "tma-window" in c.name]
+assert len(window) == len(K.WINDOW_CONFIGS)
 from kiln.backends.cpu.kernels import bind_kernel
 from kiln.backends.cuda.candidates import maxpool_candidates
 pool = Node("MaxPool", ("p",), ("q",), name="pool", attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
@@ -173,7 +191,7 @@ def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
     input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
     hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block,
-    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the TMA pointwise GEMM on int8 pixels with partial tiles; the
+    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the TMA pointwise GEMM and window convolution on int8 pixels with partial tiles; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os

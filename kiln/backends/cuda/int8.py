@@ -282,7 +282,16 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
         return []
     import torch
 
-    from .int8_kernels import POINTWISE_CONFIGS, conv_configs, conv_int8, pointwise_applies, pointwise_int8
+    from .int8_kernels import (
+        POINTWISE_CONFIGS,
+        WINDOW_CONFIGS,
+        conv_configs,
+        conv_int8,
+        pointwise_applies,
+        pointwise_int8,
+        window_applies,
+        window_conv_int8,
+    )
 
     out_channels = wq.shape[0]
     pads, strides, dilations = list(node.attrs.get("pads") or [0, 0, 0, 0]), list(node.attrs["strides"]), list(node.attrs["dilations"])
@@ -309,6 +318,13 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
                                       residual_scale)
 
             found.append(Candidate(f"triton-int8-tma-1x1-{_blocks(config)}{suffix}", "int8", run, reference=reference))
+    if int8_input and window_applies(wq.shape[1], out_channels, torch.int8 if out_scale else flow, geometry):
+        for config in WINDOW_CONFIGS:  # int8 pixels in, stride 1: each tap's operand one TMA window of the input
+            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
+                return window_conv_int8(x, weight_nk, scale, fp32_bias, residual, geometry, activation, flow, config,
+                                        out_scale, residual_scale)
+
+            found.append(Candidate(f"triton-int8-tma-window-{_blocks(config)}{suffix}", "int8", run, reference=reference))
     return found
 
 

@@ -248,6 +248,93 @@ def pointwise_int8(x, weight_nk, scale, bias, residual, activation: str, out_dty
     return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
 
 
+# (TILE_H, TILE_W, BLOCK_N, BLOCK_K, warps, stages) of the TMA convolution below: a tile of output pixels is a
+# TILE_H x TILE_W window of one image
+WINDOW_CONFIGS = ((8, 16, 64, 64, 4, 3), (8, 16, 128, 64, 8, 3), (16, 8, 128, 64, 8, 3), (8, 8, 128, 64, 4, 3))
+
+
+@triton.jit
+def _window_conv_int8_kernel(x_desc, w_desc, y_desc, r_desc, scale_ptr, bias_ptr, out_h, out_w, channels, out_channels,
+                             pad_h, pad_w, inverse_out_scale, residual_scale, KH: tl.constexpr, KW: tl.constexpr,
+                             CHANNEL_STEPS: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr, ACTIVATION: tl.constexpr,
+                             TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    # a stride-1 convolution on int8 channels-last pixels, each tap's operand a 4-D TMA box of the input
+    # [1, TILE_H, TILE_W, BLOCK_K] shifted by the tap: the box's parts outside the image (the padding) and past the
+    # channels load as zeros, so no masks; weight columns past a tap's channels meet those zeros
+    column_tiles = tl.cdiv(out_channels, BLOCK_N)
+    tiles_w = tl.cdiv(out_w, TILE_W)
+    tiles_h = tl.cdiv(out_h, TILE_H)
+    pid = tl.program_id(0)
+    col = (pid % column_tiles) * BLOCK_N
+    tile = pid // column_tiles
+    ow = (tile % tiles_w) * TILE_W
+    oh = ((tile // tiles_w) % tiles_h) * TILE_H
+    image = tile // (tiles_w * tiles_h)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for step in range(KH * KW * CHANNEL_STEPS):
+        tap = step // CHANNEL_STEPS
+        c = (step - tap * CHANNEL_STEPS) * BLOCK_K
+        kh = tap // KW
+        a = x_desc.load([image, oh + kh - pad_h, ow + (tap - kh * KW) - pad_w, c]).reshape(BLOCK_M, BLOCK_K)
+        b = w_desc.load([col, tap * channels + c])
+        acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+    cols = col + tl.arange(0, BLOCK_N)
+    col_ok = cols < out_channels
+    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        residual = r_desc.load([image, oh, ow, col]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
+        if QUANTIZED_RESIDUAL:
+            residual = residual * residual_scale
+        y += residual
+    y = _activate(y, ACTIVATION)
+    if QUANTIZED_OUTPUT:
+        y = _round_int8(y * inverse_out_scale)
+    y_desc.store([image, oh, ow, col], y.to(y_desc.dtype).reshape(1, TILE_H, TILE_W, BLOCK_N))
+
+
+def window_applies(channels: int, out_channels: int, out_dtype, geometry) -> bool:
+    """The TMA window convolution runs stride-1, undilated convolutions whose rows are 16-byte aligned."""
+    (kh, kw), strides, _, dilations = geometry
+    return tuple(strides) == (1, 1) and tuple(dilations) == (1, 1) and (kh, kw) != (1, 1) \
+        and pointwise_applies(channels, out_channels, out_dtype) and (kh * kw * channels) % 16 == 0
+
+
+def window_conv_int8(x, weight_nk, scale, bias, residual, geometry, activation: str, out_dtype, config,
+                     out_scale: float | None = None, residual_scale: float | None = None):
+    """conv_int8 for an int8 x (already quantized) and a stride-1 geometry, by TMA windows (above)."""
+    import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tile_h, tile_w, block_n, block_k, warps, stages = config
+    (kh, kw), _, (pad_h, pad_w), _ = geometry
+    batch, channels, height, width = x.shape
+    out_h, out_w = height + 2 * pad_h - kh + 1, width + 2 * pad_w - kw + 1
+    out_channels = weight_nk.shape[0]
+    pixels = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    y = torch.empty((batch, out_h, out_w, out_channels), dtype=torch.int8 if out_scale else out_dtype, device=x.device)
+    if residual is not None:
+        residual = residual.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    x_desc = TensorDescriptor.from_tensor(pixels, [1, tile_h, tile_w, block_k])
+    w_desc = TensorDescriptor.from_tensor(weight_nk, [block_n, block_k])
+    y_desc = TensorDescriptor.from_tensor(y, [1, tile_h, tile_w, block_n])
+    r_desc = TensorDescriptor.from_tensor(residual, [1, tile_h, tile_w, block_n]) if residual is not None else y_desc
+    grid = (batch * triton.cdiv(out_h, tile_h) * triton.cdiv(out_w, tile_w) * triton.cdiv(out_channels, block_n),)
+    _window_conv_int8_kernel[grid](x_desc, w_desc, y_desc, r_desc, scale, bias if bias is not None else scale, out_h,
+                                   out_w, channels, out_channels, pad_h, pad_w, 1.0 / out_scale if out_scale else 1.0,
+                                   residual_scale or 1.0, KH=kh, KW=kw, CHANNEL_STEPS=triton.cdiv(channels, block_k),
+                                   QUANTIZED_OUTPUT=y.dtype == torch.int8, HAS_BIAS=bias is not None,
+                                   HAS_RESIDUAL=residual is not None,
+                                   QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
+                                   ACTIVATION=ACTIVATION_CODES[activation], TILE_H=tile_h, TILE_W=tile_w,
+                                   BLOCK_M=tile_h * tile_w, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                   num_stages=stages)
+    return y.permute(0, 3, 1, 2)
+
+
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, total, inverse_scale, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
