@@ -202,3 +202,51 @@ def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")  # read when the kernels are decorated: a fresh process
     done = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tma_and_packed_int8_kernels_on_the_gpu():
+    """On a real GPU (TMA and int8 tensor cores, which the interpreter only imitates): the 1x1 TMA GEMM and the TMA
+    window convolution on int8 pixels with an int8 residual, in every configuration the tactic chooser offers, with
+    fp16 output (within fp16 rounding of kiln::QConv's reference) and int8 output (within one step); the packed
+    3-channel stem; the max pool on int8."""
+    pytest.importorskip("triton")
+    from kiln.backends.cuda import int8_kernels as K
+    from kiln.backends.cuda.triton_kernels import maxpool_nhwc
+    from kiln.ops.quantize import qconv, quantize_activation
+
+    g, xs = torch.Generator().manual_seed(0), 0.02
+    x, r = torch.randn(4, 64, 14, 14, generator=g), torch.randn(4, 128, 14, 14, generator=g)
+    qx = K.quantize(x.permute(0, 2, 3, 1).cuda(), xs).permute(0, 3, 1, 2)
+    rq = K.quantize(r.permute(0, 2, 3, 1).cuda(), 0.04).permute(0, 3, 1, 2)
+    ws, b = (torch.rand(128, generator=g) * 0.01).cuda(), torch.randn(128, generator=g).cuda()
+    for k, pad, configs in ((1, 0, K.POINTWISE_CONFIGS), (3, 1, K.WINDOW_CONFIGS)):
+        wq = torch.randint(-127, 128, (128, 64, k, k), generator=g, dtype=torch.int8).cuda()
+        want = qconv(qx.float() * xs, wq, ws, b, rq.float() * 0.04, x_scale=xs, strides=[1, 1], pads=[pad] * 4,
+                     dilations=[1, 1], group=1, kernel_shape=[k, k], activation="relu")
+        nk = wq.permute(0, 2, 3, 1).reshape(128, -1).contiguous()
+        geometry = ((k, k), (1, 1), (pad, pad), (1, 1))
+        for config in configs:
+            for out_scale in (None, 0.05):
+                if k == 1:
+                    got = K.pointwise_int8(qx, nk, ws * xs, b, rq, "relu", torch.float16, config, out_scale, 0.04)
+                else:
+                    got = K.window_conv_int8(qx, nk, ws * xs, b, rq, geometry, "relu", torch.float16, config, out_scale, 0.04)
+                if out_scale is None:
+                    assert float((got.float() - want).norm() / want.norm()) < 2e-3, (k, config)
+                else:
+                    steps = (got.float() - quantize_activation(want, out_scale).float()).abs().max()
+                    assert got.dtype == torch.int8 and float(steps) <= 1, (k, config)
+    x3 = torch.randn(2, 3, 32, 32, generator=g).cuda().half()
+    w3 = torch.randint(-127, 128, (64, 3, 7, 7), generator=g, dtype=torch.int8).cuda()
+    ws3 = (torch.rand(64, generator=g) * 0.01).cuda()
+    want = qconv(x3.float(), w3, ws3, b[:64], None, x_scale=xs, strides=[2, 2], pads=[3] * 4, dilations=[1, 1], group=1,
+                 kernel_shape=[7, 7], activation="relu")
+    nk3 = w3.permute(0, 2, 3, 1).reshape(64, -1).contiguous()
+    for config in K.PACKED_CONFIGS:
+        got = K.conv_int8(x3, nk3, ws3 * xs, b[:64], None, xs, ((7, 7), (2, 2), (3, 3), (1, 1)), "relu", torch.float16, config)
+        assert float((got.float() - want).norm() / want.norm()) < 2e-3, config
+    qp = K.quantize((torch.randn(2, 9, 8, 16, generator=g) - 3).cuda(), 0.05).permute(0, 3, 1, 2)
+    pooled = maxpool_nhwc(qp, (3, 3), (2, 2), (1, 1, 1, 1))
+    assert torch.equal(pooled, torch.nn.functional.max_pool2d(qp.float(), 3, 2, 1).to(torch.int8))
