@@ -61,7 +61,7 @@ def _runner(shape, batch, config, kind):
     pad, stride)."""
     import torch
 
-    from kiln.backends.cuda.int8_kernels import conv_int8, pointwise_int8, quantize, window_conv_int8
+    from kiln.backends.cuda.int8_kernels import CONV_KERNELS, quantize
 
     x, wq, w_scale, bias, x_scale, (pad, stride) = _case(shape, batch)
     cout, k = wq.shape[0], wq.shape[2]
@@ -72,17 +72,11 @@ def _runner(shape, batch, config, kind):
     source = x
     if quantized_input:  # quantized as a channels-last tensor and kept so
         source = quantize(x.permute(0, 2, 3, 1), x_scale).permute(0, 3, 1, 2)
-    kernel, blocks = config
+    kind, blocks = config
+    kernel = CONV_KERNELS[kind]
     out_scale = OUT_SCALE if quantized_output else None
-    if kernel == "tma-1x1":
-        run = lambda: pointwise_int8(source, weight_nk, scale, bias, None, "relu", torch.float16, blocks, out_scale)
-    elif kernel == "tma-window":
-        run = lambda: window_conv_int8(source, weight_nk, scale, bias, None, geometry, "relu", torch.float16, blocks,
-                                       out_scale)
-    else:
-        run = lambda: conv_int8(source, weight_nk, scale, bias, None, x_scale, geometry, "relu", torch.float16, blocks,
-                                out_scale)
-    return run, (x, wq, w_scale, bias, x_scale, pad, stride)
+    return lambda: kernel(source, weight_nk, scale, bias, None, x_scale, geometry, "relu", torch.float16, blocks,
+                          out_scale), (x, wq, w_scale, bias, x_scale, pad, stride)
 
 
 def _check(shape, config, kind) -> float:
@@ -140,20 +134,18 @@ def main() -> None:
     import torch
     from triton.testing import do_bench
 
-    from kiln.backends.cuda.int8_kernels import POINTWISE_CONFIGS, WINDOW_CONFIGS, conv_configs
+    from kiln.backends.cuda.int8_kernels import conv_kernels
 
     torch.backends.cudnn.benchmark = True
 
     def configs(shape, kind) -> list:
-        """(kernel, blocks) kiln's tactic chooser times for this shape and input kind, with --configs all a few more:
-        the implicit-GEMM kernel's, and on int8 input at stride 1 the TMA kernels' (1x1 GEMM, window convolution)."""
-        cin, _, k, stride, _, _ = shape
-        offered = list(conv_configs(cin, (k, k)))
-        implicit = offered + ([c for c in EXTRA_CONFIGS if c not in offered] if args.configs == "all" else [])
-        found = [("implicit", c) for c in implicit]
-        if KINDS[kind][0] and stride == 1 and cin % 16 == 0:
-            found += [("tma-1x1" if k == 1 else "tma-window", c) for c in (POINTWISE_CONFIGS if k == 1 else WINDOW_CONFIGS)]
-        return found
+        """(kernel kind, blocks) kiln's tactic chooser times for this shape and input kind (conv_kernels: the
+        implicit-GEMM kernel, and on int8 input at stride 1 the TMA kernels), with --configs all a few more."""
+        cin, cout, k, stride, _, _ = shape
+        geometry = ((k, k), (stride, stride), (k // 2, k // 2), (1, 1))
+        found = [(name, c) for name, c, _ in conv_kernels(cin, cout, geometry, KINDS[kind][0], torch.float16)]
+        extra = [("implicit-gemm", c) for c in EXTRA_CONFIGS] if args.configs == "all" and cin >= 16 else []
+        return found + [c for c in extra if c not in found]
 
     jobs = [(s, c, kind) for s in SHAPES for kind in KINDS for c in configs(s, kind)]
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

@@ -139,7 +139,8 @@ want = qconv(qx.float() * xs, wp, wsp, b[:16].repeat(3), rq.float() * 0.04, x_sc
 wp_nk = wp.reshape(48, 32).contiguous()
 assert K.pointwise_applies(32, 48, torch.int8) and not K.pointwise_applies(24, 48, torch.int8)
 for config, out_scale in (((16, 32, 32, 4, 2), None), ((32, 16, 16, 4, 2), 0.05)):  # 48 columns: a partial column tile
-    got = K.pointwise_int8(qx, wp_nk, wsp * xs, b[:16].repeat(3), rq, "relu", torch.float32, config, out_scale, 0.04)
+    got = K.pointwise_int8(qx, wp_nk, wsp * xs, b[:16].repeat(3), rq, xs, ((1, 1), (1, 1), (0, 0), (1, 1)), "relu",
+                           torch.float32, config, out_scale, 0.04)
     assert got.shape == want.shape
     if out_scale is None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -157,7 +158,7 @@ want = qconv(qx.float() * xs, w3x3, wsp, b[:16].repeat(3), rq.float() * 0.04, x_
 geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
 assert K.window_applies(32, 48, torch.int8, geometry) and not K.window_applies(32, 48, torch.int8, ((3, 3), (2, 2), (1, 1), (1, 1)))
 for config, out_scale in (((4, 8, 32, 32, 4, 2), None), ((8, 4, 16, 64, 4, 2), 0.05)):  # windows past the 5x3 image's edges
-    got = K.window_conv_int8(qx, w3x3_nk, wsp * xs, b[:16].repeat(3), rq, geometry, "relu", torch.float32, config,
+    got = K.window_conv_int8(qx, w3x3_nk, wsp * xs, b[:16].repeat(3), rq, xs, geometry, "relu", torch.float32, config,
                              out_scale, 0.04)
     assert got.shape == want.shape
     if out_scale is None:
@@ -168,6 +169,11 @@ node3 = node1.replace(attrs={**node1.attrs, "kernel_shape": [3, 3], "pads": [1] 
 window = [c for c in int8_candidates(node3, w3x3, wsp, None, ["fp32"], torch.float32, False, False, int8_input=True)
           if "tma-window" in c.name]
 assert len(window) == len(K.WINDOW_CONFIGS)
+kinds = lambda *args: [kind for kind, _, _ in K.conv_kernels(*args)]
+assert set(kinds(32, 48, ((3, 3), (1, 1), (1, 1), (1, 1)), True, torch.int8)) == {"implicit-gemm", "tma-window"}
+assert set(kinds(32, 48, ((1, 1), (1, 1), (0, 0), (1, 1)), True, torch.int8)) == {"implicit-gemm", "tma-1x1"}
+assert set(kinds(32, 48, ((1, 1), (2, 2), (0, 0), (1, 1)), True, torch.int8)) == {"implicit-gemm"}  # stride 2: no TMA
+assert set(kinds(32, 48, ((3, 3), (1, 1), (1, 1), (1, 1)), False, torch.float16)) == {"implicit-gemm"}  # float in
 from kiln.backends.cpu.kernels import bind_kernel
 from kiln.backends.cuda.candidates import maxpool_candidates
 pool = Node("MaxPool", ("p",), ("q",), name="pool", attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
@@ -227,12 +233,10 @@ def test_tma_and_packed_int8_kernels_on_the_gpu():
                      dilations=[1, 1], group=1, kernel_shape=[k, k], activation="relu")
         nk = wq.permute(0, 2, 3, 1).reshape(128, -1).contiguous()
         geometry = ((k, k), (1, 1), (pad, pad), (1, 1))
+        kernel = K.pointwise_int8 if k == 1 else K.window_conv_int8
         for config in configs:
             for out_scale in (None, 0.05):
-                if k == 1:
-                    got = K.pointwise_int8(qx, nk, ws * xs, b, rq, "relu", torch.float16, config, out_scale, 0.04)
-                else:
-                    got = K.window_conv_int8(qx, nk, ws * xs, b, rq, geometry, "relu", torch.float16, config, out_scale, 0.04)
+                got = kernel(qx, nk, ws * xs, b, rq, xs, geometry, "relu", torch.float16, config, out_scale, 0.04)
                 if out_scale is None:
                     assert float((got.float() - want).norm() / want.norm()) < 2e-3, (k, config)
                 else:

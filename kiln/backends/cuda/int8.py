@@ -272,8 +272,9 @@ def triton_conv_applies(node: Node) -> bool:
 
 def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_scale: float | None = None,
                       int8_input: bool = False, residual_scale: float | None = None) -> list[Candidate]:
-    """The Triton implicit-GEMM int8 kernel in each block configuration. With out_scale it writes int8 in that
-    scale ("-int8-out" tactics); int8_input: X is int8 already; residual_scale: so is the residual, in that scale.
+    """kiln's Triton int8 convolutions (int8_kernels.conv_kernels) in each block configuration. With out_scale they
+    write int8 in that scale ("-int8-out" tactics); int8_input: X is int8 already; residual_scale: so is the
+    residual, in that scale.
     On the hand-off each candidate is checked against the layer's own int8 arithmetic (kiln::QConv's reference)
     on the dequantized inputs, quantized like the output."""
     from .candidates import triton_available
@@ -282,16 +283,7 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
         return []
     import torch
 
-    from .int8_kernels import (
-        POINTWISE_CONFIGS,
-        WINDOW_CONFIGS,
-        conv_configs,
-        conv_int8,
-        pointwise_applies,
-        pointwise_int8,
-        window_applies,
-        window_conv_int8,
-    )
+    from .int8_kernels import conv_kernels
 
     out_channels = wq.shape[0]
     pads, strides, dilations = list(node.attrs.get("pads") or [0, 0, 0, 0]), list(node.attrs["strides"]), list(node.attrs["dilations"])
@@ -304,27 +296,13 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
     reference = _int8_reference(node, wq, w_scale, bias, x_scale, out_scale, int8_input, residual_scale) if handed else None
     suffix = "-int8-out" if out_scale is not None else ""
     found = []
-    for config in conv_configs(wq.shape[1], tuple(wq.shape[2:])):
-        def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-            return conv_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
-                             out_scale, residual_scale)
+    out_dtype = torch.int8 if out_scale is not None else flow
+    for kind, config, kernel in conv_kernels(wq.shape[1], out_channels, geometry, int8_input, out_dtype):
+        def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config, kernel=kernel):
+            return kernel(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
+                          out_scale, residual_scale)
 
-        found.append(Candidate(f"triton-int8-implicit-gemm-{_blocks(config)}{suffix}", "int8", run, reference=reference))
-    pointwise = tuple(wq.shape[2:]) == (1, 1) and tuple(strides) == (1, 1) and not any(pads)
-    if int8_input and pointwise and pointwise_applies(wq.shape[1], out_channels, torch.int8 if out_scale else flow):
-        for config in POINTWISE_CONFIGS:  # int8 pixels in: a plain GEMM whose every tile moves by TMA
-            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-                return pointwise_int8(x, weight_nk, scale, fp32_bias, residual, activation, flow, config, out_scale,
-                                      residual_scale)
-
-            found.append(Candidate(f"triton-int8-tma-1x1-{_blocks(config)}{suffix}", "int8", run, reference=reference))
-    if int8_input and window_applies(wq.shape[1], out_channels, torch.int8 if out_scale else flow, geometry):
-        for config in WINDOW_CONFIGS:  # int8 pixels in, stride 1: each tap's operand one TMA window of the input
-            def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
-                return window_conv_int8(x, weight_nk, scale, fp32_bias, residual, geometry, activation, flow, config,
-                                        out_scale, residual_scale)
-
-            found.append(Candidate(f"triton-int8-tma-window-{_blocks(config)}{suffix}", "int8", run, reference=reference))
+        found.append(Candidate(f"triton-int8-{kind}-{_blocks(config)}{suffix}", "int8", run, reference=reference))
     return found
 
 

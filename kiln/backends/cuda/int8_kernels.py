@@ -217,11 +217,11 @@ def pointwise_applies(channels: int, out_channels: int, out_dtype) -> bool:
     return channels % 16 == 0 and (out_channels * width) % 16 == 0 and out_channels % 16 == 0
 
 
-def pointwise_int8(x, weight_nk, scale, bias, residual, activation: str, out_dtype, config,
+def pointwise_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config,
                    out_scale: float | None = None, residual_scale: float | None = None):
-    """A stride-1 unpadded 1x1 convolution of an int8 x (already quantized) as one TMA int8 GEMM over its pixels:
-    y = activation(x @ Wq^T * scale + bias + residual), int8 in out_scale when given. The result is NCHW in shape
-    and channels-last in memory, as conv_int8's."""
+    """conv_int8 for an int8 x (already quantized: x_scale is in `scale`) and a stride-1 unpadded 1x1 geometry, as one
+    TMA int8 GEMM over its pixels: y = activation(x @ Wq^T * scale + bias + residual), int8 in out_scale when given.
+    The result is NCHW in shape and channels-last in memory, as conv_int8's."""
     import torch
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -303,9 +303,9 @@ def window_applies(channels: int, out_channels: int, out_dtype, geometry) -> boo
         and pointwise_applies(channels, out_channels, out_dtype) and (kh * kw * channels) % 16 == 0
 
 
-def window_conv_int8(x, weight_nk, scale, bias, residual, geometry, activation: str, out_dtype, config,
+def window_conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config,
                      out_scale: float | None = None, residual_scale: float | None = None):
-    """conv_int8 for an int8 x (already quantized) and a stride-1 geometry, by TMA windows (above)."""
+    """conv_int8 for an int8 x (already quantized: x_scale is in `scale`) and a stride-1 geometry, by TMA windows."""
     import torch
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -333,6 +333,23 @@ def window_conv_int8(x, weight_nk, scale, bias, residual, geometry, activation: 
                                    BLOCK_M=tile_h * tile_w, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
                                    num_stages=stages)
     return y.permute(0, 3, 1, 2)
+
+
+def conv_kernels(channels: int, out_channels: int, geometry, int8_input: bool, out_dtype) -> list[tuple]:
+    """(kind, block configuration, kernel) of each Triton int8 convolution the tactic chooser times for this shape:
+    the implicit-GEMM kernel; on int8 input at stride 1, the TMA 1x1 GEMM or window convolution where rows are
+    16-byte aligned. Every kernel takes conv_int8's arguments."""
+    kernel, strides, pads, _ = geometry
+    kinds = [("implicit-gemm", conv_configs(channels, kernel))]
+    if int8_input and tuple(kernel) == (1, 1) and tuple(strides) == (1, 1) and not any(pads) \
+            and pointwise_applies(channels, out_channels, out_dtype):
+        kinds.append(("tma-1x1", POINTWISE_CONFIGS))
+    if int8_input and window_applies(channels, out_channels, out_dtype, geometry):
+        kinds.append(("tma-window", WINDOW_CONFIGS))
+    return [(kind, config, CONV_KERNELS[kind]) for kind, configs in kinds for config in configs]
+
+
+CONV_KERNELS = {"implicit-gemm": conv_int8, "tma-1x1": pointwise_int8, "tma-window": window_conv_int8}
 
 
 @triton.jit
