@@ -45,6 +45,26 @@ def _round_int8(v):
 
 
 @triton.jit
+def _epilogue(acc, cols, col_ok, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale,
+              HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
+              ACTIVATION: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr):
+    """An int32 product tile dequantized (per-column scale), bias, residual (dequantized when int8) and activation
+    added, and requantized into the next layer's scale when its output is int8."""
+    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        if QUANTIZED_RESIDUAL:  # handed on in int8 by its producer, in residual_scale
+            y += residual.to(tl.float32) * residual_scale
+        else:
+            y += residual.to(tl.float32)
+    y = _activate(y, ACTIVATION)
+    if QUANTIZED_OUTPUT:  # handed to the next int8 layer as int8, in its input scale
+        y = _round_int8(y * inverse_out_scale)
+    return y
+
+
+@triton.jit
 def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
                       pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
@@ -94,19 +114,13 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
         b = tl.load(w_ptr + cols[None, :].to(tl.int64) * k_total + k[:, None], mask=lane_ok[:, None] & col_ok[None, :],
                     other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     offsets = rows[:, None].to(tl.int64) * out_channels + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
+    residual = acc  # read only with HAS_RESIDUAL
     if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + offsets, mask=mask, other=0).to(tl.float32)
-        if QUANTIZED_RESIDUAL:  # handed on in int8 by its producer, in residual_scale
-            residual = residual * residual_scale
-        y += residual
-    y = _activate(y, ACTIVATION)
-    if QUANTIZED_OUTPUT:  # handed to the next int8 layer as int8, in its input scale
-        y = _round_int8(y * inverse_out_scale)
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0)
+    y = _epilogue(acc, cols, col_ok, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale, HAS_BIAS,
+                  HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
     tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -194,18 +208,11 @@ def _pointwise_int8_kernel(a_desc, b_desc, y_desc, r_desc, scale_ptr, bias_ptr, 
         b = b_desc.load([col, step * BLOCK_K])
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     cols = col + tl.arange(0, BLOCK_N)
-    col_ok = cols < out_channels
-    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    residual = acc  # read only with HAS_RESIDUAL
     if HAS_RESIDUAL:
-        residual = r_desc.load([row, col]).to(tl.float32)
-        if QUANTIZED_RESIDUAL:
-            residual = residual * residual_scale
-        y += residual
-    y = _activate(y, ACTIVATION)
-    if QUANTIZED_OUTPUT:
-        y = _round_int8(y * inverse_out_scale)
+        residual = r_desc.load([row, col])
+    y = _epilogue(acc, cols, cols < out_channels, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale,
+                  HAS_BIAS, HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
     y_desc.store([row, col], y.to(y_desc.dtype))
 
 
@@ -281,18 +288,11 @@ def _window_conv_int8_kernel(x_desc, w_desc, y_desc, r_desc, scale_ptr, bias_ptr
         b = w_desc.load([col, tap * channels + c])
         acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
     cols = col + tl.arange(0, BLOCK_N)
-    col_ok = cols < out_channels
-    y = acc.to(tl.float32) * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    residual = acc  # read only with HAS_RESIDUAL
     if HAS_RESIDUAL:
-        residual = r_desc.load([image, oh, ow, col]).reshape(BLOCK_M, BLOCK_N).to(tl.float32)
-        if QUANTIZED_RESIDUAL:
-            residual = residual * residual_scale
-        y += residual
-    y = _activate(y, ACTIVATION)
-    if QUANTIZED_OUTPUT:
-        y = _round_int8(y * inverse_out_scale)
+        residual = r_desc.load([image, oh, ow, col]).reshape(BLOCK_M, BLOCK_N)
+    y = _epilogue(acc, cols, cols < out_channels, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale,
+                  HAS_BIAS, HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
     y_desc.store([image, oh, ow, col], y.to(y_desc.dtype).reshape(1, TILE_H, TILE_W, BLOCK_N))
 
 
