@@ -134,8 +134,8 @@ class CudaProgram:
                 self.graphs.popitem(last=False)
         self.graphs.move_to_end(key)
         for name, tensor in feed.items():
-            if hasattr(tensor, "copy_"):
-                captured.inputs[name].copy_(tensor, non_blocking=True)
+            if hasattr(tensor, "copy_"):  # from pageable host memory the copy blocks, as a host tensor may change after
+                captured.inputs[name].copy_(tensor, non_blocking=tensor.is_cuda or tensor.is_pinned())
         captured.graph.replay()
         return {name: value.clone() if hasattr(value, "clone") else value for name, value in captured.outputs.items()}
 
