@@ -174,6 +174,20 @@ assert set(kinds(32, 48, ((3, 3), (1, 1), (1, 1), (1, 1)), True, torch.int8)) ==
 assert set(kinds(32, 48, ((1, 1), (1, 1), (0, 0), (1, 1)), True, torch.int8)) == {"implicit-gemm", "tma-1x1"}
 assert set(kinds(32, 48, ((1, 1), (2, 2), (0, 0), (1, 1)), True, torch.int8)) == {"implicit-gemm"}  # stride 2: no TMA
 assert set(kinds(32, 48, ((3, 3), (1, 1), (1, 1), (1, 1)), False, torch.float16)) == {"implicit-gemm"}  # float in
+xk, wk = torch.randn(2, 128, 5, 3, generator=g), torch.randint(-127, 128, (48, 128, 3, 3), generator=g, dtype=torch.int8)
+wk_nk = wk.permute(0, 2, 3, 1).reshape(48, -1).contiguous()
+split_geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+assert "split-k" in kinds(128, 48, split_geometry, False, torch.float32, 30)  # 30 pixels: one tile, 1152 reduction lanes
+assert "split-k" not in kinds(128, 48, split_geometry, False, torch.float32, 30 * 4096)  # enough tiles already
+want = qconv(xk, wk, wsp, b[:16].repeat(3), rq.float() * 0.04, x_scale=xs, strides=[1, 1], pads=[1] * 4,
+             dilations=[1, 1], group=1, kernel_shape=[3, 3], activation="relu")
+for config, out_scale in (((16, 32, 32, 4, 2, 3), None), ((16, 32, 32, 4, 2, 5), 0.05)):  # 36 steps: 3 x 12, 5 x 8 (a tail)
+    got = K.conv_int8(xk, wk_nk, wsp * xs, b[:16].repeat(3), rq, xs, split_geometry, "relu", torch.float32, config,
+                      out_scale, 0.04)
+    if out_scale is None:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert got.dtype == torch.int8 and torch.equal(got, quantize_activation(want, out_scale))
 from kiln.backends.cpu.kernels import bind_kernel
 from kiln.backends.cuda.candidates import maxpool_candidates
 pool = Node("MaxPool", ("p",), ("q",), name="pool", attrs={"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]})
@@ -197,7 +211,8 @@ def test_triton_int8_kernels_match_the_reference_in_the_interpreter():
     """kiln's Triton int8 kernels (implicit-GEMM convolution with stride, padding, bias, residual and ReLU, on a float
     input and on an int8 one, with a float output and an int8 one, a float residual and an int8 one (also as the
     hand-off's candidates, each against its own reference), with a channel count that does not fill the last channel block,
-    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the TMA pointwise GEMM and window convolution on int8 pixels with partial tiles; the
+    and 3-channel stems whose reduction packs (kh, kw, c) columns; the max pool on int8 with padding; the TMA pointwise GEMM and window convolution on int8 pixels with partial tiles; split-K with a
+    partial last split; the
     fused GEMM; quantize; dequantize from a padded int32 product), run by Triton's CPU interpreter: exact integer
     sums, the same rounding as kiln::QConv / kiln::QGemm."""
     import os
@@ -216,7 +231,7 @@ def test_tma_and_packed_int8_kernels_on_the_gpu():
     """On a real GPU (TMA and int8 tensor cores, which the interpreter only imitates): the 1x1 TMA GEMM and the TMA
     window convolution on int8 pixels with an int8 residual, in every configuration the tactic chooser offers, with
     fp16 output (within fp16 rounding of kiln::QConv's reference) and int8 output (within one step); the packed
-    3-channel stem; the max pool on int8."""
+    3-channel stem; split-K on batch 1's layer4 3x3; the max pool on int8."""
     pytest.importorskip("triton")
     from kiln.backends.cuda import int8_kernels as K
     from kiln.backends.cuda.triton_kernels import maxpool_nhwc
@@ -250,6 +265,15 @@ def test_tma_and_packed_int8_kernels_on_the_gpu():
     nk3 = w3.permute(0, 2, 3, 1).reshape(64, -1).contiguous()
     for config in K.PACKED_CONFIGS:
         got = K.conv_int8(x3, nk3, ws3 * xs, b[:64], None, xs, ((7, 7), (2, 2), (3, 3), (1, 1)), "relu", torch.float16, config)
+        assert float((got.float() - want).norm() / want.norm()) < 2e-3, config
+    x4 = torch.randn(1, 512, 7, 7, generator=g).cuda().half()  # batch 1's layer4 3x3: one row of tiles, split-K
+    w4 = torch.randint(-127, 128, (512, 512, 3, 3), generator=g, dtype=torch.int8).cuda()
+    ws4 = (torch.rand(512, generator=g) * 0.001).cuda()
+    want = qconv(x4.float(), w4, ws4, None, None, x_scale=xs, strides=[1, 1], pads=[1] * 4, dilations=[1, 1], group=1,
+                 kernel_shape=[3, 3], activation="relu")
+    nk4 = w4.permute(0, 2, 3, 1).reshape(512, -1).contiguous()
+    for config in K.SPLIT_CONFIGS:
+        got = K.conv_int8(x4, nk4, ws4 * xs, None, None, xs, ((3, 3), (1, 1), (1, 1), (1, 1)), "relu", torch.float16, config)
         assert float((got.float() - want).norm() / want.norm()) < 2e-3, config
     qp = K.quantize((torch.randn(2, 9, 8, 16, generator=g) - 3).cuda(), 0.05).permute(0, 3, 1, 2)
     pooled = maxpool_nhwc(qp, (3, 3), (2, 2), (1, 1, 1, 1))

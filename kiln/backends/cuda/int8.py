@@ -144,22 +144,24 @@ def dequantized(wq, w_scale):
 
 def int8_candidates(node: Node, wq, w_scale, bias, precisions: list[str], flow, pinned: bool, fp8: bool,
                     out_scale: float | None = None, int8_input: bool = False,
-                    residual_scale: float | None = None) -> list[Candidate]:
+                    residual_scale: float | None = None, pixels: int | None = None) -> list[Candidate]:
     """Candidates of a kiln::QGemm / kiln::QConv step: its int8 tactics, and unless the layer is pinned to int8
     (obey), its float tactics as fallbacks and, with --fp8, its fp8 ones. Called with the step's inputs
     (X, Wq, Ws, B?, R?); float weights, bias and scales come prepared from the graph's fp32 initializers.
 
     The int8 hand-off (handoff_scales), in an engine lowered with it: with out_scale, the convolution writes its
     output in int8 in that scale (its readers' input scale); int8_input: its X arrives so; residual_scale: its
-    residual arrives in int8, in that scale. Each way only kiln's Triton kernels, which do all three, are offered."""
+    residual arrives in int8, in that scale. Each way only kiln's Triton kernels, which do all three, are offered.
+    pixels: how many output pixels the convolution makes (batch x height x width), where the engine's shapes fix it."""
     from . import candidates as cands
 
     x_scale = float(node.attrs["x_scale"])
     has_residual = len(node.inputs) > 4 and bool(node.inputs[4])
     conv = node.op == "QConv"
     if out_scale is not None or int8_input or residual_scale is not None:
-        return _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow, out_scale, int8_input, residual_scale)
-    found = _int8_conv(node, wq, w_scale, bias, x_scale, flow) if conv else _int8_gemm(node, wq, w_scale, bias, x_scale, flow)
+        return _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow, out_scale, int8_input, residual_scale, pixels)
+    found = _int8_conv(node, wq, w_scale, bias, x_scale, flow, pixels) if conv else \
+        _int8_gemm(node, wq, w_scale, bias, x_scale, flow)
     if pinned:
         if not found:
             raise PrecisionError(f"layer {node.name!r} ({node.op_key}) has no int8 tactic on CUDA, but obey asks for int8",
@@ -245,7 +247,7 @@ def _int8_gemm(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
     return found
 
 
-def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Candidate]:
+def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, pixels: int | None = None) -> list[Candidate]:
     pads = list(node.attrs.get("pads") or [0, 0, 0, 0])
     strides = list(node.attrs["strides"])
     group, activation = int(node.attrs.get("group", 1)), node.attrs.get("activation", "")
@@ -259,7 +261,7 @@ def _int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
             layer = Int8Linear.prepare(wq.reshape(out_channels, channels), w_scale, bias, x_scale, activation, params,
                                        device=wq.device, out_dtype=flow, triton=fused)
             found.append(Candidate(name, "int8", _pointwise(layer, strides)))
-    return found + _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow)
+    return found + _triton_int8_conv(node, wq, w_scale, bias, x_scale, flow, pixels=pixels)
 
 
 def triton_conv_applies(node: Node) -> bool:
@@ -271,7 +273,8 @@ def triton_conv_applies(node: Node) -> bool:
 
 
 def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_scale: float | None = None,
-                      int8_input: bool = False, residual_scale: float | None = None) -> list[Candidate]:
+                      int8_input: bool = False, residual_scale: float | None = None,
+                      pixels: int | None = None) -> list[Candidate]:
     """kiln's Triton int8 convolutions (int8_kernels.conv_kernels) in each block configuration. With out_scale they
     write int8 in that scale ("-int8-out" tactics); int8_input: X is int8 already; residual_scale: so is the
     residual, in that scale.
@@ -297,7 +300,7 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
     suffix = "-int8-out" if out_scale is not None else ""
     found = []
     out_dtype = torch.int8 if out_scale is not None else flow
-    for kind, config, kernel in conv_kernels(wq.shape[1], out_channels, geometry, int8_input, out_dtype):
+    for kind, config, kernel in conv_kernels(wq.shape[1], out_channels, geometry, int8_input, out_dtype, pixels):
         def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config, kernel=kernel):
             return kernel(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
                           out_scale, residual_scale)
@@ -372,8 +375,8 @@ def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
 
 
 def _blocks(config) -> str:
-    """A Triton configuration's block shape as a tactic name shows it: BLOCK_M x BLOCK_N x BLOCK_K."""
-    return "x".join(str(size) for size in config[:3])
+    """A Triton configuration's block shape as a tactic name shows it: BLOCK_M x BLOCK_N x BLOCK_K, and its splits."""
+    return "x".join(str(size) for size in config[:3]) + (f"-split{config[5]}" if len(config) > 5 else "")
 
 
 def pointwise_rows(x, strides):

@@ -23,6 +23,12 @@ CONV_CONFIGS = ((32, 64, 64, 4, 4), (64, 64, 64, 4, 3), (64, 64, 128, 4, 4), (64
 # runs over the weight's (kh, kw, c) columns in order, so a 3-channel 7x7 reduces over 147 lanes in 5 blocks of 32
 # instead of 49 blocks of which 61 of every 64 lanes are padding; its configurations are these.
 PACKED_CHANNELS = 16
+# A convolution whose output tiles are too few to fill the GPU (batch 1's deep layers: layer4's 3x3 at 7x7 has 49
+# pixels) also gets split-K configurations (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, splits): each split sums its
+# share of the reduction into an int32 buffer, and one more pass adds them and runs the epilogue.
+FEW_TILES = 132  # an H100's or H200's streaming multiprocessors
+SPLIT_CONFIGS = ((32, 64, 64, 4, 3, 4), (32, 64, 64, 4, 3, 8), (64, 64, 64, 4, 3, 4), (32, 128, 64, 4, 3, 8))
+SPLIT_EPILOGUE = (32, 64)  # the adding pass's tile
 PACKED_CONFIGS = ((64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (128, 64, 64, 4, 3), (256, 64, 32, 8, 3))
 
 
@@ -65,11 +71,25 @@ def _epilogue(acc, cols, col_ok, scale_ptr, bias_ptr, residual, inverse_out_scal
 
 
 @triton.jit
-def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
+def _finish(acc, offsets, mask, cols, col_ok, scale_ptr, bias_ptr, residual_ptr, y_ptr, inverse_out_scale,
+            residual_scale, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
+            ACTIVATION: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr):
+    """The epilogue of a tile at these row-major [pixels, out_channels] offsets: residual read, output stored."""
+    residual = acc  # read only with HAS_RESIDUAL
+    if HAS_RESIDUAL:
+        residual = tl.load(residual_ptr + offsets, mask=mask, other=0)
+    y = _epilogue(acc, cols, col_ok, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale, HAS_BIAS,
+                  HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
+    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr, partial_ptr,
                       pixels, height, width, out_h, out_w, channels, out_channels, k_total,
                       sx_n, sx_c, sx_h, sx_w, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, inverse_scale,
                       inverse_out_scale, residual_scale, KH: tl.constexpr, KW: tl.constexpr,
                       CHANNEL_STEPS: tl.constexpr, PACKED: tl.constexpr, STEPS: tl.constexpr,
+                      SPLIT_K: tl.constexpr, SPLIT_STEPS: tl.constexpr,
                       QUANTIZED_INPUT: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr,
                       HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
                       ACTIVATION: tl.constexpr,
@@ -87,10 +107,15 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
     left = ow * stride_w - pad_w
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for step in range(STEPS):  # (kh, kw, channel block), or PACKED blocks of (kh, kw, c) columns: one loop, pipelined
+    split = 0
+    if SPLIT_K > 1:  # this program sums SPLIT_STEPS of the STEPS reduction steps; a second pass adds the splits
+        split = tl.program_id(1)
+    for i in range(SPLIT_STEPS):  # (kh, kw, channel block), or PACKED blocks of (kh, kw, c) columns: one loop, pipelined
+        step = split * SPLIT_STEPS + i
+        live = step < STEPS  # the last split's tail
         if PACKED:  # each lane its own column k = (kh * KW + kw) * channels + c
             k = step * BLOCK_K + ks
-            lane_ok = k < k_total
+            lane_ok = (k < k_total) & live
             tap = k // channels
             c = k - tap * channels
             kh = tap // KW
@@ -105,7 +130,7 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
             ih = top + kh * dil_h
             iw = left + (tap - kh * KW) * dil_w
             inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            lane_ok = c < channels
+            lane_ok = (c < channels) & live
             a = tl.load(x_ptr + (image + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
                         mask=inside[:, None] & lane_ok[None, :], other=0)
             k = tap * channels + c  # the weight's columns run (kh, kw, c)
@@ -116,12 +141,29 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr,
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)
     offsets = rows[:, None].to(tl.int64) * out_channels + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    residual = acc  # read only with HAS_RESIDUAL
-    if HAS_RESIDUAL:
-        residual = tl.load(residual_ptr + offsets, mask=mask, other=0)
-    y = _epilogue(acc, cols, col_ok, scale_ptr, bias_ptr, residual, inverse_out_scale, residual_scale, HAS_BIAS,
-                  HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
-    tl.store(y_ptr + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+    if SPLIT_K > 1:  # the partial sum, for _split_k_epilogue_kernel
+        tl.store(partial_ptr + split.to(tl.int64) * pixels * out_channels + offsets, acc, mask=mask)
+    else:
+        _finish(acc, offsets, mask, cols, col_ok, scale_ptr, bias_ptr, residual_ptr, y_ptr, inverse_out_scale,
+                residual_scale, HAS_BIAS, HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
+
+
+@triton.jit
+def _split_k_epilogue_kernel(partial_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr, pixels, out_channels,
+                             inverse_out_scale, residual_scale, SPLIT_K: tl.constexpr, QUANTIZED_OUTPUT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANTIZED_RESIDUAL: tl.constexpr,
+                             ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    column_tiles = tl.cdiv(out_channels, BLOCK_N)
+    rows = (tl.program_id(0) // column_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) % column_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < out_channels
+    offsets = rows[:, None].to(tl.int64) * out_channels + cols[None, :]
+    mask = (rows < pixels)[:, None] & col_ok[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for split in range(SPLIT_K):
+        acc += tl.load(partial_ptr + split * pixels * out_channels + offsets, mask=mask, other=0)
+    _finish(acc, offsets, mask, cols, col_ok, scale_ptr, bias_ptr, residual_ptr, y_ptr, inverse_out_scale,
+            residual_scale, HAS_BIAS, HAS_RESIDUAL, QUANTIZED_RESIDUAL, ACTIVATION, QUANTIZED_OUTPUT)
 
 
 def conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry, activation: str, out_dtype, config,
@@ -169,23 +211,31 @@ def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_
             out_scale=None, residual_scale=None):
     import torch
 
-    block_m, block_n, block_k, warps, stages = config
+    block_m, block_n, block_k, warps, stages = config[:5]
+    split_k = config[5] if len(config) > 5 else 1
     pixels, height, width, out_h, out_w, channels = sizes
     out_channels, k_total = weight_nk.shape
-    grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
+    tiles = triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n)
     packed = packs(channels, kernel)
     steps = triton.cdiv(k_total, block_k) if packed else kernel[0] * kernel[1] * triton.cdiv(channels, block_k)
-    _conv_int8_kernel[grid](x, weight_nk, scale, bias if bias is not None else scale, residual if residual is not None else y,
-                            y, pixels, height, width, out_h, out_w, channels, out_channels, k_total, *strides, *geometry,
-                            1.0 / x_scale, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
-                            KH=kernel[0], KW=kernel[1],
-                            CHANNEL_STEPS=triton.cdiv(channels, block_k), PACKED=packed, STEPS=steps,
-                            QUANTIZED_INPUT=x.dtype == torch.int8,
-                            QUANTIZED_OUTPUT=y.dtype == torch.int8,
-                            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                            QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
-                            ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                            num_warps=warps, num_stages=stages)
+    partial = torch.empty((split_k, pixels, out_channels), dtype=torch.int32, device=y.device) if split_k > 1 else y
+    bias_arg, residual_arg = bias if bias is not None else scale, residual if residual is not None else y
+    flags = {"QUANTIZED_OUTPUT": y.dtype == torch.int8, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None,
+             "QUANTIZED_RESIDUAL": residual is not None and residual.dtype == torch.int8,
+             "ACTIVATION": ACTIVATION_CODES[activation]}
+    scales = (1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0)
+    _conv_int8_kernel[(tiles, split_k)](x, weight_nk, scale, bias_arg, residual_arg, y, partial, pixels, height, width,
+                                        out_h, out_w, channels, out_channels, k_total, *strides, *geometry, 1.0 / x_scale,
+                                        *scales, KH=kernel[0], KW=kernel[1], CHANNEL_STEPS=triton.cdiv(channels, block_k),
+                                        PACKED=packed, STEPS=steps, SPLIT_K=split_k,
+                                        SPLIT_STEPS=triton.cdiv(steps, split_k), QUANTIZED_INPUT=x.dtype == torch.int8,
+                                        **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                        num_warps=warps, num_stages=stages)
+    if split_k > 1:
+        grid = (triton.cdiv(pixels, SPLIT_EPILOGUE[0]) * triton.cdiv(out_channels, SPLIT_EPILOGUE[1]),)
+        _split_k_epilogue_kernel[grid](partial, scale, bias_arg, residual_arg, y, pixels, out_channels, *scales,
+                                       SPLIT_K=split_k, **flags, BLOCK_M=SPLIT_EPILOGUE[0], BLOCK_N=SPLIT_EPILOGUE[1],
+                                       num_warps=4)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the TMA pointwise kernel below
@@ -335,12 +385,18 @@ def window_conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geomet
     return y.permute(0, 3, 1, 2)
 
 
-def conv_kernels(channels: int, out_channels: int, geometry, int8_input: bool, out_dtype) -> list[tuple]:
+def conv_kernels(channels: int, out_channels: int, geometry, int8_input: bool, out_dtype,
+                 pixels: int | None = None) -> list[tuple]:
     """(kind, block configuration, kernel) of each Triton int8 convolution the tactic chooser times for this shape:
-    the implicit-GEMM kernel; on int8 input at stride 1, the TMA 1x1 GEMM or window convolution where rows are
-    16-byte aligned. Every kernel takes conv_int8's arguments."""
+    the implicit-GEMM kernel, split-K where its output (pixels of it) makes fewer tiles than the GPU has
+    multiprocessors and the reduction is long; on int8 input at stride 1, the TMA 1x1 GEMM or window convolution
+    where rows are 16-byte aligned. Every kernel takes conv_int8's arguments."""
     kernel, strides, pads, _ = geometry
     kinds = [("implicit-gemm", conv_configs(channels, kernel))]
+    reduction = kernel[0] * kernel[1] * channels
+    if pixels is not None and -(-pixels // 64) * -(-out_channels // 64) < FEW_TILES and reduction >= 1024 \
+            and not packs(channels, kernel):
+        kinds.append(("split-k", SPLIT_CONFIGS))
     if int8_input and tuple(kernel) == (1, 1) and tuple(strides) == (1, 1) and not any(pads) \
             and pointwise_applies(channels, out_channels, out_dtype):
         kinds.append(("tma-1x1", POINTWISE_CONFIGS))
@@ -349,7 +405,7 @@ def conv_kernels(channels: int, out_channels: int, geometry, int8_input: bool, o
     return [(kind, config, CONV_KERNELS[kind]) for kind, configs in kinds for config in configs]
 
 
-CONV_KERNELS = {"implicit-gemm": conv_int8, "tma-1x1": pointwise_int8, "tma-window": window_conv_int8}
+CONV_KERNELS = {"implicit-gemm": conv_int8, "split-k": conv_int8, "tma-1x1": pointwise_int8, "tma-window": window_conv_int8}
 
 
 @triton.jit

@@ -207,8 +207,11 @@ def _candidates(node: Node, graph: Graph, stored: dict, kernel, allowed: list[st
         from .int8 import int8_candidates
 
         q_bias = stored.get(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] else None
+        shape = graph.value(node.outputs[0]).shape if node.outputs else None
+        pixels = shape[0] * shape[2] * shape[3] if shape and len(shape) == 4 and all(isinstance(d, int) for d in shape) \
+            else None
         found = int8_candidates(node, weight, bias, q_bias, allowed, flow_dtype, node.name in pinned, fp8, out_scale,
-                                int8_input, residual_scale)
+                                int8_input, residual_scale, pixels)
     elif key == ("kiln", "Attention"):
         found = cands.attention_candidates(node, allowed, flow_dtype)
     elif key == ("", "LayerNormalization"):
