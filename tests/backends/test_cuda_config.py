@@ -236,3 +236,16 @@ def test_few_channel_convolution_is_offered_over_zero_padded_channels():
         torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
     wide = node.replace(name="wide")
     assert not any("-c8" in c.name for c in conv_candidates(wide, torch.randn(8, 16, 3, 3), None, ["fp32"], torch.float32))
+
+
+def test_int8_tactic_names_are_unique_per_layer():
+    """Every Triton int8 configuration a layer is offered has a name of its own: a reloaded engine finds its tactic by
+    name, and two configurations under one name (128x128x64 with 4 and with 8 warps) would share a timing."""
+    pytest.importorskip("triton")
+    from kiln.backends.cuda import int8_kernels as K
+    from kiln.backends.cuda.int8 import _blocks
+
+    for configs in (K.CONV_CONFIGS, K.PACKED_CONFIGS, K.POINTWISE_CONFIGS, K.WINDOW_CONFIGS, K.SPLIT_CONFIGS):
+        names = [_blocks(config) for config in configs]
+        assert len(set(names)) == len(names), names
+    assert _blocks((128, 128, 64, 8, 3)) == "128x128x64-w8" and _blocks((32, 64, 64, 4, 3, 8)) == "32x64x64-split8"

@@ -375,8 +375,10 @@ def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
 
 
 def _blocks(config) -> str:
-    """A Triton configuration's block shape as a tactic name shows it: BLOCK_M x BLOCK_N x BLOCK_K, and its splits."""
-    return "x".join(str(size) for size in config[:3]) + (f"-split{config[5]}" if len(config) > 5 else "")
+    """A Triton configuration as a tactic name shows it: BLOCK_M x BLOCK_N x BLOCK_K, -w8 for 8 warps (4 unsaid), and
+    its splits. Unique within each list of configurations (two 128x128x64 ones differ in warps)."""
+    warps = f"-w{config[3]}" if config[3] != 4 else ""
+    return "x".join(str(size) for size in config[:3]) + warps + (f"-split{config[5]}" if len(config) > 5 else "")
 
 
 def pointwise_rows(x, strides):
