@@ -111,11 +111,14 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr, pa
     if SPLIT_K > 1:  # this program sums SPLIT_STEPS of the STEPS reduction steps; a second pass adds the splits
         split = tl.program_id(1)
     for i in range(SPLIT_STEPS):  # (kh, kw, channel block), or PACKED blocks of (kh, kw, c) columns: one loop, pipelined
-        step = split * SPLIT_STEPS + i
-        live = step < STEPS  # the last split's tail
+        step = i
+        if SPLIT_K > 1:
+            step = split * SPLIT_STEPS + i
         if PACKED:  # each lane its own column k = (kh * KW + kw) * channels + c
             k = step * BLOCK_K + ks
-            lane_ok = (k < k_total) & live
+            lane_ok = k < k_total
+            if SPLIT_K > 1:
+                lane_ok = lane_ok & (step < STEPS)  # the last split's tail
             tap = k // channels
             c = k - tap * channels
             kh = tap // KW
@@ -130,7 +133,9 @@ def _conv_int8_kernel(x_ptr, w_ptr, scale_ptr, bias_ptr, residual_ptr, y_ptr, pa
             ih = top + kh * dil_h
             iw = left + (tap - kh * KW) * dil_w
             inside = row_ok & (ih >= 0) & (ih < height) & (iw >= 0) & (iw < width)
-            lane_ok = (c < channels) & live
+            lane_ok = c < channels
+            if SPLIT_K > 1:
+                lane_ok = lane_ok & (step < STEPS)
             a = tl.load(x_ptr + (image + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
                         mask=inside[:, None] & lane_ok[None, :], other=0)
             k = tap * channels + c  # the weight's columns run (kh, kw, c)
