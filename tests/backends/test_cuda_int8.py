@@ -179,7 +179,8 @@ def test_stem_int8_packs_its_reduction_and_hands_int8_through_the_pool():
     engine = kiln.build(model, BuilderConfig(device="cuda", int8=True, fp16=True, calib=calib))
     stem = next(layer for layer in engine.plan.layers.values() if layer.get("op") == "kiln::QConv")
     packed = {f"triton-int8-implicit-gemm-{_blocks(config)}/int8" for config in PACKED_CONFIGS}
-    assert packed <= set(stem["times_ms"]), stem["times_ms"]
+    timed = {name.replace("-int8-out", "") for name in stem["times_ms"]}  # the kept engine may be the hand-off's
+    assert packed <= timed, stem["times_ms"]
     assert any("int8 hand-off" in name for name in engine.plan.build_info["cuda_tuning"]["whole_engine_ms"])
     relative, cosine = agreement(engine.run(feed)["y"], expected)
     assert relative <= RELATIVE and cosine >= COSINE, (relative, cosine)
