@@ -42,8 +42,6 @@ def _is_torch(x: Any) -> bool:
 
 def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
     """Validate `feed` against `inputs`; return torch tensors by name and whether the caller used torch."""
-    from ..tensors import numpy_to_torch
-
     if not isinstance(feed, Mapping):
         raise BindingError(f"Engine.run takes a dict of input name to array, got {type(feed).__name__}",
                            code="KILN-E402", hint="engine.run({" + ", ".join(f"'{b.name}': array" for b in inputs) + "})")

@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from ..errors import EngineFileError
+from ..tensors import restore_carried, tensor_to_numpy
 from . import fileformat
 from .bindings import Binding, check_feed, check_profiles
 from .plan import Plan
@@ -81,8 +82,6 @@ class Engine:
         program = self.select(tensors, profile)
         with torch.inference_mode():
             results = program.execute(tensors)
-        from ..tensors import restore_carried
-
         dtypes = {b.name: b.dtype for b in self.outputs}
         return {name: restore_carried(_deliver(value, uses_torch, name in self.plan.graph.initializers or name in tensors),
                                       dtypes.get(name))
@@ -125,8 +124,6 @@ def _deliver(value, as_torch: bool, aliased: bool):
         value = value.copy() if hasattr(value, "copy") and not hasattr(value, "clone") else value.clone()  # strings: numpy
     if as_torch:
         return value
-    from ..tensors import tensor_to_numpy
-
     return tensor_to_numpy(value)
 
 
