@@ -28,3 +28,7 @@ test-minilm: $(VENV)/.installed
 # Only the TensorFlow/Keras frontend's tests (marked `tensorflow`), e.g. after changing the extra's pins.
 test-tensorflow: $(VENV)/.installed
 	$(PY) -m pytest -q -m tensorflow tests/frontend/test_tensorflow.py
+
+# On the GPU machine, with its own torch and triton (no .venv): the tests marked gpu.
+gpu-check:
+	python3 -m pytest -q -p no:cacheprovider -m gpu tests
