@@ -1,30 +1,40 @@
 """The memory monitor: peaks, baseline, a labelled timeline, and readable sizes."""
-import gc
-import time
+import subprocess
+import sys
 
 import numpy as np
 
-from kiln.tools.memory import MemoryMonitor, format_bytes, host_available_bytes, host_resident_bytes
+from kiln.tools.memory import format_bytes, host_available_bytes, host_resident_bytes
+
+MONITORED = """
+import time
+import numpy as np
+from kiln.tools.memory import MemoryMonitor
+with MemoryMonitor(interval=0.005) as memory:
+    memory.mark("allocate")
+    block = np.ones(25_000_000)  # 200 MB, touched
+    block.sum()
+    deadline = time.monotonic() + 5  # held until the sampling thread has seen it (a busy CI core may delay it)
+    while memory.peak_host_bytes - memory.baseline_host_bytes < 150e6 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    del block
+    memory.mark("after")
+assert memory.peak_host_bytes - memory.baseline_host_bytes >= 150e6, (memory.baseline_host_bytes, memory.peak_host_bytes)
+labels = [s["label"] for s in memory.timeline]
+assert "allocate" in labels and "after" in labels
+assert all(a["seconds"] <= b["seconds"] for a, b in zip(memory.timeline, memory.timeline[1:]))
+summary = memory.summary()
+assert summary["peak_device_bytes"] is None and summary["peak_host_bytes"] == memory.peak_host_bytes
+assert "peak host memory" in memory.describe() and "device" not in memory.describe()
+print("ok")
+"""
 
 
 def test_monitor_sees_an_allocation_and_labels_phases():
-    gc.collect()  # an earlier test's garbage freed after the baseline would hide part of the allocation
-    with MemoryMonitor(interval=0.005) as memory:
-        memory.mark("allocate")
-        block = np.ones(25_000_000)  # 200 MB, touched
-        block.sum()
-        deadline = time.monotonic() + 5  # held until the sampling thread has seen it (a busy CI core may delay it)
-        while memory.peak_host_bytes - memory.baseline_host_bytes < 100e6 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        del block
-        memory.mark("after")
-    assert memory.peak_host_bytes - memory.baseline_host_bytes >= 100e6  # of 200 MB: other threads may free some meanwhile
-    labels = [s["label"] for s in memory.timeline]
-    assert "allocate" in labels and "after" in labels
-    assert all(a["seconds"] <= b["seconds"] for a, b in zip(memory.timeline, memory.timeline[1:]))
-    summary = memory.summary()
-    assert summary["peak_device_bytes"] is None and summary["peak_host_bytes"] == memory.peak_host_bytes
-    assert "peak host memory" in memory.describe() and "device" not in memory.describe()
+    """In a process of its own: inside the test process, memory an earlier test left behind (a doctor run's engines)
+    was sometimes released while the 200 MB block was allocated, and resident memory stayed flat."""
+    done = subprocess.run([sys.executable, "-c", MONITORED], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
 
 
 def test_sizes_and_system_figures():
