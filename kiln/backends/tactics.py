@@ -30,6 +30,7 @@ class Candidate:
     # The fp32 computation this candidate is checked against, when it is not the step's own: an fp16 fallback
     # of an int8 layer skips the int8 rounding of its input, an fp8 product replaces a float one.
     reference: Callable | None = None
+    compile_ahead: bool = False  # a Triton kernel that int8_kernels.compiling_only() compiles without launching
 
     @property
     def key(self) -> str:
@@ -106,9 +107,11 @@ def relative_error(output, reference) -> float:
 
 
 def choose(candidates: list[Candidate], args: list, reference: Callable, signature: dict[str, Any], cache,
-           workspace_limit: int | None = None, in_graph: bool = False) -> tuple[Candidate, dict[str, Any]]:
+           workspace_limit: int | None = None, in_graph: bool = False,
+           prepare: Callable | None = None) -> tuple[Candidate, dict[str, Any]]:
     """The fastest candidate that agrees with `reference()` (the step's fp32 output on `args`). in_graph: the
-    engine replays a CUDA graph, so a host-bound candidate is timed in one too (graph_ms).
+    engine replays a CUDA graph, so a host-bound candidate is timed in one too (graph_ms). prepare(candidates,
+    args), when given, runs on a timing-cache miss before any candidate does (to compile their kernels at once).
 
     Returns the chosen candidate and a record for plan.layers: every candidate's time or why it was
     rejected. A cached choice is taken without timing when that candidate is still offered."""
@@ -120,6 +123,8 @@ def choose(candidates: list[Candidate], args: list, reference: Callable, signatu
         return by_name[cached["chosen"]], {"times_ms": cached.get("times", {}), "cached": True}
     import torch
 
+    if prepare is not None:
+        prepare(candidates, args)
     references = {None: reference()}
     times: dict[str, float] = {}
     rejected: dict[str, str] = {}

@@ -249,3 +249,36 @@ def test_int8_tactic_names_are_unique_per_layer():
         names = [_blocks(config) for config in configs]
         assert len(set(names)) == len(names), names
     assert _blocks((128, 128, 64, 8, 3)) == "128x128x64-w8" and _blocks((32, 64, 64, 4, 3, 8)) == "32x64x64-split8"
+
+
+def test_layer_kernels_compile_ahead_only_on_a_timing_cache_miss(monkeypatch, tmp_path):
+    """choose() hands its candidates to `prepare` (the lowering compiles their Triton kernels at once there) before
+    timing them, and not when the timing cache already holds the choice; compiling ahead swallows a failure, which
+    only leaves the kernel to compile when it is first timed. torch.cuda's bookkeeping is stubbed: no GPU needed."""
+    import torch
+
+    from kiln.backends.cuda.lowering import _compile_ahead
+    from kiln.backends.tactics import Candidate, choose
+
+    for name in ("synchronize", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    for name in ("memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: 0)
+    monkeypatch.setattr("kiln.backends.tactics.median_ms", lambda run, args, *rest, **kw: {"a": 2.0, "b": 1.0}[run()])
+    prepared = []
+    candidates = [Candidate("a", "fp32", lambda: "a"), Candidate("b", "fp32", lambda: "b")]
+    cache = TimingCache(str(tmp_path / "t.cache"), env=ENV)
+
+    def prepare(found, args):
+        prepared.append([c.name for c in found])
+
+    for _ in range(2):  # a miss, then the cache's answer
+        chosen, _ = choose(candidates, [], lambda: "b", {"op": "Gemm"}, cache, prepare=prepare)
+        assert chosen.name == "b"
+    assert prepared == [["a", "b"]]
+
+    def broken(*args):
+        raise RuntimeError("no GPU here")
+
+    _compile_ahead([Candidate("t1", "int8", broken, compile_ahead=True), Candidate("t2", "int8", broken, compile_ahead=True)],
+                   [], None)  # swallowed (logged at verbose level)

@@ -243,7 +243,7 @@ def _int8_gemm(node: Node, wq, w_scale, bias, x_scale: float, flow) -> list[Cand
             def run(x, wq_=None, ws_=None, b_=None, residual=None, config=config):
                 return gemm_int8(x, weight_nk, scale, fp32_bias, residual, x_scale, activation, flow, config)
 
-            found.append(Candidate(f"triton-int8-gemm-{_blocks(config)}", "int8", run))
+            found.append(Candidate(f"triton-int8-gemm-{_blocks(config)}", "int8", run, compile_ahead=True))
     return found
 
 
@@ -305,7 +305,8 @@ def _triton_int8_conv(node: Node, wq, w_scale, bias, x_scale: float, flow, out_s
             return kernel(x, weight_nk, scale, fp32_bias, residual, x_scale, geometry, activation, flow, config,
                           out_scale, residual_scale)
 
-        found.append(Candidate(f"triton-int8-{kind}-{_blocks(config)}{suffix}", "int8", run, reference=reference))
+        found.append(Candidate(f"triton-int8-{kind}-{_blocks(config)}{suffix}", "int8", run, reference=reference,
+                               compile_ahead=True))
     return found
 
 

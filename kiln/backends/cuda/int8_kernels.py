@@ -10,6 +10,9 @@ under TRITON_INTERPRET=1 the same kernels run on the CPU, which is how their ari
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import triton
 import triton.language as tl
 
@@ -40,6 +43,28 @@ def packs(channels: int, kernel: tuple[int, int]) -> bool:
 def conv_configs(channels: int, kernel: tuple[int, int]) -> tuple:
     """The block configurations the tactic chooser times for a convolution of this shape."""
     return PACKED_CONFIGS if packs(channels, kernel) else CONV_CONFIGS
+
+
+_COMPILE_ONLY: ContextVar[bool] = ContextVar("kiln_int8_compile_only", default=False)
+
+
+@contextmanager
+def compiling_only():
+    """Inside it, the kernels below are compiled for the arguments they are called with but not launched: within
+    triton.AsyncCompileMode each compile goes to that mode's executor, so a layer's configurations compile at once."""
+    token = _COMPILE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.reset(token)
+
+
+def _start(kernel, grid, *args, **kwargs):
+    """Launch a Triton kernel on `grid`, or under compiling_only() only compile it."""
+    if _COMPILE_ONLY.get():
+        kernel.warmup(*args, grid=grid, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 @triton.jit
@@ -229,18 +254,15 @@ def _launch(x, weight_nk, scale, bias, residual, y, sizes, strides, geometry, x_
              "QUANTIZED_RESIDUAL": residual is not None and residual.dtype == torch.int8,
              "ACTIVATION": ACTIVATION_CODES[activation]}
     scales = (1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0)
-    _conv_int8_kernel[(tiles, split_k)](x, weight_nk, scale, bias_arg, residual_arg, y, partial, pixels, height, width,
-                                        out_h, out_w, channels, out_channels, k_total, *strides, *geometry, 1.0 / x_scale,
-                                        *scales, KH=kernel[0], KW=kernel[1], CHANNEL_STEPS=triton.cdiv(channels, block_k),
-                                        PACKED=packed, STEPS=steps, SPLIT_K=split_k,
-                                        SPLIT_STEPS=triton.cdiv(steps, split_k), QUANTIZED_INPUT=x.dtype == torch.int8,
-                                        **flags, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                        num_warps=warps, num_stages=stages)
+    _start(_conv_int8_kernel, (tiles, split_k), x, weight_nk, scale, bias_arg, residual_arg, y, partial, pixels, height,
+           width, out_h, out_w, channels, out_channels, k_total, *strides, *geometry, 1.0 / x_scale, *scales,
+           KH=kernel[0], KW=kernel[1], CHANNEL_STEPS=triton.cdiv(channels, block_k), PACKED=packed, STEPS=steps,
+           SPLIT_K=split_k, SPLIT_STEPS=triton.cdiv(steps, split_k), QUANTIZED_INPUT=x.dtype == torch.int8, **flags,
+           BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     if split_k > 1:
         grid = (triton.cdiv(pixels, SPLIT_EPILOGUE[0]) * triton.cdiv(out_channels, SPLIT_EPILOGUE[1]),)
-        _split_k_epilogue_kernel[grid](partial, scale, bias_arg, residual_arg, y, pixels, out_channels, *scales,
-                                       SPLIT_K=split_k, **flags, BLOCK_M=SPLIT_EPILOGUE[0], BLOCK_N=SPLIT_EPILOGUE[1],
-                                       num_warps=4)
+        _start(_split_k_epilogue_kernel, grid, partial, scale, bias_arg, residual_arg, y, pixels, out_channels, *scales,
+               SPLIT_K=split_k, **flags, BLOCK_M=SPLIT_EPILOGUE[0], BLOCK_N=SPLIT_EPILOGUE[1], num_warps=4)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of the TMA pointwise kernel below
@@ -300,13 +322,12 @@ def pointwise_int8(x, weight_nk, scale, bias, residual, x_scale: float, geometry
     y_desc = TensorDescriptor.from_tensor(y, [block_m, block_n])
     r_desc = TensorDescriptor.from_tensor(residual, [block_m, block_n]) if residual is not None else y_desc
     grid = (triton.cdiv(pixels, block_m) * triton.cdiv(out_channels, block_n),)
-    _pointwise_int8_kernel[grid](a_desc, b_desc, y_desc, r_desc, scale, bias if bias is not None else scale,
-                                 out_channels, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
-                                 K_STEPS=triton.cdiv(channels, block_k), QUANTIZED_OUTPUT=y.dtype == torch.int8,
-                                 HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                                 QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
-                                 ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n,
-                                 BLOCK_K=block_k, num_warps=warps, num_stages=stages)
+    _start(_pointwise_int8_kernel, grid, a_desc, b_desc, y_desc, r_desc, scale, bias if bias is not None else scale,
+           out_channels, 1.0 / out_scale if out_scale else 1.0, residual_scale or 1.0,
+           K_STEPS=triton.cdiv(channels, block_k), QUANTIZED_OUTPUT=y.dtype == torch.int8, HAS_BIAS=bias is not None,
+           HAS_RESIDUAL=residual is not None, QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
+           ACTIVATION=ACTIVATION_CODES[activation], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+           num_warps=warps, num_stages=stages)
     return y.view(batch, height, width, out_channels).permute(0, 3, 1, 2)
 
 
@@ -378,15 +399,13 @@ def window_conv_int8(x, weight_nk, scale, bias, residual, x_scale: float, geomet
     y_desc = TensorDescriptor.from_tensor(y, [1, tile_h, tile_w, block_n])
     r_desc = TensorDescriptor.from_tensor(residual, [1, tile_h, tile_w, block_n]) if residual is not None else y_desc
     grid = (batch * triton.cdiv(out_h, tile_h) * triton.cdiv(out_w, tile_w) * triton.cdiv(out_channels, block_n),)
-    _window_conv_int8_kernel[grid](x_desc, w_desc, y_desc, r_desc, scale, bias if bias is not None else scale, out_h,
-                                   out_w, channels, out_channels, pad_h, pad_w, 1.0 / out_scale if out_scale else 1.0,
-                                   residual_scale or 1.0, KH=kh, KW=kw, CHANNEL_STEPS=triton.cdiv(channels, block_k),
-                                   QUANTIZED_OUTPUT=y.dtype == torch.int8, HAS_BIAS=bias is not None,
-                                   HAS_RESIDUAL=residual is not None,
-                                   QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
-                                   ACTIVATION=ACTIVATION_CODES[activation], TILE_H=tile_h, TILE_W=tile_w,
-                                   BLOCK_M=tile_h * tile_w, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                   num_stages=stages)
+    _start(_window_conv_int8_kernel, grid, x_desc, w_desc, y_desc, r_desc, scale, bias if bias is not None else scale,
+           out_h, out_w, channels, out_channels, pad_h, pad_w, 1.0 / out_scale if out_scale else 1.0,
+           residual_scale or 1.0, KH=kh, KW=kw, CHANNEL_STEPS=triton.cdiv(channels, block_k),
+           QUANTIZED_OUTPUT=y.dtype == torch.int8, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+           QUANTIZED_RESIDUAL=residual is not None and residual.dtype == torch.int8,
+           ACTIVATION=ACTIVATION_CODES[activation], TILE_H=tile_h, TILE_W=tile_w, BLOCK_M=tile_h * tile_w,
+           BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
     return y.permute(0, 3, 1, 2)
 
 
