@@ -372,8 +372,8 @@ def _int8_handoffs(graph: Graph) -> dict[str, float]:
 
 
 def _faster(programs: dict[str, CudaProgram], plan) -> tuple[str, CudaProgram, dict[str, float]]:
-    """Of two programs for the same plan (by variant name), the one whose whole run (as the runtime runs it) is
-    faster: (its name, it, both times in ms). The other's captured graphs are freed."""
+    """Of programs for the same plan (by variant name), the one whose whole run (as the runtime runs it) is
+    fastest: (its name, it, every time in ms). The others' captured graphs are freed."""
     import torch
 
     from ..tactics import median_ms
