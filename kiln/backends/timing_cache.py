@@ -71,8 +71,9 @@ class TimingCache:
             self.hits += 1
         return record
 
-    def put(self, signature: dict[str, Any], times: dict[str, float], chosen: str) -> None:
-        self.records[self.key(signature)] = {"times": times, "chosen": chosen, "op": signature.get("op", "")}
+    def put(self, signature: dict[str, Any], times: dict[str, float], chosen: str, **details: Any) -> None:
+        """Record a choice; `details` (JSON values) are what a later build needs to redo it without timing."""
+        self.records[self.key(signature)] = {"times": times, "chosen": chosen, "op": signature.get("op", ""), **details}
 
     def save(self) -> None:
         if not self.path:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch") and hasattr(x, "dtype") and hasattr(x, "shape")
 
 
-def check_feed(feed: Any, inputs: list[Binding]) -> tuple[dict, bool]:
+def check_feed(feed: Any, inputs: Sequence[Binding]) -> tuple[dict, bool]:
     """Validate `feed` against `inputs`; return torch tensors by name and whether the caller used torch."""
     if not isinstance(feed, Mapping):
         raise BindingError(f"Engine.run takes a dict of input name to array, got {type(feed).__name__}",

@@ -167,6 +167,34 @@ def test_int8_handoff_takes_the_tensors_only_int8_convolutions_read():
     assert "t3" not in handoff_scales(shared, {"y", "t9", "t10"})
 
 
+def test_int8_handoff_leaves_out_layers_whose_triton_kernels_are_slow():
+    """A conv whose fastest Triton int8 time is over HANDOFF_MARGIN times its fastest tactic (ResNet-50's 3-channel
+    stem at batch 128: 1.02 ms against cuDNN's 0.28) neither hands on nor receives in int8; nor does its max pool."""
+    from kiln.backends.cuda.int8 import HANDOFF_MARGIN, handoff_scales, slow_int8_layers
+    from kiln.ir import Node
+
+    layer_info = {
+        "stem": {"times_ms": {"triton-int8-implicit-gemm-64x64x32/int8": 1.02, "fallback-cudnn-fused-nhwc-c4/fp16": 0.28}},
+        "a": {"times_ms": {"triton-int8-implicit-gemm-64x64x64/int8": 0.11, "fallback-cudnn-fused-nhwc/fp16": 0.10}},
+        "b": {"times_ms": {"triton-int8-implicit-gemm-64x64x64/int8": 0.10 * HANDOFF_MARGIN + 0.001,
+                           "fallback-cudnn-fused-nhwc/fp16": 0.10}},
+        "c": {"times_ms": {"fallback-cudnn-fused-nhwc/fp16": 0.10}, "rejected": {"triton-int8-x/int8": "error"}},
+        "pool": {"tactic": "triton-nhwc", "precision": "fp16"},  # a single tactic: no times, not judged
+    }
+    slow = slow_int8_layers(layer_info)
+    assert slow == {"stem", "b", "c"}
+    nodes = [
+        _qconv("stem", "x", "s", 0.1, kernel=(7, 7)),
+        Node("MaxPool", ("s",), ("p",), {"kernel_shape": [3, 3]}, name="pool"),
+        _qconv("a", "p", "t1", 0.2),
+        _qconv("b", "t1", "t2", 0.3),
+        _qconv("d", "t2", "t3", 0.4),
+        _qconv("e", "t3", "y", 0.5),
+    ]
+    assert handoff_scales(nodes, {"y"}) == {"s": 0.2, "p": 0.2, "t1": 0.3, "t2": 0.4, "t3": 0.5}
+    assert handoff_scales(nodes, {"y"}, slow) == {"t3": 0.5}
+
+
 def test_whole_engine_variant_names_map_to_lowering_options():
     from kiln.backends.cuda.lowering import _variant
 

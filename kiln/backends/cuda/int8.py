@@ -333,14 +333,40 @@ def _int8_reference(node: Node, wq, w_scale, bias, x_scale: float, out_scale: fl
     return reference
 
 
-def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
+# A convolution stays off the int8 hand-off when its fastest Triton int8 kernel (timed in the engine without the
+# hand-off) is more than this many times its fastest tactic: the hand-off saves at most the bytes of its tensors,
+# about a third of a memory-bound layer's time, so it cannot win back more. ResNet-50's 3-channel stem at batch 128
+# is 3.6 times cuDNN's (1.02 against 0.28 ms, H200), the other layers within 1.2 times.
+HANDOFF_MARGIN = 1.25
+
+
+def slow_int8_layers(layer_info: dict) -> frozenset[str]:
+    """The layers of a lowering without the hand-off (its layer_info) whose Triton int8 kernels lose to their other
+    tactics by more than HANDOFF_MARGIN, or that have none that ran (for handoff_scales' `slow`)."""
+    slow = set()
+    for name, info in layer_info.items():
+        times = info.get("times_ms") or {}
+        if not times:
+            continue
+        triton = [ms for key, ms in times.items() if key.startswith("triton-int8")]
+        if not triton or min(triton) > HANDOFF_MARGIN * min(times.values()):
+            slow.add(name)
+    return frozenset(slow)
+
+
+def handoff_scales(nodes: list[Node], outputs: set[str], slow: frozenset[str] = frozenset()) -> dict[str, float]:
     """Tensors an int8 engine may hand from layer to layer in int8: each made by a kiln::QConv that kiln's Triton
     kernel runs, and read only by such layers, as their input X (all in one input scale, at least one) or their
     residual, and not a graph output; or read only by a plain MaxPool whose output is such a tensor (the pool
     then runs on the int8 values: the maximum commutes with rounding to int8, as in TensorRT's int8 pooling).
     Maps each to that scale, in which its producer may quantize in its epilogue: half the bytes written and
-    read, and the readers' loads of X go straight to shared memory."""
+    read, and the readers' loads of X go straight to shared memory. `slow` names convolutions whose Triton int8
+    kernels lose to their other tactics (slow_int8_layers): the hand-off would commit them to those kernels, so
+    no tensor they make or read is handed on."""
     from .candidates import plain_maxpool
+
+    def runs_triton(node: Node) -> bool:
+        return triton_conv_applies(node) and node.name not in slow
 
     readers: dict[str, list[tuple[Node, int]]] = {}
     for node in nodes:
@@ -351,15 +377,14 @@ def handoff_scales(nodes: list[Node], outputs: set[str]) -> dict[str, float]:
     def input_scale(tensor: str) -> float | None:
         """The one input scale of the Triton int8 convolutions that alone read `tensor`, or None."""
         uses = readers.get(tensor, [])
-        if tensor in outputs or not uses or not all(position in (0, 4) and triton_conv_applies(reader)
-                                                    for reader, position in uses):
+        if tensor in outputs or not uses or not all(position in (0, 4) and runs_triton(reader) for reader, position in uses):
             return None
         found = {float(reader.attrs["x_scale"]) for reader, position in uses if position == 0}
         return found.pop() if len(found) == 1 else None
 
     scales = {}
     for node in nodes:
-        if not triton_conv_applies(node) or not node.outputs or node.outputs[0] in outputs:
+        if not runs_triton(node) or not node.outputs or node.outputs[0] in outputs:
             continue
         made = node.outputs[0]
         scale = input_scale(made)

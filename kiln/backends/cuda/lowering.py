@@ -286,29 +286,32 @@ def lower(plan) -> CudaProgram:
     tuned = (plan.build_info or {}).get("cuda_tactics")
     if tuned:  # a reloaded engine: the tactics its build chose
         tuning = plan.build_info.get("cuda_tuning", {})
-        return _lower(plan, conv_layout=tuning.get("conv_layout"), int8_handoff=bool(tuning.get("int8_handoff")))
+        return _lower(plan, conv_layout=tuning.get("conv_layout"), int8_handoff=bool(tuning.get("int8_handoff")),
+                      slow_int8=frozenset(tuning.get("int8_slow_layers", ())))
     cache = _timing_cache(plan)
     whole_engine = {"op": "whole-engine variant", "model": _model_signature(plan)}
     remembered = cache.get(whole_engine)
     if remembered is not None and _variant(remembered.get("chosen")) is not None:
-        program = _lower(plan, cache=cache, **_variant(remembered["chosen"]))
+        program = _lower(plan, cache=cache, slow_int8=frozenset(remembered.get("int8_slow_layers", ())),
+                         **_variant(remembered["chosen"]))
         program.tuning["whole_engine_ms"] = remembered.get("times", {})
     else:
         chosen, program = PER_LAYER, _lower(plan, cache=cache)
         times: dict[str, float] = {}
+        slow = _slow_int8_layers(program)
         rivals = [CHANNELS_LAST] if _mixes_conv_layouts(program) else []
-        rivals += [HANDOFF] if _int8_handoffs(plan.graph) else []
+        rivals += [HANDOFF] if _int8_handoffs(plan.graph, slow) else []
         for rival in rivals:
             name = rival if chosen == PER_LAYER else f"{chosen} + {rival}"
             try:
-                other = _lower(plan, cache=cache, **_variant(name))
+                other = _lower(plan, cache=cache, slow_int8=slow, **_variant(name))
             except (ResourceError, BuildError) as error:  # no room beside the first, or a layer without a tactic
                 log.info("whole-engine variant %r not kept: %s", name, str(error).splitlines()[0])
                 continue
             chosen, program, pair = _faster({chosen: program, name: other}, plan)
             times.update(pair)
         program.tuning["whole_engine_ms"] = times
-        cache.put(whole_engine, times, chosen)
+        cache.put(whole_engine, times, chosen, int8_slow_layers=sorted(slow))
     cache.save()
     program.tuning.update(cache_hits=cache.hits, cache_misses=cache.misses)
     plan.build_info["cuda_tuning"] = program.tuning
@@ -362,13 +365,25 @@ def _mixes_conv_layouts(program: CudaProgram) -> bool:
     return len(layouts) > 1
 
 
-def _int8_handoffs(graph: Graph) -> dict[str, float]:
-    """The tensors an int8 hand-off would carry in int8, and their scales (none without triton or int8 convs)."""
+def _int8_handoffs(graph: Graph, slow: frozenset[str] = frozenset()) -> dict[str, float]:
+    """The tensors an int8 hand-off would carry in int8, and their scales (none without triton or int8 convs);
+    `slow`: convolutions kept off it (int8.slow_int8_layers)."""
     if not any(node.op_key == "kiln::QConv" for node in graph.nodes) or not cands.triton_available():
         return {}
     from .int8 import handoff_scales
 
-    return handoff_scales(graph.nodes, set(graph.output_names()))
+    return handoff_scales(graph.nodes, set(graph.output_names()), slow)
+
+
+def _slow_int8_layers(program: CudaProgram) -> frozenset[str]:
+    """The convolutions the int8 hand-off leaves out, judged on a lowering without it (int8.slow_int8_layers)."""
+    from .int8 import slow_int8_layers
+
+    slow = slow_int8_layers(program.layer_info)
+    if slow:
+        log.verbose("int8 hand-off leaves out %d layer(s) whose Triton int8 kernels are slower than their other "
+                    "tactics: %s", len(slow), ", ".join(sorted(slow)[:5]) + (" ..." if len(slow) > 5 else ""))
+    return slow
 
 
 def _faster(programs: dict[str, CudaProgram], plan) -> tuple[str, CudaProgram, dict[str, float]]:
@@ -412,10 +427,12 @@ def _compile_ahead(candidates: list[Candidate], args: list, pool) -> None:
         log.verbose("compiling ahead: %s: %s", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
 
 
-def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool = False) -> CudaProgram:
+def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool = False,
+           slow_int8: frozenset[str] = frozenset()) -> CudaProgram:
     """One lowering; with conv_layout="nhwc", convolutions are offered only their channels-last tactics;
     int8_handoff: int8 convolutions whose output only int8 convolutions read hand it on in int8
-    (int8.handoff_scales). cache: the build's timing cache (a reload runs its recorded tactics and needs none)."""
+    (int8.handoff_scales), except what slow_int8's layers make or read. cache: the build's timing cache (a
+    reload runs its recorded tactics and needs none)."""
     import torch
 
     graph: Graph = plan.graph
@@ -452,7 +469,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool 
     nodes, folded, fused_norms = fuse_add_layernorm(graph)
     last_use = last_uses(nodes)
     outputs = set(graph.output_names())
-    handoffs = _int8_handoffs(graph) if int8_handoff else {}
+    handoffs = _int8_handoffs(graph, slow_int8) if int8_handoff else {}
     with torch.inference_mode(), Progress("kiln tactics", total=len(nodes)) as bar, \
             ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1)) as compilers:
         for index, node in enumerate(nodes):
@@ -558,6 +575,8 @@ def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool 
                       "cache_misses": cache.misses, "activation_bytes": activation_bytes, "flow": flow,
                       "allowed": allowed, "cuda_graph": use_cuda_graph, "conv_layout": conv_layout,
                       "int8_handoff": int8_handoff}
+    if int8_handoff:
+        program.tuning["int8_slow_layers"] = sorted(slow_int8)
     log.verbose("CUDA tactics for %d layers in %.2f s (timing cache: %d hits, %d misses)", len(steps),
                 program.tuning["seconds"], cache.hits, cache.misses)
     return program
