@@ -175,7 +175,7 @@ def test_int8_handoff_leaves_out_layers_whose_triton_kernels_are_slow():
 
     layer_info = {
         "stem": {"times_ms": {"triton-int8-implicit-gemm-64x64x32/int8": 1.02, "fallback-cudnn-fused-nhwc-c4/fp16": 0.28}},
-        "a": {"times_ms": {"triton-int8-implicit-gemm-64x64x64/int8": 0.11, "fallback-cudnn-fused-nhwc/fp16": 0.10}},
+        "a": {"times_ms": {"triton-int8-implicit-gemm-64x64x64/int8": 0.19, "fallback-cudnn-fused-nhwc/fp16": 0.10}},
         "b": {"times_ms": {"triton-int8-implicit-gemm-64x64x64/int8": 0.10 * HANDOFF_MARGIN + 0.001,
                            "fallback-cudnn-fused-nhwc/fp16": 0.10}},
         "c": {"times_ms": {"fallback-cudnn-fused-nhwc/fp16": 0.10}, "rejected": {"triton-int8-x/int8": "error"}},
