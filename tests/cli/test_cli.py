@@ -77,11 +77,17 @@ def test_inspect_text_shows_int8_inputs_and_the_whole_engine_choice():
              "tactic": "triton-int8-implicit-gemm-64x64x64", "int8_inputs": ["input", "residual"]}
     report = {"kind": "engine", "path": "e.kiln", "size_bytes": 10, "weights_bytes": 4, "memory": {},
               "target": {"device": "cuda", "name": "H200", "capability": "90"}, "inputs": [binding], "outputs": [binding],
-              "build_info": {"cuda_tuning": {"whole_engine_ms": {"per-layer choice": 3.403, "int8 hand-off": 3.305}}},
+              "build_info": {"cuda_tuning": {"whole_engine_ms": {"per-layer choice": 3.403, "int8 hand-off": 3.305},
+                                             "variant_layers": {
+                                                 "per-layer choice": {"conv1": "cudnn/fp16 0.2000", "conv2": "cudnn/fp16 0.1000",
+                                                                      "pool": "torch/fp16"},
+                                                 "int8 hand-off": {"conv1": "cudnn/fp16 0.2000", "conv2": "triton/int8 0.0750",
+                                                                   "pool": "torch/fp16"}}}},
               "layers": [layer, {**layer, "name": "conv1", "int8_inputs": []}]}
     text = format_report(report)
     assert "(int8 input and residual in)" in text and text.count("int8 input") == 1
     assert "whole engine: kept 'int8 hand-off' of the variants timed whole (per-layer choice 3.403 ms, int8 hand-off 3.305 ms)" in text
+    assert "'per-layer choice' ran other tactics in 1 layer(s), timed one by one there 0.100 ms against 0.075 ms" in text
     report["build_info"] = {}
     assert "whole engine" not in format_report(report)
 

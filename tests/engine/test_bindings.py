@@ -76,6 +76,20 @@ def test_not_an_array_and_not_a_dict(engine):
         engine.run([np.ones((1, 3, 4, 4), np.float32)])
 
 
+def test_a_feed_that_passed_once_does_not_let_a_different_one_through(engine):
+    """Engine.run skips the walk for torch feeds with the last passing feed's names, dtypes, shapes and devices:
+    every change to any of them is checked again, and the values themselves always run."""
+    good = {k: torch.from_numpy(v) for k, v in feed().items()}
+    assert torch.allclose(engine.run(good)["out"], torch.full((1, 3, 4, 4), 0.5))
+    assert torch.allclose(engine.run({**good, "image": good["image"] * 2})["out"], torch.full((1, 3, 4, 4), 1.5))
+    expect(engine, {**good, "image": torch.ones((1, 3, 4, 5))}, "KILN-E405", "dimension 3 must be 4")
+    expect(engine, {**good, "image": torch.ones((1, 3, 4, 4), dtype=torch.float64)}, "KILN-E403", "float64")
+    expect(engine, {"image": good["image"]}, "KILN-E401", "bias")
+    expect(engine, {**good, "extra": good["image"]}, "KILN-E402", "'extra'")
+    assert isinstance(engine.run(feed())["out"], np.ndarray)  # numpy after torch: numpy out
+    assert isinstance(engine.run(good)["out"], torch.Tensor)
+
+
 def test_outputs_do_not_alias_engine_weights():
     weight = np.arange(4, dtype=np.float32)
     model = make_model([helper.make_node("Identity", ["w"], ["y"])], {}, ["y"], {"w": weight})

@@ -298,6 +298,7 @@ def lower(plan) -> CudaProgram:
     else:
         chosen, program = PER_LAYER, _lower(plan, cache=cache)
         times: dict[str, float] = {}
+        choices = {PER_LAYER: _layer_choices(program)}
         slow = _slow_int8_layers(program)
         rivals = [CHANNELS_LAST] if _mixes_conv_layouts(program) else []
         rivals += [HANDOFF] if _int8_handoffs(plan.graph, slow) else []
@@ -308,9 +309,12 @@ def lower(plan) -> CudaProgram:
             except (ResourceError, BuildError) as error:  # no room beside the first, or a layer without a tactic
                 log.info("whole-engine variant %r not kept: %s", name, str(error).splitlines()[0])
                 continue
+            choices[name] = _layer_choices(other)
             chosen, program, pair = _faster({chosen: program, name: other}, plan)
             times.update(pair)
         program.tuning["whole_engine_ms"] = times
+        if len(choices) > 1:  # what each variant ran, layer by layer: why one lost is then readable in the engine
+            program.tuning["variant_layers"] = choices
         cache.put(whole_engine, times, chosen, int8_slow_layers=sorted(slow))
     cache.save()
     program.tuning.update(cache_hits=cache.hits, cache_misses=cache.misses)
@@ -323,6 +327,16 @@ def lower(plan) -> CudaProgram:
 # The whole-engine variants lower() times, and what each changes in _lower; a variant's name joins its parts with " + ".
 PER_LAYER, CHANNELS_LAST, HANDOFF = "per-layer choice", "all channels-last", "int8 hand-off"
 WHOLE_ENGINE_VARIANTS = {PER_LAYER: {}, CHANNELS_LAST: {"conv_layout": "nhwc"}, HANDOFF: {"int8_handoff": True}}
+
+
+def _layer_choices(program: CudaProgram) -> dict[str, str]:
+    """Each layer's tactic/precision and its timed ms, as "tactic/precision ms" (the ms left out where untimed)."""
+    choices = {}
+    for name, info in program.layer_info.items():
+        key = f"{info['tactic']}/{info['precision']}"
+        ms = (info.get("times_ms") or {}).get(key)
+        choices[name] = key if ms is None else f"{key} {ms:.4f}"
+    return choices
 
 
 def _variant(name) -> dict | None:
