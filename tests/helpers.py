@@ -35,15 +35,28 @@ def make_model(nodes, inputs: dict[str, np.ndarray | tuple], outputs: list[str],
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
-def run_onnxruntime(model: onnx.ModelProto | str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_onnxruntime(model: onnx.ModelProto | str, feed: dict[str, np.ndarray], unfused: bool = False) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs on its CPU provider; unfused: with its graph optimizations off, so that QDQ pairs run
+    as written (float convolutions between DequantizeLinear and QuantizeLinear), not as its fused int8 kernels."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if unfused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feed)))
+
+
+def int8_sums_exact_here() -> bool:
+    """Whether this CPU's int8 kernels (onnxruntime's and oneDNN's U8S8) sum exactly: VNNI or AMX-INT8. On AVX2
+    alone they add product pairs into saturating 16-bit lanes, as onnxruntime's quantization docs warn, so their
+    int8 results are not a reference there (kiln then runs its exact kernel)."""
+    from kiln.quant.cpu_tactics import exact_int8_dot_products
+
+    return exact_int8_dot_products()
 
 
 def light_input(model_name: str) -> tuple[str, np.ndarray]:

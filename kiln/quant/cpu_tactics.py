@@ -1,13 +1,17 @@
 """CPU tactics for kiln's int8 layers: kiln::QConv on oneDNN's int8 convolution (weights prepacked once, AMX-INT8 /
-VNNI), kiln::QGemm on torch._int_mm. Where oneDNN's int8 convolution is unavailable, the reference kernel runs.
+VNNI), kiln::QGemm on torch._int_mm. Where oneDNN's int8 convolution is unavailable, or inexact on this CPU
+(exact_int8_dot_products), the reference kernel runs.
 
 oneDNN takes uint8 activations: kiln's symmetric int8 value q is handed over as q + 128 with zero point 128, the
 same numbers, and dequantizes the int32 sums with x_scale * w_scale[channel] before adding the fp32 bias.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+from .. import log
+from ..engine import target
 from ..ir import Graph, Node
 
 _POST_OPS = {"": "none", "relu": "relu"}  # activations oneDNN fuses here; others run after the convolution
@@ -15,11 +19,28 @@ _POST_OPS = {"": "none", "relu": "relu"}  # activations oneDNN fuses here; other
 
 def int8_tactic(node: Node, graph: Graph, reference: Callable) -> tuple[Callable, str]:
     """(callable, tactic name) for a kiln::QConv / kiln::QGemm node."""
-    if node.op == "QConv":
+    if node.op == "QConv" and exact_int8_dot_products():
         fast = _onednn_conv(node, graph)
         if fast is not None:
             return fast, "onednn-int8"
     return reference, "torch-int8"
+
+
+def exact_int8_dot_products() -> bool:
+    """Whether oneDNN's int8 convolution sums this CPU's u8 x s8 products exactly: with VNNI (AVX512-VNNI, AVX-VNNI)
+    or AMX-INT8. Without them its AVX2 kernels add products in pairs into saturating 16-bit lanes (vpmaddubsw),
+    so sums clip: on an AVX2-only CPU here the digits CNN's int8 logits moved 7% from the exact int8 result's.
+    kiln then runs its reference int8 kernel (exact, slower) and the build log says so, once per process."""
+    exact = bool(target.cpu_features() & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    if not exact:
+        _say_inexact()
+    return exact
+
+
+@functools.cache
+def _say_inexact() -> None:
+    log.info("this CPU has no VNNI or AMX-INT8, where oneDNN's int8 convolution saturates 16-bit partial sums: int8 "
+             "convolutions run kiln's exact reference kernel, which is slower than fp32 (build without --int8 for speed)")
 
 
 def _onednn_conv(node: Node, graph: Graph) -> Callable | None:

@@ -216,7 +216,8 @@ def test_large_or_fused_pointwise_convs_stay_onednn():
     residual.nodes[0] = residual.nodes[0].replace(inputs=("x", "w", "b", "r"))
     residual.inputs.append(Value("r", DType.float32, (2, 24, 6, 6)))
     assert fast.choose(residual.nodes[0], residual, bf16=False).name == "onednn-packed"
-    assert fast.choose(pointwise_graph("relu").nodes[0], pointwise_graph("relu"), bf16=True).name == "onednn-packed"
+    if fast.bf16_supported():  # without AVX512-BF16/AMX a bf16 build stops at KILN-E301 before any tactic
+        assert fast.choose(pointwise_graph("relu").nodes[0], pointwise_graph("relu"), bf16=True).name == "onednn-packed"
 
 
 def residual_block_model(residual_is_output: bool, residual_is_input: bool = False):

@@ -27,6 +27,7 @@ def _residual_model(rng):
 
 def test_fast_int8_tactics_match_reference_kernels():
     from kiln.backends.cpu.program import CpuProgram
+    from kiln.quant.cpu_tactics import exact_int8_dot_products
     from kiln.tensors import numpy_to_torch
 
     rng = np.random.default_rng(0)
@@ -34,13 +35,29 @@ def test_fast_int8_tactics_match_reference_kernels():
     calib = [{"x": rng.standard_normal(x.shape).astype(np.float32)} for _ in range(4)]
     engine = kiln.build(model, kiln.BuilderConfig(int8=True, calib=calib, layer_precisions={"*": "int8"}))
     tactics = {row["op"]: row["tactic"] for row in engine.plan.layers.values() if row["precision"] == "int8"}
-    assert tactics == {"kiln::QConv": "onednn-int8", "kiln::QGemm": "torch-int8"}
+    exact = exact_int8_dot_products()  # without VNNI / AMX-INT8 oneDNN's int8 sums saturate: the reference kernel runs
+    assert tactics == {"kiln::QConv": "onednn-int8" if exact else "torch-int8", "kiln::QGemm": "torch-int8"}
     assert engine.plan.build_info["counters"]["int8_layers"] == 4
     reference = CpuProgram(engine.plan.graph)  # the registered reference kernels of the same int8 graph
     with torch.inference_mode():
         want = reference.execute({"x": numpy_to_torch(x)})["y"].numpy()
     got = engine.run({"x": x})["y"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_int8_convolutions_skip_onednn_on_a_cpu_without_vnni(monkeypatch):
+    """oneDNN's AVX2 int8 kernels saturate 16-bit partial sums: without VNNI / AMX-INT8 the exact reference runs."""
+    from kiln.engine import target
+    from kiln.quant import cpu_tactics
+
+    model, x = _residual_model(np.random.default_rng(1))
+    calib = [{"x": x}]
+    monkeypatch.setattr(target, "cpu_features", lambda: frozenset({"avx2", "fma"}))
+    engine = kiln.build(model, kiln.BuilderConfig(int8=True, calib=calib, layer_precisions={"*": "int8"}))
+    assert {row["tactic"] for row in engine.plan.layers.values() if row["op"] == "kiln::QConv"} == {"torch-int8"}
+    assert not cpu_tactics.exact_int8_dot_products()
+    monkeypatch.setattr(target, "cpu_features", lambda: frozenset({"avx2", "avx512_vnni"}))
+    assert cpu_tactics.exact_int8_dot_products()
 
 
 def test_fp8_pass_gives_matrix_layers_their_calibrated_input_range():
