@@ -11,7 +11,8 @@ exported with torch.onnx.export at its batch (static shapes) and built by kiln w
 Latency: median of --runs timed calls (CUDA events around each call) after 10 warm-up calls, inputs
 already on the GPU (random, non-zero: normal images, token ids in [1, vocab)). Throughput is batch
 over latency; back-to-back: --runs calls queued without waiting between two CUDA events, per call (trtexec's
-throughput, MLPerf's offline scenario), and its throughput; host: the median time from a call to its return. Error: max |out - ref| / max |ref| against torch fp32 (tf32 off) on the same input.
+throughput, MLPerf's offline scenario), and its throughput; host: the median time from a call to its return.
+Error: max |out - ref| / max |ref| against torch fp32 (tf32 off) on the same input.
 kiln int8 rows are --int8 --fp16 builds and kiln fp8 rows --fp8 builds (compute capability 8.9+ only), both
 calibrated on CALIB_FEEDS fixed-seed random batches made like the inputs (build time includes calibration).
 torch.compile rows take each mode's best (the lower latency); max-autotune takes minutes, so

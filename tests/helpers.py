@@ -50,15 +50,6 @@ def run_onnxruntime(model: onnx.ModelProto | str, feed: dict[str, np.ndarray], u
     return dict(zip(names, session.run(names, feed)))
 
 
-def int8_sums_exact_here() -> bool:
-    """Whether this CPU's int8 kernels (onnxruntime's and oneDNN's U8S8) sum exactly: VNNI or AMX-INT8. On AVX2
-    alone they add product pairs into saturating 16-bit lanes, as onnxruntime's quantization docs warn, so their
-    int8 results are not a reference there (kiln then runs its exact kernel)."""
-    from kiln.quant.cpu_tactics import exact_int8_dot_products
-
-    return exact_int8_dot_products()
-
-
 def light_input(model_name: str) -> tuple[str, np.ndarray]:
     """The input ONNX's own test runner feeds the light models: arange(n) / n, float32."""
     model = onnx.load(str(LIGHT / f"light_{model_name}.onnx"))

@@ -168,19 +168,15 @@ def _whole_engine(tuning: dict) -> list[str]:
     for name, choices in layers.items():
         if name == kept or kept not in layers:
             continue
-        differ = [layer for layer, choice in choices.items() if layers[kept].get(layer) != choice]
+        differ = [layer for layer, (tactic, _) in choices.items() if (layers[kept].get(layer) or [None])[0] != tactic]
         lines.append(f"    {name!r} ran other tactics in {len(differ)} layer(s), timed one by one there "
                      f"{_timed_sum(choices, differ):.3f} ms against {_timed_sum(layers[kept], differ):.3f} ms in {kept!r}")
     return lines
 
 
-def _timed_sum(choices: dict[str, str], layers: list[str]) -> float:
-    """The sum of the timed ms of `layers` in a variant's "tactic/precision ms" choices (untimed ones count 0)."""
-    total = 0.0
-    for layer in layers:
-        parts = (choices.get(layer) or "").rsplit(" ", 1)
-        total += float(parts[1]) if len(parts) == 2 else 0.0
-    return total
+def _timed_sum(choices: dict[str, list], layers: list[str]) -> float:
+    """The sum of the timed ms of `layers` in a variant's {layer: [tactic, ms or None]} (untimed ones count 0)."""
+    return sum((choices.get(layer) or [None, None])[1] or 0.0 for layer in layers)
 
 
 def format_report(report: dict[str, Any]) -> str:

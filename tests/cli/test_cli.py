@@ -79,10 +79,10 @@ def test_inspect_text_shows_int8_inputs_and_the_whole_engine_choice():
               "target": {"device": "cuda", "name": "H200", "capability": "90"}, "inputs": [binding], "outputs": [binding],
               "build_info": {"cuda_tuning": {"whole_engine_ms": {"per-layer choice": 3.403, "int8 hand-off": 3.305},
                                              "variant_layers": {
-                                                 "per-layer choice": {"conv1": "cudnn/fp16 0.2000", "conv2": "cudnn/fp16 0.1000",
-                                                                      "pool": "torch/fp16"},
-                                                 "int8 hand-off": {"conv1": "cudnn/fp16 0.2000", "conv2": "triton/int8 0.0750",
-                                                                   "pool": "torch/fp16"}}}},
+                                                 "per-layer choice": {"conv1": ["cudnn/fp16", 0.2], "conv2": ["cudnn/fp16", 0.1],
+                                                                      "add": ["fused into norm/fp16", None]},
+                                                 "int8 hand-off": {"conv1": ["cudnn/fp16", 0.2], "conv2": ["triton/int8", 0.075],
+                                                                   "add": ["fused into norm/fp16", None]}}}},
               "layers": [layer, {**layer, "name": "conv1", "int8_inputs": []}]}
     text = format_report(report)
     assert "(int8 input and residual in)" in text and text.count("int8 input") == 1

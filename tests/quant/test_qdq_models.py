@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import kiln
-from helpers import int8_sums_exact_here, make_model, run_onnxruntime
+from helpers import make_model, run_onnxruntime
+from kiln.quant.cpu_tactics import exact_int8_dot_products
 from quant.digits import batches, config, top1
 
 
@@ -38,7 +39,7 @@ def test_qdq_model_matches_onnxruntime(digits, qdq_digits):
     images, labels = digits["val"]
     got = np.concatenate([engine.run(f)["logits"] for f in batches(images)])
     # onnxruntime's fused int8 kernels saturate without VNNI: there its QDQ graph run as written is the reference
-    unfused = not int8_sums_exact_here()
+    unfused = not exact_int8_dot_products()
     want = np.concatenate([run_onnxruntime(qdq_digits, f, unfused)["logits"] for f in batches(images)])
     # the same quantization grid: differences are single rounding steps of the output's scale where ties fall apart
     assert np.mean(np.abs(got - want) <= 1e-4 * np.abs(want).max() + 1e-5) > 0.97
@@ -79,6 +80,6 @@ def test_symmetric_qdq_pairs_fold_into_int8_layers(digits, tmp_path):
     assert len(folded) == 4 and all(engine.plan.layers[name]["precision"] == "int8" for name in folded)
     images = digits["val"][0]
     got = np.concatenate([engine.run(f)["logits"] for f in batches(images)])
-    want = np.concatenate([run_onnxruntime(path, f, not int8_sums_exact_here())["logits"] for f in batches(images)])
+    want = np.concatenate([run_onnxruntime(path, f, not exact_int8_dot_products())["logits"] for f in batches(images)])
     assert np.mean(got.argmax(-1) == want.argmax(-1)) > 0.99
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02

@@ -8,7 +8,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import kiln
-from helpers import int8_sums_exact_here, make_model, run_onnxruntime
+from helpers import make_model, run_onnxruntime
+from kiln.quant.cpu_tactics import exact_int8_dot_products
 
 RNG = np.random.default_rng(0)
 
@@ -47,7 +48,7 @@ def test_qlinear_conv_per_channel_with_bias():
     got, want = _both(model, {"x": x})
     exact = _qlinear_conv_float64(x, consts, stride=2, pad=1)
     _integers_match(got["y"], exact, slack=1)  # kiln requantizes in float32: ties may round apart from float64
-    if int8_sums_exact_here():  # without VNNI onnxruntime's U8S8 convolution saturates (off by 23 steps here)
+    if exact_int8_dot_products():  # without VNNI onnxruntime's U8S8 convolution saturates (off by 23 steps here)
         _integers_match(got["y"], want["y"], slack=1)  # onnxruntime requantizes in float32 too
         assert np.mean(got["y"] == want["y"]) > 0.98
 

@@ -343,8 +343,9 @@ HANDOFF_MARGIN = 2.0
 
 
 def slow_int8_layers(layer_info: dict) -> frozenset[str]:
-    """The layers of a lowering without the hand-off (its layer_info) whose Triton int8 kernels lose to their other
-    tactics by more than HANDOFF_MARGIN, or that have none that ran (for handoff_scales' `slow`)."""
+    """Of the Triton-runnable convolutions in a lowering without the hand-off (their layer_info), those whose Triton
+    int8 kernels lose to their other tactics by more than HANDOFF_MARGIN, or have none that ran (handoff_scales'
+    `slow`)."""
     slow = set()
     for name, info in layer_info.items():
         times = info.get("times_ms") or {}

@@ -299,7 +299,7 @@ def lower(plan) -> CudaProgram:
         chosen, program = PER_LAYER, _lower(plan, cache=cache)
         times: dict[str, float] = {}
         choices = {PER_LAYER: _layer_choices(program)}
-        slow = _slow_int8_layers(program)
+        slow = _slow_int8_layers(program, plan.graph) if _int8_handoffs(plan.graph) else frozenset()
         rivals = [CHANNELS_LAST] if _mixes_conv_layouts(program) else []
         rivals += [HANDOFF] if _int8_handoffs(plan.graph, slow) else []
         for rival in rivals:
@@ -329,13 +329,12 @@ PER_LAYER, CHANNELS_LAST, HANDOFF = "per-layer choice", "all channels-last", "in
 WHOLE_ENGINE_VARIANTS = {PER_LAYER: {}, CHANNELS_LAST: {"conv_layout": "nhwc"}, HANDOFF: {"int8_handoff": True}}
 
 
-def _layer_choices(program: CudaProgram) -> dict[str, str]:
-    """Each layer's tactic/precision and its timed ms, as "tactic/precision ms" (the ms left out where untimed)."""
+def _layer_choices(program: CudaProgram) -> dict[str, list]:
+    """Each layer's [tactic/precision, its timed ms or None where it was not timed]."""
     choices = {}
     for name, info in program.layer_info.items():
         key = f"{info['tactic']}/{info['precision']}"
-        ms = (info.get("times_ms") or {}).get(key)
-        choices[name] = key if ms is None else f"{key} {ms:.4f}"
+        choices[name] = [key, (info.get("times_ms") or {}).get(key)]
     return choices
 
 
@@ -389,11 +388,12 @@ def _int8_handoffs(graph: Graph, slow: frozenset[str] = frozenset()) -> dict[str
     return handoff_scales(graph.nodes, set(graph.output_names()), slow)
 
 
-def _slow_int8_layers(program: CudaProgram) -> frozenset[str]:
+def _slow_int8_layers(program: CudaProgram, graph: Graph) -> frozenset[str]:
     """The convolutions the int8 hand-off leaves out, judged on a lowering without it (int8.slow_int8_layers)."""
-    from .int8 import slow_int8_layers
+    from .int8 import slow_int8_layers, triton_conv_applies
 
-    slow = slow_int8_layers(program.layer_info)
+    convs = {node.name for node in graph.nodes if triton_conv_applies(node)}
+    slow = slow_int8_layers({name: info for name, info in program.layer_info.items() if name in convs})
     if slow:
         log.verbose("int8 hand-off leaves out %d layer(s) whose Triton int8 kernels are slower than their other "
                     "tactics: %s", len(slow), ", ".join(sorted(slow)[:5]) + (" ..." if len(slow) > 5 else ""))
