@@ -333,28 +333,39 @@ def _int8_reference(node: Node, wq, w_scale, bias, x_scale: float, out_scale: fl
     return reference
 
 
-# A convolution stays off the int8 hand-off when its fastest Triton int8 kernel (timed in the engine without the
-# hand-off, so quantizing its fp16 input as it loads) is more than this many times its fastest tactic. The margin is
-# wide because that timing overstates the hand-off's kernel: with int8 input ResNet-50's convs run 1.0-2.5 times
-# faster than when quantizing on load (benchmarks/int8_conv.py, b128, H200). ResNet-50's 3-channel stem at batch
-# 128 is 3.6 times cuDNN's (1.02 against 0.28 ms); at 1.25 the build on H200 left 10 layers out at b1 (0.324 ms
-# against 0.302 ms with all in) and every layer at b128, where the hand-off then had nothing to carry.
+# A convolution whose input cannot reach it in int8 (a graph input, or made by a layer that is not on the hand-off)
+# stays off the int8 hand-off when its fastest Triton int8 kernel, timed in the engine without the hand-off, is more
+# than this many times its fastest tactic: the hand-off would commit it to that kernel on the same fp16 input. The
+# margin is wide because the hand-off still saves its output's bytes. ResNet-50's 3-channel stem at batch 128 is 3.6
+# times cuDNN's (1.02 against 0.28 ms). A convolution whose input would arrive in int8 is not judged on that timing:
+# quantizing its fp16 input as it loads, it overstates the hand-off's kernel by 1.0-2.5 times (benchmarks/int8_conv.py,
+# b128, H200), and leaving such layers out (the 3x3s of layers 1-2, whose int8 time on fp16 input is 2.6 times cuDNN's)
+# broke the hand-off into pieces that lost to the per-layer choice (H200 run 15, b128: 3.659 against 3.373 ms).
 HANDOFF_MARGIN = 2.0
 
 
-def slow_int8_layers(layer_info: dict) -> frozenset[str]:
-    """Of the Triton-runnable convolutions in a lowering without the hand-off (their layer_info), those whose Triton
-    int8 kernels lose to their other tactics by more than HANDOFF_MARGIN, or have none that ran (handoff_scales'
-    `slow`)."""
+def slow_int8_layers(layer_info: dict, nodes: list[Node], outputs: set[str]) -> frozenset[str]:
+    """Of the Triton-runnable convolutions in a lowering without the hand-off (their layer_info), those with no Triton
+    int8 kernel that ran, and those whose input would not reach them in int8 (handoff_scales) and whose Triton int8
+    kernels lose to their other tactics by more than HANDOFF_MARGIN: handoff_scales' `slow`. Leaving one out can stop
+    its readers' inputs arriving in int8, so they are judged again until nothing changes."""
+    inputs = {node.name: node.inputs[0] for node in nodes if node.inputs}
     slow = set()
-    for name, info in layer_info.items():
-        times = info.get("times_ms") or {}
-        if not times:
-            continue
-        triton = [ms for key, ms in times.items() if key.startswith("triton-int8")]
-        if not triton or min(triton) > HANDOFF_MARGIN * min(times.values()):
-            slow.add(name)
-    return frozenset(slow)
+    while True:
+        handed = handoff_scales(nodes, outputs, frozenset(slow))
+        found = {name for name, info in layer_info.items() if name not in slow
+                 and _slow_int8(info.get("times_ms") or {}, inputs.get(name) in handed)}
+        if not found:
+            return frozenset(slow)
+        slow |= found
+
+
+def _slow_int8(times: dict, int8_input: bool) -> bool:
+    """Whether a layer with these tactic times (ms) stays off the hand-off (slow_int8_layers)."""
+    if not times:
+        return False
+    triton = [ms for key, ms in times.items() if key.startswith("triton-int8")]
+    return not triton or (not int8_input and min(triton) > HANDOFF_MARGIN * min(times.values()))
 
 
 def handoff_scales(nodes: list[Node], outputs: set[str], slow: frozenset[str] = frozenset()) -> dict[str, float]:

@@ -393,7 +393,8 @@ def _slow_int8_layers(program: CudaProgram, graph: Graph) -> frozenset[str]:
     from .int8 import slow_int8_layers, triton_conv_applies
 
     convs = {node.name for node in graph.nodes if triton_conv_applies(node)}
-    slow = slow_int8_layers({name: info for name, info in program.layer_info.items() if name in convs})
+    slow = slow_int8_layers({name: info for name, info in program.layer_info.items() if name in convs}, graph.nodes,
+                            set(graph.output_names()))
     if slow:
         log.verbose("int8 hand-off leaves out %d layer(s) whose Triton int8 kernels are slower than their other "
                     "tactics: %s", len(slow), ", ".join(sorted(slow)[:5]) + (" ..." if len(slow) > 5 else ""))
