@@ -3,6 +3,7 @@ target GPU (CUDA events, warm-up, median of many runs), keeping the fastest whos
 the reference within its precision's tolerance. Choices go through the timing cache."""
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -100,7 +101,7 @@ def relative_error(output, reference) -> float:
         difference = (out.double() - ref.double()).norm().item()
         scale = ref.double().norm().item()
         error = difference / scale if scale > 0 else difference
-        if error != error:  # NaN
+        if math.isnan(error):
             return float("inf")
         worst = max(worst, error)
     return worst

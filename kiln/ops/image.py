@@ -268,12 +268,12 @@ def max_unpool(x, indices, output_shape=None, *, kernel_shape, pads=None, stride
 def deform_conv(x, w, offset, b=None, mask=None, *, dilations=None, group=1, kernel_shape=None, offset_group=1,
                 pads=None, strides=None):
     """2-D deformable convolution: each kernel tap samples the input bilinearly (zeros outside) at its own offset."""
-    n, channels, height, width = x.shape
+    n, channels = x.shape[:2]
     out_channels = w.shape[0]
     kh, kw = kernel_shape or list(w.shape[2:])
     sh, sw = strides or [1, 1]
     dh, dw = dilations or [1, 1]
-    pt, pl, pb, pr = pads or [0, 0, 0, 0]
+    pt, pl = (pads or [0, 0, 0, 0])[:2]  # the output size (the offsets') already reflects the end pads
     oh, ow = offset.shape[2], offset.shape[3]
     offsets = offset.reshape(n, offset_group, kh * kw, 2, oh, ow).double()
     masks = mask.reshape(n, offset_group, kh * kw, oh, ow).double() if mask is not None else None

@@ -5,7 +5,6 @@ import numpy as np
 import torch
 
 from .registry import register
-from .shape import ints
 
 
 def _positive(indices, size):

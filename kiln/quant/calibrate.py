@@ -18,7 +18,6 @@ def collect(graph: Graph, source: Any, wanted: list[str], *, what: str = "calibr
     import torch
 
     from ..backends.cpu.program import CpuProgram
-    from ..tensors import numpy_to_torch
 
     histograms = {name: Histogram() for name in wanted}
     wanted_set = set(wanted)

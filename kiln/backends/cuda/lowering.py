@@ -413,7 +413,7 @@ def _faster(programs: dict[str, CudaProgram], plan) -> tuple[str, CudaProgram, d
     times = {}
     with torch.inference_mode():
         for name, program in programs.items():
-            times[name] = round(median_ms(lambda: program.execute(feed), [], warmup=3, repeat=20), 4)
+            times[name] = round(median_ms(lambda program=program: program.execute(feed), [], warmup=3, repeat=20), 4)
     chosen = min(times, key=times.get)
     for name, program in programs.items():
         if name != chosen:
@@ -525,7 +525,7 @@ def _lower(plan, conv_layout: str | None = None, cache=None, int8_handoff: bool 
                              "timed": "in a CUDA graph" if use_cuda_graph else "eagerly"}
                 if out_scale is not None:  # its output in int8: tactics of their own
                     signature["int8_out_scale"] = out_scale
-                chosen, record = choose(options, args, lambda: _reference(reference_kernel, args), signature, cache,
+                chosen, record = choose(options, args, lambda kernel=reference_kernel, inputs=args: _reference(kernel, inputs), signature, cache,
                                         workspace_limit, in_graph=use_cuda_graph,
                                         prepare=lambda found, inputs: _compile_ahead(found, inputs, compilers))
             else:
