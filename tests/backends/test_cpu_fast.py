@@ -189,6 +189,16 @@ def pointwise_graph(activation, bias=True, channels=(16, 24), size=6, batch=2):
                  [Value("y", DType.float32, (batch, cout, size, size))], initializers=initializers, opsets={"": 18, "kiln": 1})
 
 
+@pytest.fixture
+def without_native(monkeypatch):
+    """The oneDNN tactics kiln falls back to where its native kernels cannot be built (tests/backends/test_cpu_native.py
+    covers the native ones)."""
+    from kiln.backends.cpu import native
+
+    monkeypatch.setattr(native, "available", lambda: (False, "disabled by the test"))
+
+
+@pytest.mark.usefixtures("without_native")
 @pytest.mark.parametrize("activation", ["", "relu"])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -207,6 +217,7 @@ def test_small_pointwise_conv_runs_as_a_matrix_product(activation, bias, channel
     torch.testing.assert_close(actual, reference(graph, {"x": x}), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("without_native")
 def test_large_or_fused_pointwise_convs_stay_onednn():
     large = pointwise_graph("relu", channels=(512, 1000), size=13, batch=1)
     assert fast.choose(large.nodes[0], large, bf16=False).name == "onednn-packed"

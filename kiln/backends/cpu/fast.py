@@ -119,6 +119,9 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     groups = int(node.attrs["group"])
     bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
+    native = _native_conv(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, bf16)
+    if native is not None:
+        return native
     attr, scalars, algorithm = _post_op(node)
     if _small_pointwise(node, weight, example, bf16):
         return _conv_as_linear(weight, bias, (attr, scalars, algorithm), math.prod(example) // example[1])
@@ -162,6 +165,39 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
             return convolve(x.contiguous(memory_format=channels_last), packed, bias, padding, stride, dilation, groups,
                             attr, scalars, algorithm)
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
+
+
+# Activations native_conv.cpp applies as a clamp after the residual
+_CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
+# Below this many input channels the native kernel's inner loop is too short to pay (the 3-channel stems: SqueezeNet's
+# 3x3/2 0.51 against oneDNN's 0.40 ms); oneDNN keeps them.
+NATIVE_MIN_IN_CHANNELS = 16
+
+
+def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic | None:
+    """kiln's native direct convolution (kiln/backends/cpu/native.py) for an fp32, ungrouped convolution with at most
+    a ReLU or Clip fused: alone it takes 0.5-0.75x oneDNN's time on SqueezeNet's and DenseNet's small 1x1 layers and
+    0.9-1.1x on ResNet-50's; in the engine it is also steadier on a shared host (docs/benchmarks.md, run H)."""
+    from . import native
+
+    activation = node.attrs.get("activation", "")
+    if bf16 or int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") \
+            or weight.shape[1] < NATIVE_MIN_IN_CHANNELS or not native.available()[0]:
+        return None
+    if activation == "clip":
+        low, high = (float(p) for p in node.attrs["activation_params"])
+        clamp = (low, high)
+    else:
+        clamp = _CLAMPS[activation]
+    convolve = native.DirectConvolution(weight, bias, node.attrs["strides"], list(node.attrs["pads"])[:2],
+                                        node.attrs["dilations"], clamp)
+    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
+    in_place = has_residual and _residual_dies_here(node, graph)
+
+    def run(x, w_unused=None, b_unused=None, residual=None):
+        return convolve(x, residual if has_residual else None, in_place)
+
+    return Tactic(run, "native-direct", "fp32")
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares

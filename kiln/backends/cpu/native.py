@@ -1,0 +1,198 @@
+"""kiln's native CPU kernels: C++ with AVX-512 intrinsics (native_conv.cpp), compiled once per machine with the
+system's C++ compiler and loaded through ctypes, for the layers where oneDNN's kernels as torch exposes them lose.
+
+Why: oneDNN's convolution call costs 60-80 us of setup here (its allocations and ideep's descriptors) and its small
+1x1 kernels run at a third of the cores' peak, so SqueezeNet-sized layers take 1.5-2x what a direct kernel needs
+(docs/benchmarks.md). The kernels run on torch's own OpenMP threads (the library links the libgomp torch loaded),
+so they share torch's thread count and pool.
+
+Where no compiler, no AVX-512 or no OpenMP is available the library is absent, `available()` says why, and every
+layer keeps its oneDNN tactic: an engine never depends on this library, it only runs faster with it.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ... import log
+from ...engine.target import cpu_features
+
+SOURCE = Path(__file__).with_name("native_conv.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+REQUIRED_FEATURES = {"avx512f"}
+
+
+class _ConvArgs(ctypes.Structure):
+    """native_conv.cpp's ConvArgs, field for field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "residual", "y")] + \
+               [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "oc",
+                                                     "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")] + \
+               [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $KILN_CACHE_DIR, else ~/.cache/kiln (XDG_CACHE_HOME honoured)."""
+    root = os.environ.get("KILN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "kiln")
+    return Path(root) / "native"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library, or None and the reason it is absent."""
+    import torch  # noqa: F401  (loads torch's libgomp first, so that the library's OpenMP is torch's)
+
+    if os.environ.get("KILN_NATIVE", "1") == "0":
+        return None, "KILN_NATIVE=0"
+    missing = REQUIRED_FEATURES - cpu_features()
+    if missing:
+        return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler found (set CXX, or install g++)"
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"{compiler} does not run: {error}"
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()
+                         + " ".join(sorted(cpu_features())).encode()).hexdigest()[:16]
+    target = cache_dir() / f"native_conv-{key}.so"
+    if not target.exists():
+        reason = _compile(compiler, target)
+        if reason:
+            return None, reason
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as error:
+        return None, f"{target} does not load: {error}"
+    library.kiln_conv_nhwc.argtypes = [ctypes.POINTER(_ConvArgs)] + [ctypes.c_int64] * 5
+    library.kiln_conv_nhwc.restype = None
+    return library, ""
+
+
+def _compile(compiler: str, target: Path) -> str:
+    """Compile SOURCE into `target` (written under a temporary name and renamed, so that concurrent builds never
+    load half a file); the reason on failure, else ''."""
+    log.info("compiling kiln's native CPU kernels (once per machine; about 20 s) into %s", target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
+            pass
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial.name], capture_output=True, text=True,
+                                timeout=600)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"compiling {SOURCE.name} failed: {error}"
+    if result.returncode != 0:
+        os.unlink(partial.name)
+        return f"compiling {SOURCE.name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
+    os.replace(partial.name, target)
+    return ""
+
+
+def available() -> tuple[bool, str]:
+    """Whether the native kernels run here, and why not."""
+    library, reason = _load()
+    if library is None:
+        log.verbose("native CPU kernels unavailable: %s", reason)
+    return library is not None, reason
+
+
+# Blocks of 16 output channels one task computes (4 x 16 channels x 6 pixels fill 24 of the 32 vector registers),
+# and how many bytes of weights one pass over the input channels keeps hot.
+BLOCKS_PER_TASK = 4
+WEIGHT_BYTES_PER_PASS = 1 << 20
+TASKS_PER_THREAD = 4
+_PIXELS_PER_TILE = {4: 6, 3: 8, 2: 12, 1: 14}  # native_conv.cpp's tile widths
+
+
+class DirectConvolution:
+    """An fp32 NHWC convolution (groups of 1) with bias, an optional residual added and a clamp (ReLU, Clip, or
+    none), run by native_conv.cpp; weights packed once, as [out/16][kh][kw][in][16]."""
+
+    def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float]):
+        import torch
+
+        out_channels, in_channels, kh, kw = weight.shape
+        padded = _ceil_div(out_channels, 16) * 16
+        w = torch.zeros(padded, in_channels, kh, kw)
+        w[:out_channels] = torch.from_numpy(np.array(weight, dtype=np.float32))
+        self.weight = w.view(padded // 16, 16, in_channels, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
+        self.bias = torch.zeros(padded)
+        if bias is not None:
+            self.bias[:out_channels] = torch.from_numpy(np.array(bias, dtype=np.float32))
+        self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
+        self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
+        self.clamp = clamp
+        self.pointwise = (kh, kw) == (1, 1) and self.strides == [1, 1] and not any(self.pads)
+        self._library = _load()[0]
+        assert self._library is not None, "DirectConvolution needs available()"
+
+    def output_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+    def __call__(self, x, residual=None, in_place: bool = False):
+        """The convolution of NCHW `x` (any layout; NHWC is read without a copy) as an NHWC tensor, plus `residual`
+        where given; `in_place` writes the sum into the residual's own buffer (the caller knows nothing else reads
+        it)."""
+        import torch
+
+        n, c, h, w = x.shape
+        if c != self.in_channels or x.dtype != torch.float32:
+            raise ValueError(f"expected {self.in_channels} float32 channels, got {c} {x.dtype}")
+        x = x.contiguous(memory_format=torch.channels_last)
+        oh, ow = self.output_size(h, w)
+        schedule = self._schedule(n, 1, oh * ow) if self.pointwise else self._schedule(n, oh, ow)
+        if residual is not None:
+            if tuple(residual.shape) != (n, self.out_channels, oh, ow):
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(n, self.out_channels, oh, ow)}")
+            residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        # in place only where one pass over the input channels reads each residual element before writing it
+        if in_place and residual is not None and schedule[3] == self.in_channels and residual.data_ptr() != x.data_ptr():
+            y = residual
+        else:
+            y = torch.empty(n, self.out_channels, oh, ow, memory_format=torch.channels_last)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
+        if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
+            h, w, oh, ow = 1, h * w, 1, oh * ow
+        args = _ConvArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                         residual.data_ptr() if residual is not None else None, y.data_ptr(),
+                         n, h, w, c, oh, ow, self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
+        self._library.kiln_conv_nhwc(ctypes.byref(args), *schedule, torch.get_num_threads())
+        return y
+
+    def _schedule(self, n: int, oh: int, ow: int) -> tuple[int, int, int, int]:
+        """(blocks per task, rows per task, columns per task, input channels per pass) for native_conv.cpp."""
+        import torch
+
+        blocks = _ceil_div(self.out_channels, 16)
+        per_task = min(BLOCKS_PER_TASK, blocks)
+        groups = _ceil_div(blocks, per_task)
+        target = TASKS_PER_THREAD * torch.get_num_threads()
+        if self.pointwise:  # split the pixel row into tiles' multiples
+            tile = _PIXELS_PER_TILE[per_task]
+            chunks = max(1, _ceil_div(target, n * groups))
+            columns = _ceil_div(_ceil_div(ow, chunks), tile) * tile
+            rows = 1
+        else:
+            columns = ow
+            rows = max(1, oh * n * groups // target)
+        kh, kw = self.kernel
+        channels = max(16, WEIGHT_BYTES_PER_PASS // (per_task * kh * kw * 64) // 16 * 16)
+        return per_task, rows, columns, min(self.in_channels, channels)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

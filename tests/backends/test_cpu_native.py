@@ -1,0 +1,146 @@
+"""kiln's native direct convolution (kiln/backends/cpu/native.py) against float64 torch, the layers that take it, and
+the fallback to oneDNN where the library cannot be built."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.backends.cpu import fast, native
+from kiln.ir import DType, Graph, Node, Value
+
+needs_native = pytest.mark.skipif(not native.available()[0], reason=f"native kernels unavailable: {native.available()[1]}")
+rng = np.random.default_rng(0)
+
+# (batch, in, out, size, kernel, stride, pad, dilation): 1x1s (one flat pixel row), padded 3x3s narrower than a tile
+# (7x7) and wider, strided, dilated, a 7x7 kernel, output channels off the 16-channel block (1000, 24), rectangles
+SHAPES = [(1, 64, 16, 55, 1, 1, 0, 1), (2, 16, 24, 6, 1, 1, 0, 1), (1, 512, 1000, 13, 1, 1, 0, 1),
+          (1, 32, 128, 27, 3, 1, 1, 1), (2, 64, 64, 7, 3, 1, 1, 1), (1, 16, 40, 9, 3, 2, 1, 1),
+          (1, 24, 32, 12, 3, 1, 2, 2), (1, 16, 16, 15, 7, 2, 3, 1), (3, 48, 80, (5, 11), 3, 1, 1, 1),
+          (1, 128, 64, 14, 1, 2, 0, 1), (1, 16, 17, 1, 3, 1, 1, 1)]
+
+
+def float64_conv(x, w, b, stride, pad, dilation, residual=None, clamp=(-np.inf, np.inf)):
+    y = F.conv2d(x.double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride, pad, dilation)
+    if residual is not None:
+        y = y + residual.double()
+    return y.clamp(*clamp)
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}" for s in SHAPES])
+@pytest.mark.parametrize("fused", ["none", "relu+residual", "clip"])
+def test_direct_convolution_matches_float64(shape, fused):
+    n, cin, cout, size, k, stride, pad, dilation = shape
+    h, w = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1))
+    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    clamp = {"none": (-np.inf, np.inf), "relu+residual": (0.0, np.inf), "clip": (-0.5, 0.75)}[fused]
+    conv = native.DirectConvolution(weight, bias, [stride] * 2, [pad] * 2, [dilation] * 2, clamp)
+    oh, ow = conv.output_size(h, w)
+    residual = torch.randn(n, cout, oh, ow) if fused == "relu+residual" else None
+    expected = float64_conv(x, weight, bias, stride, pad, dilation, residual, clamp)
+    actual = conv(x, residual)
+    assert actual.shape == expected.shape and actual.is_contiguous(memory_format=torch.channels_last)
+    # fp32 sums of up to 4608 terms in another order than float64's: 1e-5 of the output's scale
+    scale = expected.abs().max().item()
+    assert (actual.double() - expected).abs().max().item() <= 1e-5 * scale
+
+
+@needs_native
+def test_in_place_residual_sum_writes_the_residuals_buffer():
+    weight = (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32)
+    bias = rng.standard_normal(32).astype(np.float32)
+    conv = native.DirectConvolution(weight, bias, [1, 1], [1, 1], [1, 1], (0.0, np.inf))
+    x = torch.randn(1, 32, 10, 10).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 32, 10, 10).contiguous(memory_format=torch.channels_last)
+    expected = conv(x, residual.clone())
+    y = conv(x, residual, in_place=True)
+    assert y.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def conv_node_graph(cin=16, cout=24, activation="relu", group=1, residual=False, k=3):
+    w = (rng.standard_normal((cout, cin // group, k, k)) * 0.2).astype(np.float32)
+    inputs = ("x", "w", "b") + (("r",) if residual else ())
+    node = Node("Conv", inputs, ("y",), {"dilations": [1, 1], "group": group, "kernel_shape": [k, k],
+                                         "pads": [k // 2] * 4, "strides": [1, 1], "activation": activation,
+                                         "activation_params": [-1.0, 1.0] if activation == "clip" else []},
+                name="conv", domain="kiln")
+    graph_inputs = [Value("x", DType.float32, (1, cin, 8, 8))] + ([Value("r", DType.float32, (1, cout, 8, 8))] if residual else [])
+    return Graph([node], graph_inputs, [Value("y", DType.float32, (1, cout, 8, 8))],
+                 initializers={"w": w, "b": rng.standard_normal(cout).astype(np.float32)}, opsets={"": 18, "kiln": 1})
+
+
+@needs_native
+def test_which_convolutions_take_the_native_kernel():
+    for graph in (conv_node_graph(), conv_node_graph(activation=""), conv_node_graph(activation="clip"),
+                  conv_node_graph(residual=True), conv_node_graph(k=1)):
+        assert fast.choose(graph.nodes[0], graph, bf16=False).name == "native-direct"
+    # oneDNN keeps the 3-channel stems, grouped convolutions, activations other than a clamp, and bf16
+    for graph in (conv_node_graph(cin=3), conv_node_graph(group=2), conv_node_graph(activation="sigmoid")):
+        assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
+    if fast.bf16_supported():
+        assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == "onednn-packed"
+
+
+@needs_native
+def test_native_tactic_runs_the_fused_layer():
+    graph = conv_node_graph(activation="clip", residual=True)
+    feed = {"x": torch.randn(1, 16, 8, 8), "r": torch.randn(1, 24, 8, 8)}
+    tactic = fast.choose(graph.nodes[0], graph, bf16=False)
+    with torch.inference_mode():
+        actual = tactic.run(feed["x"], None, None, feed["r"])
+    w, b = graph.initializers["w"], graph.initializers["b"]
+    expected = float64_conv(feed["x"], w, b, 1, 1, 1, feed["r"], (-1.0, 1.0))
+    assert (actual.double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+
+
+@pytest.fixture
+def fresh_library(monkeypatch):
+    """native's library loaded again under the test's environment, and again after it."""
+    native._load.cache_clear()
+    yield monkeypatch
+    monkeypatch.undo()
+    native._load.cache_clear()
+
+
+def test_opting_out_keeps_onednn(fresh_library):
+    fresh_library.setenv("KILN_NATIVE", "0")
+    assert native.available() == (False, "KILN_NATIVE=0")
+    graph = conv_node_graph()
+    assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
+
+
+def test_no_compiler_is_a_reason_not_a_failure(fresh_library):
+    fresh_library.setattr(native, "_compiler", lambda: None)
+    fresh_library.setattr(native, "cpu_features", lambda: frozenset({"avx512f"}))
+    assert native.available() == (False, "no C++ compiler found (set CXX, or install g++)")
+    native._load.cache_clear()
+    fresh_library.setattr(native, "cpu_features", lambda: frozenset({"avx2"}))
+    assert native.available() == (False, "this CPU lacks avx512f")
+
+
+def test_a_failing_compile_falls_back_and_the_engine_still_runs(fresh_library, tmp_path):
+    fresh_library.setenv("KILN_CACHE_DIR", str(tmp_path))
+    fresh_library.setenv("CXX", "false")  # a "compiler" that exits 1
+    ok, reason = native.available()
+    if "lacks" in reason:
+        pytest.skip(reason)
+    assert not ok and "compiling native_conv.cpp failed" in reason
+    assert not list(tmp_path.rglob("*.so")), "no half-written library is left for a later load"
+    from onnx import TensorProto, helper, numpy_helper
+
+    w, b = (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Relu", ["c"], ["y"])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 24, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 18)])
+    engine = kiln.build(model, kiln.BuilderConfig())
+    assert {layer["tactic"] for layer in engine.plan.layers.values()} == {"onednn-packed"}
+    x = torch.randn(1, 16, 8, 8)
+    y = torch.as_tensor(np.asarray(engine.run({"x": x})["y"]))
+    assert (y.double() - float64_conv(x, w, b, 1, 1, 1, clamp=(0.0, np.inf))).abs().max().item() < 1e-4
