@@ -1,6 +1,6 @@
 """CPU benchmark: kiln (fp32 and bf16) against onnxruntime and torch eager, all in one process.
 
-    .venv/bin/python benchmarks/cpu.py [--threads 2] [--runs 20] [--models resnet50,bert] [--json out.json]
+    .venv/bin/python benchmarks/cpu.py [--threads 2] [--runs 20] [--models resnet50,bert] [--onednn-only] [--json out.json]
 
 Models: four of onnx's light ImageNet models with fixed-seed random weights (their shipped weights are
 constants), cut before the final Softmax, and a BERT-base-shaped encoder (12 layers, hidden 768,
@@ -64,7 +64,23 @@ def ort_session(model, threads: int):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, threads: int) -> dict:
+def onednn_only_engine(model, feed: dict):
+    """kiln's fp32 engine with its native kernels off (the oneDNN tactics it falls back to without a compiler), and
+    its output on `feed`; run once while they are off, so that its program is lowered without them."""
+    import kiln
+    from kiln.backends.cpu import native
+
+    os.environ["KILN_NATIVE"] = "0"
+    native._load.cache_clear()
+    try:
+        engine = kiln.build(model, kiln.BuilderConfig())
+        return engine, next(iter(engine.run(feed).values()))
+    finally:
+        del os.environ["KILN_NATIVE"]
+        native._load.cache_clear()
+
+
+def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, threads: int, onednn_only: bool = False) -> dict:
     import torch
 
     import kiln
@@ -88,10 +104,17 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
             row["layers"] = len(engine.plan.graph.nodes)
             row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
             row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
+    if onednn_only:
+        onednn, output = onednn_only_engine(model, feed)
+        row["kiln_fp32_onednn_error"] = relative_error(output, reference)
+        runners["kiln_fp32_onednn"] = lambda: onednn.run(torch_feed)
     with torch.inference_mode():
         medians = interleaved_medians(runners, runs)
     row.update({f"{name}_ms": ms for name, ms in medians.items()})
     print(format_row(row), flush=True)
+    if onednn_only:
+        print(f"|   without native kernels (oneDNN only) | {batch} | | | {row['kiln_fp32_onednn_ms']:.1f} "
+              f"({row['kiln_fp32_onednn_ms'] / row['onnxruntime_ms']:.2f}) | | {row['kiln_fp32_onednn_error']:.1e} | |", flush=True)
     return row
 
 
@@ -124,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(LIGHT_NAMES + ["bert"]), help="comma-separated subset")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--encoder-layers", type=int, default=12)
+    parser.add_argument("--onednn-only", action="store_true",
+                        help="also time kiln fp32 with its native kernels off (KILN_NATIVE=0), in the same turns")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "cpu.json"), help="where to write the results")
     args = parser.parse_args(argv)
 
@@ -147,11 +172,12 @@ def main(argv=None) -> int:
                     module, path, feed = encoder(batch, args.encoder_layers, Path(workdir))
                     ids, mask = (torch.from_numpy(feed[k]) for k in ("input_ids", "attention_mask"))
                     rows.append(bench_row(f"bert-base encoder ({args.encoder_layers} layers, seq 128)", batch, path, feed,
-                                          lambda: module(ids, mask), args.runs, args.threads))
+                                          lambda: module(ids, mask), args.runs, args.threads, args.onednn_only))
                 else:
                     model = randomized_light_model(name, batch=batch)
                     x = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-                    rows.append(bench_row(name, batch, model, {model.graph.input[0].name: x}, None, args.runs, args.threads))
+                    rows.append(bench_row(name, batch, model, {model.graph.input[0].name: x}, None, args.runs, args.threads,
+                                          args.onednn_only))
     result = {"summary": summary(rows), "rows": rows, "threads": args.threads, "runs": args.runs,
               "load_average_before": load, "load_average_after": os.getloadavg(), "machine": platform.processor() or platform.machine(),
               "versions": {"kiln": kiln.__version__, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}}

@@ -128,7 +128,7 @@ def test_a_failing_compile_falls_back_and_the_engine_still_runs(fresh_library, t
     ok, reason = native.available()
     if "lacks" in reason:
         pytest.skip(reason)
-    assert not ok and "compiling native_conv.cpp failed" in reason
+    assert not ok and "compiling native.cpp failed" in reason
     assert not list(tmp_path.rglob("*.so")), "no half-written library is left for a later load"
     from onnx import TensorProto, helper, numpy_helper
 
@@ -144,3 +144,22 @@ def test_a_failing_compile_falls_back_and_the_engine_still_runs(fresh_library, t
     x = torch.randn(1, 16, 8, 8)
     y = torch.as_tensor(np.asarray(engine.run({"x": x})["y"]))
     assert (y.double() - float64_conv(x, w, b, 1, 1, 1, clamp=(0.0, np.inf))).abs().max().item() < 1e-4
+
+
+# (channels, size, kernel, stride, pad, dilation, ceil_mode): ResNet's and SqueezeNet's pools, channels off the
+# 16-channel block, a dilated window, ceil mode's last window
+POOLS = [(64, 112, 3, 2, 1, 1, False), (64, 111, 3, 2, 0, 1, True), (20, 9, 2, 2, 0, 1, False),
+         (33, 10, 3, 1, 1, 2, False), (8, 7, 3, 2, 1, 1, True)]
+
+
+@needs_native
+@pytest.mark.parametrize("pool", POOLS, ids=[f"c{p[0]}-{p[1]}-k{p[2]}s{p[3]}p{p[4]}d{p[5]}{'-ceil' if p[6] else ''}" for p in POOLS])
+def test_max_pool_equals_torch(pool):
+    c, size, k, stride, pad, dilation, ceil_mode = pool
+    x = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(2))
+    x[0, 1, 3, 4] = float("nan")
+    x[1, 0, :4, :4] = -float("inf")
+    expected = F.max_pool2d(x, k, stride, pad, dilation, ceil_mode=ceil_mode)
+    actual = native.MaxPool([k, k], [stride] * 2, [pad] * 2, [dilation] * 2, ceil_mode)(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)

@@ -167,7 +167,7 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
 
-# Activations native_conv.cpp applies as a clamp after the residual
+# Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
 # Below this many input channels the native kernel's inner loop is too short to pay (the 3-channel stems: SqueezeNet's
 # 3x3/2 0.51 against oneDNN's 0.40 ms); oneDNN keeps them.
@@ -301,9 +301,11 @@ def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
 def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     """MaxPool with symmetric padding as torch's own padded pooling: the reference kernel pads with a copy
     first, because ONNX allows asymmetric pads; where they are symmetric the copy is wasted."""
+    import torch
     import torch.nn.functional as F
 
     from ...ops.nn import resolve_pads
+    from . import native
 
     x, y = graph.value(node.inputs[0]), graph.value(node.outputs[0])
     if not x.is_static or not y.is_static or len(x.shape) != 4 or len([o for o in node.outputs if o]) != 1:
@@ -317,13 +319,17 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
         return None
     # torch's output size rule must give the size ONNX shape inference gave, or the fallback runs
     for size, k, s, d, p, out in zip(x.shape[2:], kernel, strides, dilations, pads[:2], y.shape[2:]):
-        span = size + 2 * p - d * (k - 1) - 1
-        expected = (-(-span // s) if ceil_mode else span // s) + 1
-        if ceil_mode and (expected - 1) * s >= size + p:
-            expected -= 1
-        if expected != out:
+        if native.pool_output_size(size, k, s, d, p, ceil_mode) != out:
             return None
     padding = pads[:2]
+    if native.available()[0] and x.dtype is DType.float32:
+        pool = native.MaxPool(kernel, strides, padding, dilations, ceil_mode)
+        float32 = torch.float32
+
+        def run(x):  # a bf16 engine may hand it bf16, which torch's pool takes
+            return pool(x) if x.dtype == float32 else F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
+
+        return Tactic(run, "native-pool", "follow")
 
     def run(x):
         return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)

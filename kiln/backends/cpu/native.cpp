@@ -1,4 +1,6 @@
-// Direct NHWC fp32 convolution for AVX-512 (kiln's native CPU kernel).
+// kiln's native CPU kernels (AVX-512, fp32, NHWC), built by native.py: a direct convolution and max pooling.
+//
+// The convolution:
 // Weights are packed as [oc/16][kh][kw][ic][16]. A task computes one output row segment for up to four blocks of
 // 16 output channels; the input channels run in blocks whose weights stay in L1 across the segment, the partial
 // sums kept in the output. Bias starts the sum; the residual add and a clamp (ReLU, Clip) finish it.
@@ -101,12 +103,14 @@ extern "C" void kiln_conv_nhwc(const ConvArgs* args, int64_t blocks_per_task, in
   const int64_t groups = (ocb + blocks_per_task - 1) / blocks_per_task;
   const int64_t chunks = (a.ow + cols_per_task - 1) / cols_per_task;
   const int64_t bands = (a.oh + rows_per_task - 1) / rows_per_task;
-  const int64_t tasks = a.n * bands * chunks * groups;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t g = t % groups, chunk = (t / groups) % chunks, band = (t / groups / chunks) % bands;
+  const int64_t per_group = a.n * bands * chunks;
+  // the output-channel group varies slowest, so that the tasks a thread takes in turn share their weights; taken
+  // one at a time, so that uneven tasks (a last, shorter band) do not leave a thread idle
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t = 0; t < groups * per_group; ++t) {
+    const int64_t g = t / per_group, chunk = t % chunks, band = (t / chunks) % bands;
     Span s;
-    s.n = t / groups / chunks / bands; s.ob0 = g * blocks_per_task;
+    s.n = t % per_group / chunks / bands; s.ob0 = g * blocks_per_task;
     const int64_t nb = ocb - s.ob0 < blocks_per_task ? ocb - s.ob0 : blocks_per_task;
     const int64_t cx0 = chunk * cols_per_task;
     const int64_t cx1 = cx0 + cols_per_task < a.ow ? cx0 + cols_per_task : a.ow;
@@ -122,6 +126,47 @@ extern "C" void kiln_conv_nhwc(const ConvArgs* args, int64_t blocks_per_task, in
           case 2: segment<2>(a, s, cx0, cx1); break;
           default: segment<1>(a, s, cx0, cx1); break;
         }
+      }
+    }
+  }
+}
+
+// Max pooling over NHWC: each output pixel takes the maximum of its window's taps inside the input (padding never
+// wins), 16 channels at a time; a NaN anywhere in the window is the result, as in torch's max_pool2d.
+struct PoolArgs {
+  const float* x; float* y;
+  int64_t n, h, w_, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
+};
+
+extern "C" void kiln_max_pool_nhwc(const PoolArgs* args, int64_t threads) {
+  const PoolArgs& a = *args;
+  const int64_t blocks = (a.c + 15) / 16;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t row = 0; row < a.n * a.oh; ++row) {
+    const int64_t n = row / a.oh, oy = row % a.oh;
+    int64_t ky0 = 0, ky1 = a.kh;  // taps inside the input: [ky0, ky1)
+    while (ky0 < a.kh && oy * a.sh - a.ph + ky0 * a.dh < 0) ++ky0;
+    while (ky1 > ky0 && oy * a.sh - a.ph + (ky1 - 1) * a.dh >= a.h) --ky1;
+    for (int64_t ox = 0; ox < a.ow; ++ox) {
+      int64_t kx0 = 0, kx1 = a.kw;
+      while (kx0 < a.kw && ox * a.sw - a.pw + kx0 * a.dw < 0) ++kx0;
+      while (kx1 > kx0 && ox * a.sw - a.pw + (kx1 - 1) * a.dw >= a.w_) --kx1;
+      float* out = a.y + ((n * a.oh + oy) * a.ow + ox) * a.c;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t left = a.c - b * 16;
+        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        __m512 best = _mm512_set1_ps(-__builtin_inff());
+        __mmask16 nan = 0;
+        for (int64_t ky = ky0; ky < ky1; ++ky) {
+          const float* in = a.x + ((n * a.h + oy * a.sh - a.ph + ky * a.dh) * a.w_) * a.c + b * 16;
+          for (int64_t kx = kx0; kx < kx1; ++kx) {
+            const __m512 v = _mm512_maskz_loadu_ps(mask, in + (ox * a.sw - a.pw + kx * a.dw) * a.c);
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best = _mm512_max_ps(best, v);
+          }
+        }
+        best = _mm512_mask_mov_ps(best, nan, _mm512_set1_ps(__builtin_nanf("")));
+        _mm512_mask_storeu_ps(out + b * 16, mask, best);
       }
     }
   }
