@@ -163,3 +163,70 @@ def test_max_pool_equals_torch(pool):
     actual = native.MaxPool([k, k], [stride] * 2, [pad] * 2, [dilation] * 2, ceil_mode)(x)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def fire_module(concat_inputs=("e1", "e3"), extra_outputs=(), pool_branch=False):
+    """A SqueezeNet fire module: squeeze 1x1 (24 -> 16), expand 1x1 and 3x3 (16 -> 32 each), concatenated; with
+    pool_branch, a max pool of the squeeze joins the concatenation too."""
+    from helpers import make_model
+    from onnx import helper
+
+    weights = {"ws": rng.standard_normal((16, 24, 1, 1)), "w1": rng.standard_normal((32, 16, 1, 1)),
+               "w3": rng.standard_normal((32, 16, 3, 3)), "b": rng.standard_normal(32)}
+    weights = {k: (v * 0.2).astype(np.float32) for k, v in weights.items()}
+    nodes = [helper.make_node("Conv", ["x", "ws"], ["s0"]), helper.make_node("Relu", ["s0"], ["s"]),
+             helper.make_node("Conv", ["s", "w1", "b"], ["c1"]), helper.make_node("Relu", ["c1"], ["e1"]),
+             helper.make_node("Conv", ["s", "w3", "b"], ["c3"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c3"], ["e3"])]
+    if pool_branch:
+        nodes.append(helper.make_node("MaxPool", ["s"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+    nodes.append(helper.make_node("Concat", list(concat_inputs), ["y"], axis=1))
+    x = rng.standard_normal((2, 24, 9, 9)).astype(np.float32)
+    return make_model(nodes, {"x": x}, ["y", *extra_outputs], weights), x
+
+
+@needs_native
+@pytest.mark.parametrize("concat_inputs", [("e1", "e3"), ("e3", "e1")])
+def test_a_fire_modules_convolutions_fill_its_concatenation(concat_inputs):
+    from helpers import run_onnxruntime
+
+    model, x = fire_module(concat_inputs)
+    engine = kiln.build(model, kiln.BuilderConfig())
+    concat = next(name for name, layer in engine.plan.layers.items() if layer["op"] == "Concat")
+    assert engine.plan.layers[concat]["tactic"] == "native-in-place"
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    outputs = [np.asarray(engine.run({"x": x})["y"]) for _ in range(2)]  # a fresh buffer each run
+    for y in outputs:
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert not np.shares_memory(outputs[0], outputs[1])
+
+
+@needs_native
+@pytest.mark.parametrize("case", ["input is a graph output", "a pool's output", "the same input twice"])
+def test_concatenations_that_are_copied(case):
+    from helpers import run_onnxruntime
+
+    model, x = {"input is a graph output": lambda: fire_module(extra_outputs=("e1",)),
+                "a pool's output": lambda: fire_module(("e1", "e3", "p"), pool_branch=True),
+                "the same input twice": lambda: fire_module(("e1", "e3", "e1"))}[case]()
+    engine = kiln.build(model, kiln.BuilderConfig())
+    concat = next(name for name, layer in engine.plan.layers.items() if layer["op"] == "Concat")
+    assert engine.plan.layers[concat]["tactic"] != "native-in-place"
+    expected = run_onnxruntime(model, {"x": x})
+    actual = engine.run({"x": x})
+    for name, want in expected.items():
+        np.testing.assert_allclose(np.asarray(actual[name]), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_concurrent_runs_of_one_engine_keep_their_own_buffers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from helpers import run_onnxruntime
+
+    model, _ = fire_module()
+    engine = kiln.build(model, kiln.BuilderConfig())
+    feeds = [rng.standard_normal((2, 24, 9, 9)).astype(np.float32) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda x: np.asarray(engine.run({"x": x})["y"]), feeds * 3))
+    for x, y in zip(feeds * 3, results):
+        np.testing.assert_allclose(y, run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ class Tactic:
     run: Callable
     name: str  # what `kiln inspect` shows: "onednn-packed", "torch-sdpa", "torch"
     precision: str  # "fp32", "bf16", or "follow" (runs in the float type its inputs arrive in; fp32 where they mix)
+    direct: object | None = None  # a native convolution without a residual, which can write into a wider buffer
 
 
 def bf16_supported() -> bool:
@@ -197,7 +198,7 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     def run(x, w_unused=None, b_unused=None, residual=None):
         return convolve(x, residual if has_residual else None, in_place)
 
-    return Tactic(run, "native-direct", "fp32")
+    return Tactic(run, "native-direct", "fp32", direct=None if has_residual else convolve)
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares
@@ -406,6 +407,7 @@ def lower(plan, profile: int = 0, shares=None):
     `shares`, the program of another profile, lends it the weights no tactic packs."""
     import torch
 
+    from .concat import fill_in_place
     from .program import CpuProgram
 
     graph = plan.graph
@@ -428,6 +430,9 @@ def lower(plan, profile: int = 0, shares=None):
         program = CpuProgram(graph, kernel_for=kernel_for, constants=shares.constants if shares is not None else None)
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
                           for node in graph.nodes if id(node) in chosen}
+    direct = {node.name: chosen[id(node)].direct for node in graph.nodes if getattr(chosen.get(id(node)), "direct", None)}
+    for name in fill_in_place(program, direct):
+        program.layer_info[name]["tactic"] = "native-in-place"
     if bf16:
         _deliver_fp32(program, [v.name for v in graph.outputs if graph.value(v.name).dtype is DType.float32])
     return program

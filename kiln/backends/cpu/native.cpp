@@ -11,6 +11,7 @@ struct ConvArgs {
   const float* x; const float* w; const float* bias; const float* residual; float* y;
   int64_t n, h, w_, c;          // input, NHWC
   int64_t oh, ow, oc;           // output, NHWC
+  int64_t ldy;                  // floats from one output pixel to the next: oc, or more in a slice of a wider buffer
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;
   float lo, hi;                 // clamp after the residual: ReLU is [0, inf)
 };
@@ -20,7 +21,8 @@ struct Span { int64_t n, oy, ob0, ic0, ic1; bool first, last; };
 template <int NB, int NW, bool EDGE>
 static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
   __m512 acc[NB][NW];
-  const int64_t out0 = ((s.n * a.oh + s.oy) * a.ow + ox0) * a.oc;
+  const int64_t pixel0 = (s.n * a.oh + s.oy) * a.ow + ox0;
+  const int64_t out0 = pixel0 * a.ldy;
   __mmask16 mask[NB];
   for (int b = 0; b < NB; ++b) {
     const int64_t left = a.oc - (s.ob0 + b) * 16;
@@ -30,7 +32,7 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
     const int64_t oc0 = (s.ob0 + b) * 16;
     const __m512 bias = _mm512_loadu_ps(a.bias + oc0);
     for (int j = 0; j < NW; ++j)
-      acc[b][j] = s.first ? bias : _mm512_maskz_loadu_ps(mask[b], a.y + out0 + j * a.oc + oc0);
+      acc[b][j] = s.first ? bias : _mm512_maskz_loadu_ps(mask[b], a.y + out0 + j * a.ldy + oc0);
   }
   const int64_t wblock = a.kh * a.kw * a.c * 16;
   const int64_t xs = a.sw * a.c;
@@ -62,13 +64,13 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
   const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
   for (int j = 0; j < NW; ++j) {
     for (int b = 0; b < NB; ++b) {
-      const int64_t at = out0 + j * a.oc + (s.ob0 + b) * 16;
+      const int64_t oc0 = (s.ob0 + b) * 16;
       __m512 v = acc[b][j];
       if (s.last) {
-        if (a.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[b], a.residual + at));
+        if (a.residual) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask[b], a.residual + (pixel0 + j) * a.oc + oc0));
         v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
       }
-      _mm512_mask_storeu_ps(a.y + at, mask[b], v);
+      _mm512_mask_storeu_ps(a.y + out0 + j * a.ldy + oc0, mask[b], v);
     }
   }
 }

@@ -33,7 +33,7 @@ REQUIRED_FEATURES = {"avx512f"}
 class _ConvArgs(ctypes.Structure):
     """native.cpp's ConvArgs, field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "residual", "y")] + \
-               [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "oc",
+               [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "oc", "ldy",
                                                      "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")] + \
                [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
@@ -152,33 +152,41 @@ class DirectConvolution:
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
         return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
 
-    def __call__(self, x, residual=None, in_place: bool = False):
+    def output_shape(self, x) -> tuple[int, int, int, int]:
+        return (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
+
+    def __call__(self, x, residual=None, in_place: bool = False, out=None):
         """The convolution of NCHW `x` (any layout; NHWC is read without a copy) as an NHWC tensor, plus `residual`
-        where given; `in_place` writes the sum into the residual's own buffer (the caller knows nothing else reads
-        it)."""
+        where given. `in_place` writes the sum into the residual's own buffer (the caller knows nothing else reads
+        it); `out`, a channel slice of a wider NHWC buffer (a concatenation's), takes the result instead of a new
+        tensor."""
         import torch
 
         n, c, h, w = x.shape
         if c != self.in_channels or x.dtype != torch.float32:
             raise ValueError(f"expected {self.in_channels} float32 channels, got {c} {x.dtype}")
         x = x.contiguous(memory_format=torch.channels_last)
-        oh, ow = self.output_size(h, w)
+        shape = self.output_shape(x)
+        oh, ow = shape[2:]
         schedule = self._schedule(n, 1, oh * ow) if self.pointwise else self._schedule(n, oh, ow)
         if residual is not None:
-            if tuple(residual.shape) != (n, self.out_channels, oh, ow):
-                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(n, self.out_channels, oh, ow)}")
+            if tuple(residual.shape) != shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
             residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        if out is not None:
+            _check_slice(out, shape)
+            y = out
         # in place only where one pass over the input channels reads each residual element before writing it
-        if in_place and residual is not None and schedule[3] == self.in_channels and residual.data_ptr() != x.data_ptr():
+        elif in_place and residual is not None and schedule[3] == self.in_channels and residual.data_ptr() != x.data_ptr():
             y = residual
         else:
-            y = torch.empty(n, self.out_channels, oh, ow, memory_format=torch.channels_last)
+            y = torch.empty(shape, memory_format=torch.channels_last)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
         if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
             h, w, oh, ow = 1, h * w, 1, oh * ow
         args = _ConvArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
                          residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                         n, h, w, c, oh, ow, self.out_channels, kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
+                         n, h, w, c, oh, ow, self.out_channels, y.stride(3), kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
         self._library.kiln_conv_nhwc(ctypes.byref(args), *schedule, torch.get_num_threads())
         return y
 
@@ -200,6 +208,19 @@ class DirectConvolution:
         kh, kw = self.kernel
         channels = max(16, WEIGHT_BYTES_PER_PASS // (per_task * kh * kw * 64) // 16 * 16)
         return per_task, rows, columns, min(self.in_channels, channels)
+
+
+def _check_slice(out, shape: tuple) -> None:
+    """`out` must be `shape`, fp32, and laid out as a channel slice of an NHWC buffer (channels contiguous, pixels
+    at one stride), which is how native.cpp writes it."""
+    import torch
+
+    n, c, h, w = shape
+    pixel = out.stride(3)
+    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.stride(1) != 1 or pixel < c \
+            or out.stride(2) != w * pixel or (n > 1 and out.stride(0) != h * w * pixel):
+        raise ValueError(f"out must be an fp32 channel slice of an NHWC buffer of shape {shape}; "
+                         f"got {tuple(out.shape)} with strides {out.stride()}")
 
 
 def _ceil_div(a: int, b: int) -> int:
