@@ -230,3 +230,45 @@ def test_concurrent_runs_of_one_engine_keep_their_own_buffers():
         results = list(pool.map(lambda x: np.asarray(engine.run({"x": x})["y"]), feeds * 3))
     for x, y in zip(feeds * 3, results):
         np.testing.assert_allclose(y, run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_the_build_times_both_tactics_and_a_loaded_engine_follows_its_choice(monkeypatch, tmp_path):
+    """Each native-eligible convolution is timed both ways inside the engine; the faster is recorded in the plan, and
+    loading the engine lowers it the same way without timing again."""
+    from helpers import run_onnxruntime
+
+    from kiln.backends.cpu import select
+
+    model, x = fire_module()
+    graph_nodes = kiln.build(model, kiln.BuilderConfig()).plan.graph.nodes  # the fused layers' names
+    three_by_three = next(n.name for n in graph_nodes if n.op_key == "kiln::Conv" and n.attrs["kernel_shape"] == [3, 3])
+    calls = []
+    fastest = select.fastest
+    # rig the race: the 3x3 goes to oneDNN, the rest to the native kernel
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: calls.append(layers) or {
+        name: select.ONEDNN if name == three_by_three else select.NATIVE for name in fastest(programs, feed, layers)})
+    engine = kiln.build(model, kiln.BuilderConfig())
+    assert len(calls) == 1 and three_by_three in calls[0] and len(calls[0]) == 3
+    layers = engine.plan.layers
+    assert layers[three_by_three]["tactic"] == "onednn-packed"
+    assert sorted(layer["tactic"] for layer in layers.values() if layer["op"] == "kiln::Conv") == \
+        ["native-direct", "native-direct", "onednn-packed"]
+    # one producer is oneDNN's: the concatenation copies
+    assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] != "native-in-place"
+    engine.save(tmp_path / "fire.kiln")
+    loaded = kiln.load(tmp_path / "fire.kiln")
+    np.testing.assert_allclose(np.asarray(loaded.run({"x": x})["y"]), run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1, "the loaded engine did not time again"
+    assert loaded.program.layer_info[three_by_three]["tactic"] == "onednn-packed"
+
+
+def test_timing_needs_float_inputs_of_known_shape():
+    from kiln.backends.cpu import select
+
+    image = Graph([], [Value("x", DType.float32, ("N", 3, 4, 4))], [], opsets={"": 18})
+    feed = select.timing_feed(image, {"N": 2})
+    assert feed["x"].shape == (2, 3, 4, 4) and feed["x"].dtype == torch.float32 and feed["x"].std() > 0.5
+    assert select.timing_feed(image, {}) is None, "a batch with no opt size"
+    ids = Graph([], [Value("ids", DType.int64, (1, 8))], [], opsets={"": 18})
+    assert select.timing_feed(ids, {}) is None, "token ids: a random feed could index out of range"

@@ -244,14 +244,16 @@ def test_cpu_tactics_are_chosen_for_each_profiles_opt_sizes(monkeypatch):
 
     seen = []
     choose = fast.choose
-    monkeypatch.setattr(fast, "choose", lambda node, graph, bf16, sizes=None: seen.append((node.op, sizes)) or
-                        choose(node, graph, bf16, sizes))
+    monkeypatch.setattr(fast, "choose", lambda node, graph, bf16, sizes=None, **options: seen.append((node.op, sizes)) or
+                        choose(node, graph, bf16, sizes, **options))
     config = kiln.BuilderConfig()
     config.add_profile({"image": ((1, 3, 8, 8), (3, 3, 8, 8), (4, 3, 8, 8))})
     config.add_profile({"image": ((5, 3, 8, 8), (6, 3, 8, 8), (8, 3, 8, 8))})
     model = cnn_model()
     engine = kiln.build(model, config)
-    assert [sizes for op, sizes in seen if op == "Conv"] == [{"N": 3}] * 2, seen
+    # the build lowers profile 0 once, or twice where it times native against oneDNN convolutions (select.py)
+    built = [sizes for op, sizes in seen if op == "Conv"]
+    assert built in ([{"N": 3}] * 2, [{"N": 3}] * 4), seen
     assert sum(layer["tactic"] != "torch" for layer in engine.plan.layers.values() if layer["op"] == "kiln::Conv") == 2
     rng = np.random.default_rng(4)
     for batch, profile in ((6, 1), (2, 0), (8, 1)):
@@ -259,7 +261,7 @@ def test_cpu_tactics_are_chosen_for_each_profiles_opt_sizes(monkeypatch):
         assert_close(engine.run({"image": image})["logits"], run_onnxruntime(model, {"image": image})["logits"],
                      rtol=1e-4, atol=1e-4)
         assert engine.active_profile == profile
-    assert [sizes for op, sizes in seen if op == "Conv"] == [{"N": 3}] * 2 + [{"N": 6}] * 2, "profile 1 lowered once"
+    assert [sizes for op, sizes in seen if op == "Conv"] == built + [{"N": 6}] * 2, "profile 1 lowered once, as the build chose"
     first, second = engine.program_for_profile(0), engine.program_for_profile(1)
     assert first is not second and first.constants is second.constants
 

@@ -53,14 +53,15 @@ def check_bf16() -> None:
                                                     "(Intel Cooper Lake, Sapphire Rapids or newer; AMD Zen 4 or newer)")
 
 
-def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic:
+def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native_conv: bool = True) -> Tactic:
     """The fastest tactic kiln has for `node`, falling back to its reference kernel; `sizes` are the dynamic
-    dimensions' opt sizes (kiln/engine/profiles.py), which weights are packed for."""
+    dimensions' opt sizes (kiln/engine/profiles.py), which weights are packed for. `native_conv` False keeps a
+    convolution on oneDNN where kiln's native kernel could run it (select.py times the two)."""
     opset = graph.opsets.get(node.domain, graph.opset)
     # oneDNN's packed paths here are fp32 (or bf16 by choice); fp16 or float64 models keep the reference kernels
     fp32 = bool(node.inputs) and graph.value(node.inputs[0]).dtype is DType.float32
     if node.domain == "kiln" and node.op == "Conv" and fp32:
-        tactic = _conv(node, graph, bf16, sizes)
+        tactic = _conv(node, graph, bf16, sizes, native_conv)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Gemm" and fp32:
@@ -105,7 +106,7 @@ def _example_shape(graph: Graph, name: str, sizes: dict[str, int] | None = None)
     return [d if isinstance(d, int) else (sizes or {}).get(d, 1) for d in shape]
 
 
-def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic | None:
+def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native_conv: bool = True) -> Tactic | None:
     import torch
 
     weight = graph.initializers.get(node.inputs[1])
@@ -120,7 +121,8 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     groups = int(node.attrs["group"])
     bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
-    native = _native_conv(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, bf16)
+    native = _native_conv(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, bf16) \
+        if native_conv else None
     if native is not None:
         return native
     attr, scalars, algorithm = _post_op(node)
@@ -168,6 +170,8 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
 
+# What a convolution oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on oneDNN)
+ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear"}
 # Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
 # Below this many input channels the native kernel's inner loop is too short to pay (the 3-channel stems: SqueezeNet's
@@ -407,6 +411,7 @@ def lower(plan, profile: int = 0, shares=None):
     `shares`, the program of another profile, lends it the weights no tactic packs."""
     import torch
 
+    from . import select
     from .concat import fill_in_place
     from .program import CpuProgram
 
@@ -414,20 +419,40 @@ def lower(plan, profile: int = 0, shares=None):
     bf16 = bool(plan.config.get("bf16")) and plan.config.get("device", "cpu") == "cpu"
     if bf16:
         check_bf16()
-    chosen: dict[int, Tactic] = {}
     from ...engine.profiles import symbol_sizes
 
     # tuned at the profile's opt shapes, as TensorRT tunes each profile at its opt
     profiles = getattr(plan, "profiles", None)  # a bare graph to lower (tests) has none
     opt = symbol_sizes([graph.value(v.name) for v in graph.inputs], profiles[profile], "opt") if profiles else {}
 
-    def kernel_for(node: Node):
-        tactic = choose(node, graph, bf16, opt)
-        chosen[id(node)] = tactic
-        return tactic.run
+    # a loaded engine follows the tactic its build chose for each convolution; a build decides by timing (select.py)
+    recorded = {name: info.get("tactic") for name, info in (getattr(plan, "layers", None) or {}).items()}
+    keep_onednn = {name for name, tactic in recorded.items() if tactic in ONEDNN_CONV_TACTICS}
+    constants = shares.constants if shares is not None else None
 
-    with torch.inference_mode():
-        program = CpuProgram(graph, kernel_for=kernel_for, constants=shares.constants if shares is not None else None)
+    def program_with(onednn: set[str], chosen: dict[int, Tactic]):
+        def kernel_for(node: Node):
+            tactic = choose(node, graph, bf16, opt, native_conv=node.name not in onednn)
+            chosen[id(node)] = tactic
+            return tactic.run
+
+        with torch.inference_mode():
+            return CpuProgram(graph, kernel_for=kernel_for, constants=constants)
+
+    chosen: dict[int, Tactic] = {}
+    program = program_with(keep_onednn, chosen)
+    constants = program.constants  # the second program, if any, shares the first one's weights
+    undecided = [node.name for node in graph.nodes
+                 if chosen[id(node)].name == "native-direct" and recorded.get(node.name) != "native-direct"]
+    feed = select.timing_feed(graph, opt) if undecided else None
+    if feed is not None:
+        onednn_chosen: dict[int, Tactic] = {}
+        onednn = program_with(keep_onednn | set(undecided), onednn_chosen)
+        choice = select.fastest({select.NATIVE: program, select.ONEDNN: onednn}, feed, undecided)
+        for index, node in enumerate(graph.nodes):
+            if choice and choice.get(node.name) == select.ONEDNN:
+                program.steps[index] = onednn.steps[index]
+                chosen[id(node)] = onednn_chosen[id(node)]
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
                           for node in graph.nodes if id(node) in chosen}
     direct = {node.name: chosen[id(node)].direct for node in graph.nodes if getattr(chosen.get(id(node)), "direct", None)}

@@ -1,0 +1,66 @@
+"""Choosing, layer by layer, between kiln's native convolution and oneDNN's by timing both inside the engine.
+
+Why inside: alone, the native kernel takes 0.8-0.95x oneDNN's time on most ResNet-50, SqueezeNet and DenseNet
+layers, but in the running engine, where weights and activations arrive cold, ResNet-50's 3x3 layers took 1.11x
+oneDNN's and SqueezeNet's 0.89x (docs/benchmarks.md, run H). So the builder runs the engine both ways, in turns,
+times every layer as it runs there, and keeps the faster tactic per layer, as TensorRT keeps the fastest tactic it
+timed. The choice is recorded in the plan's layers, and a loaded engine follows it instead of timing again.
+"""
+from __future__ import annotations
+
+import time
+
+ROUNDS = 5  # timed runs of each program, in turns, after one warm-up; a layer's time is its fastest run
+NATIVE, ONEDNN = "native", "onednn"
+
+
+def timing_feed(graph, sizes: dict[str, int]):
+    """Random inputs (fixed seed) at the profile's opt shapes, or None where an input is not a float tensor with a
+    known shape (token ids or masks, whose values a random feed would get wrong)."""
+    import torch
+
+    from ...ir.dtypes import to_torch
+
+    generator = torch.Generator().manual_seed(0)
+    feed = {}
+    for value in graph.inputs:
+        if value.shape is None or not value.dtype.is_float:
+            return None
+        shape = [d if isinstance(d, int) else sizes.get(d) for d in value.shape]
+        if any(d is None for d in shape):
+            return None
+        feed[value.name] = torch.randn(shape, generator=generator).to(to_torch(value.dtype))
+    return feed
+
+
+def fastest(programs: dict[str, object], feed: dict, layers: list[str]) -> dict[str, str] | None:
+    """For each of `layers`, the key of the program (NATIVE or ONEDNN) whose step ran it faster, each program run
+    ROUNDS times in turns on `feed`; None where a run fails (the build then keeps the rule's choice)."""
+    import torch
+
+    best: dict[str, dict[str, float]] = {key: {} for key in programs}
+
+    def timer(key):
+        last = [0.0]
+
+        def on_step(step, env=None):
+            now = time.perf_counter()
+            elapsed = now - last[0]
+            best[key][step.name] = min(best[key].get(step.name, elapsed), elapsed)
+            last[0] = now
+
+        return on_step, last
+
+    order = list(programs)
+    try:
+        with torch.inference_mode():
+            for program in programs.values():
+                program.execute(dict(feed))
+            for round_ in range(ROUNDS):
+                for key in order if round_ % 2 == 0 else order[::-1]:
+                    on_step, last = timer(key)
+                    last[0] = time.perf_counter()
+                    programs[key].execute(dict(feed), on_step=on_step)
+    except Exception:  # noqa: BLE001 (a model the random feed cannot run: keep the rule's choice)
+        return None
+    return {name: NATIVE if best[NATIVE][name] <= best[ONEDNN][name] else ONEDNN for name in layers}
