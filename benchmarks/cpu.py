@@ -105,8 +105,8 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
             row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
             row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
     if onednn_only:
-        onednn, output = onednn_only_engine(model, feed)
-        row["kiln_fp32_onednn_error"] = relative_error(output, reference)
+        onednn, onednn_output = onednn_only_engine(model, feed)
+        row["kiln_fp32_onednn_error"] = relative_error(onednn_output, reference)
         runners["kiln_fp32_onednn"] = lambda: onednn.run(torch_feed)
     with torch.inference_mode():
         medians = interleaved_medians(runners, runs)

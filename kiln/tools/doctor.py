@@ -400,6 +400,28 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
                    {"layers": fallbacks[:200], "kept_fp32_by_timing": chosen})
 
 
+def check_native_kernels(engine) -> Finding:
+    """Whether a CPU engine's fp32 convolutions could take kiln's native kernels (kiln/backends/cpu/native.py), and
+    why not: without them every such layer runs oneDNN's kernel, 10-15% slower on SqueezeNet-sized models."""
+    from ..backends.cpu import native
+
+    layers = engine.plan.layers
+    convolutions = [name for name, layer in layers.items()
+                    if layer.get("op") == "kiln::Conv" and layer.get("precision") == "fp32"]
+    if engine.device != "cpu" or not convolutions:
+        return Finding("native kernels", "n/a", "no fp32 convolution on the CPU")
+    running = sum(layers[name].get("tactic") == "native-direct" for name in convolutions)
+    ok, reason = native.available()
+    if not ok:
+        return Finding("native kernels", "warning",
+                       f"{len(convolutions)} fp32 convolution(s) run oneDNN's kernel only: kiln's native kernels are unavailable ({reason})",
+                       "kiln compiles its AVX-512 kernels once per machine with the system's C++ compiler; without them "
+                       "the build cannot time them against oneDNN's",
+                       "install g++ (or set CXX) on an AVX-512 CPU, leave KILN_NATIVE unset, and rebuild the engine")
+    return Finding("native kernels", "ok", f"kiln's native kernel runs {running} of {len(convolutions)} fp32 convolution(s); "
+                   "the build timed it against oneDNN's in the engine and kept the faster for each layer")
+
+
 def layer_bytes(engine, feed: dict) -> dict[str, int]:
     """Bytes each layer reads and writes on `feed` (its input tensors, weights included, and its outputs), seen
     through `on_step` while the engine runs as built."""
@@ -492,6 +514,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
     report.add(check_inputs(engine.inputs, dict(given or {})))
     asked = [name for name in ("tf32", "fp16", "bf16", "int8", "fp8") if engine.plan.config.get(name)]
     report.add(check_precision_fallback(engine, asked))
+    report.add(check_native_kernels(engine))
     profile, feed, sizes = [], {}, {}
     with MemoryMonitor(device=engine.device) as monitor:
         try:
@@ -578,6 +601,7 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
         profile, sizes = [], {}
         if engine is not None:
             report.add(check_precision_fallback(engine, config.precisions()))
+            report.add(check_native_kernels(engine))
             monitor.mark("profile run")
             try:
                 from .bench import benchmark

@@ -291,3 +291,22 @@ def test_planned_activations_come_from_the_cpu_plan_or_the_cuda_lowering():
     cuda = SimpleNamespace(plan=SimpleNamespace(memory={}, build_info={"cuda_tuning": {"activation_bytes": 8192}}))
     neither = SimpleNamespace(plan=SimpleNamespace(memory={}, build_info={}))
     assert [doctor.planned_activation_bytes(e) for e in (cpu, cuda, neither)] == [4096, 8192, None]
+
+
+def conv_model(batch: int = 1):
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    return make_model(nodes, {"x": (np.float32, [batch, 16, 12, 12])}, ["y"],
+                      {"w": (rng.standard_normal((32, 16, 3, 3)) * 0.1).astype(np.float32)})
+
+
+def test_native_kernels_missing_is_a_warning_with_the_way_out(tmp_path, monkeypatch):
+    from kiln.backends.cpu import native
+
+    if native.available()[0]:
+        finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["native kernels"]
+        assert finding.status == "ok" and "of 1 fp32 convolution" in finding.symptom
+    monkeypatch.setattr(native, "available", lambda: (False, "no C++ compiler found (set CXX, or install g++)"))
+    finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["native kernels"]
+    assert finding.status == "warning" and "no C++ compiler" in finding.symptom and "g++" in finding.fix
+    assert by_check(doctor.diagnose(save(tmp_path, mlp()), BuilderConfig()))["native kernels"].status == "n/a"
