@@ -14,6 +14,7 @@ onnxruntime's output on the same input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -64,20 +65,27 @@ def ort_session(model, threads: int):
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def onednn_only_engine(model, feed: dict):
-    """kiln's fp32 engine with its native kernels off (the oneDNN tactics it falls back to without a compiler), and
-    its output on `feed`; run once while they are off, so that its program is lowered without them."""
-    import kiln
+@contextlib.contextmanager
+def without_native():
+    """kiln's native kernels off (KILN_NATIVE=0) for the engines built and first run inside: the oneDNN and torch
+    tactics kiln falls back to without a compiler."""
     from kiln.backends.cpu import native
 
     os.environ["KILN_NATIVE"] = "0"
     native._load.cache_clear()
     try:
-        engine = kiln.build(model, kiln.BuilderConfig())
-        return engine, next(iter(engine.run(feed).values()))
+        yield
     finally:
         del os.environ["KILN_NATIVE"]
         native._load.cache_clear()
+
+
+def built_and_run(model, feed: dict, **config):
+    """An engine and its first output on `feed` (running it lowers its program, under whatever is in force)."""
+    import kiln
+
+    engine = kiln.build(model, kiln.BuilderConfig(**config))
+    return engine, next(iter(engine.run(feed).values()))
 
 
 def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, threads: int, onednn_only: bool = False) -> dict:
@@ -92,7 +100,8 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
     row = {"model": name, "batch": batch}
     torch_feed = {k: torch.from_numpy(v) for k, v in feed.items()}
     if eager is None:  # no torch module: kiln's unoptimized engine is the graph in plain torch calls
-        unoptimized = kiln.build(model, kiln.BuilderConfig(optimize=False))
+        with without_native():
+            unoptimized, _ = built_and_run(model, feed, optimize=False)
         eager = lambda: unoptimized.run(torch_feed)  # noqa: E731
     runners = {"onnxruntime": lambda: session.run([output], feed), "torch_eager": eager}
     for precision in ("fp32", "bf16"):
@@ -105,7 +114,8 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
             row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
             row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
     if onednn_only:
-        onednn, onednn_output = onednn_only_engine(model, feed)
+        with without_native():
+            onednn, onednn_output = built_and_run(model, feed)
         row["kiln_fp32_onednn_error"] = relative_error(onednn_output, reference)
         runners["kiln_fp32_onednn"] = lambda: onednn.run(torch_feed)
     with torch.inference_mode():

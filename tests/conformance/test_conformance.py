@@ -3,7 +3,7 @@
 Every node case from onnx.backend.test.case.node.collect_testcases and every model test under
 onnx/backend/test/data (pytorch-converted, pytorch-operator, simple, light) runs with its own rtol/atol.
 A case that fails and is not listed in expected_failures.txt fails the test; so does a listed case that passes
-(take it off the list). onnxruntime runs the same cases through the same harness, for the count beside kiln's.
+(take it off the list), unless its reason starts "random:" (sampled values that may match the expected ones by chance). onnxruntime runs the same cases through the same harness, for the count beside kiln's.
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def _check(cases, capsys=None):
         ort[harness.run_case(case, "onnxruntime")[0]] += 1
         if status != "pass" and case.name not in listed:
             unexpected.append(f"{case.name}: {status}: {reason}")
-        if status == "pass" and case.name in listed:
+        # a random operator's case listed as "random:" can pass by chance (test_bernoulli draws 10 bits): not a fix
+        if status == "pass" and case.name in listed and not listed[case.name].startswith("random:"):
             fixed.append(case.name)
     print(f"{len(cases)} cases; kiln pass {kiln['pass']} wrong {kiln['wrong']} error {kiln['error']}; "
           f"onnxruntime pass {ort['pass']} wrong {ort['wrong']} error {ort['error']}")

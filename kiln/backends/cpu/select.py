@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import time
 
-ROUNDS = 5  # timed runs of each program, in turns, after one warm-up; a layer's time is its fastest run
+ROUNDS = 7  # timed runs of each program, in turns, after one warm-up; a layer's time is its fastest run
+# The native kernel must beat oneDNN's by this share to take a layer: the two programs are each timed whole, and in
+# the engine that is finally built a layer's neighbours may be the other kind, so a near tie stays with oneDNN, whose
+# kernels torch ships and tests (in run H a ResNet-50 b1 built on bare wins ran 1.05x the oneDNN-only engine).
+NATIVE_MARGIN = 0.05
 NATIVE, ONEDNN = "native", "onednn"
 
 
@@ -63,4 +67,4 @@ def fastest(programs: dict[str, object], feed: dict, layers: list[str]) -> dict[
                     programs[key].execute(dict(feed), on_step=on_step)
     except Exception:  # noqa: BLE001 (a model the random feed cannot run: keep the rule's choice)
         return None
-    return {name: NATIVE if best[NATIVE][name] <= best[ONEDNN][name] else ONEDNN for name in layers}
+    return {name: NATIVE if best[NATIVE][name] <= (1 - NATIVE_MARGIN) * best[ONEDNN][name] else ONEDNN for name in layers}
