@@ -248,6 +248,8 @@ def test_the_build_times_both_tactics_and_a_loaded_engine_follows_its_choice(mon
     # rig the race: the 3x3 goes to oneDNN, the rest to the native kernel
     monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: calls.append(layers) or {
         name: select.ONEDNN if name == three_by_three else select.NATIVE for name in fastest(programs, feed, layers)})
+    monkeypatch.setattr(select, "fastest_engine", lambda programs, feed: sorted(programs) == sorted(
+        [select.NATIVE, select.ONEDNN, select.MIXED]) and select.MIXED)
     engine = kiln.build(model, kiln.BuilderConfig())
     assert len(calls) == 1 and three_by_three in calls[0] and len(calls[0]) == 3
     layers = engine.plan.layers
@@ -272,3 +274,35 @@ def test_timing_needs_float_inputs_of_known_shape():
     assert select.timing_feed(image, {}) is None, "a batch with no opt size"
     ids = Graph([], [Value("ids", DType.int64, (1, 8))], [], opsets={"": 18})
     assert select.timing_feed(ids, {}) is None, "token ids: a random feed could index out of range"
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeProgram:
+    """A program whose run takes `seconds` on the fake clock."""
+
+    def __init__(self, clock, seconds):
+        self.clock, self.seconds = clock, seconds
+
+    def execute(self, feed):
+        self.clock.now += self.seconds
+
+
+@pytest.mark.parametrize("native_s, mixed_s, winner", [(0.97, None, "onednn"), (0.90, None, "native"),
+                                                       (0.90, 0.80, "mixed"), (1.20, 0.97, "onednn")])
+def test_the_whole_engine_must_run_the_margin_faster_to_keep_native_kernels(monkeypatch, native_s, mixed_s, winner):
+    from kiln.backends.cpu import select
+
+    clock = FakeClock()
+    monkeypatch.setattr(select, "clock", clock)
+    monkeypatch.setattr(select, "SETTLE_S", 0)
+    programs = {select.NATIVE: FakeProgram(clock, native_s), select.ONEDNN: FakeProgram(clock, 1.0)}
+    if mixed_s is not None:
+        programs[select.MIXED] = FakeProgram(clock, mixed_s)
+    assert select.fastest_engine(programs, {}) == winner

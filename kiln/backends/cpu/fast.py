@@ -12,6 +12,7 @@ so the residual stream of a transformer stays fp32 while its matrix work runs on
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -448,9 +449,19 @@ def lower(plan, profile: int = 0, shares=None):
     if feed is not None:
         onednn_chosen: dict[int, Tactic] = {}
         onednn = program_with(keep_onednn | set(undecided), onednn_chosen)
-        choice = select.fastest({select.NATIVE: program, select.ONEDNN: onednn}, feed, undecided)
+        per_layer = select.fastest({select.NATIVE: program, select.ONEDNN: onednn}, feed, undecided)
+        use_onednn = set()
+        if per_layer is not None:  # else the random feed cannot run the model: keep the rule's choice
+            use_onednn = {name for name, key in per_layer.items() if key == select.ONEDNN}
+            candidates = {select.NATIVE: program, select.ONEDNN: onednn}
+            if use_onednn and len(use_onednn) < len(undecided):
+                candidates[select.MIXED] = copy.copy(program)
+                candidates[select.MIXED].steps = [onednn.steps[i] if node.name in use_onednn else step
+                                                  for i, (node, step) in enumerate(zip(graph.nodes, program.steps))]
+            winner = select.fastest_engine(candidates, feed)
+            use_onednn = {select.NATIVE: set(), select.ONEDNN: set(undecided), select.MIXED: use_onednn}[winner]
         for index, node in enumerate(graph.nodes):
-            if choice and choice.get(node.name) == select.ONEDNN:
+            if node.name in use_onednn:
                 program.steps[index] = onednn.steps[index]
                 chosen[id(node)] = onednn_chosen[id(node)]
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
