@@ -182,8 +182,8 @@ NATIVE_MIN_IN_CHANNELS = 16
 
 def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic | None:
     """kiln's native direct convolution (kiln/backends/cpu/native.py) for an fp32, ungrouped convolution with at most
-    a ReLU or Clip fused: alone it takes 0.5-0.75x oneDNN's time on SqueezeNet's and DenseNet's small 1x1 layers and
-    0.9-1.1x on ResNet-50's; in the engine it is also steadier on a shared host (docs/benchmarks.md, run H)."""
+    a ReLU or Clip fused: alone it takes 0.5-0.75x oneDNN's time on SqueezeNet's small 1x1 layers and 0.83-1.17x on
+    ResNet-50's (docs/benchmarks.md, run H); whether it keeps the layer the build decides by timing (select.py)."""
     from . import native
 
     activation = node.attrs.get("activation", "")

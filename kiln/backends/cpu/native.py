@@ -3,8 +3,9 @@ system's C++ compiler and loaded through ctypes, for the layers where oneDNN's k
 
 Why: oneDNN's convolution call costs 60-80 us of setup here (its allocations and ideep's descriptors) and its small
 1x1 kernels run at a third of the cores' peak, so SqueezeNet-sized layers take 1.5-2x what a direct kernel needs
-(docs/benchmarks.md). The kernels run on torch's own OpenMP threads (the library links the libgomp torch loaded),
-so they share torch's thread count and pool.
+(docs/benchmarks.md, run H). The kernels run on torch's own OpenMP threads (the library links the libgomp torch
+loaded), so they share torch's thread count and pool. Which convolutions take them the build decides by timing
+(select.py).
 
 Where no compiler, no AVX-512 or no OpenMP is available the library is absent, `available()` says why, and every
 layer keeps its oneDNN tactic: an engine never depends on this library, it only runs faster with it.
