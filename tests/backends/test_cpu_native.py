@@ -306,3 +306,5 @@ def test_the_whole_engine_must_run_the_margin_faster_to_keep_native_kernels(monk
     if mixed_s is not None:
         programs[select.MIXED] = FakeProgram(clock, mixed_s)
     assert select.fastest_engine(programs, {}) == winner
+    # each round (an untimed and a timed run of each) takes longer than the budget: only the minimum rounds run
+    assert clock.now == pytest.approx(2 * sum(p.seconds for p in programs.values()) * select.MIN_ROUNDS)

@@ -15,6 +15,10 @@ from __future__ import annotations
 import time
 
 ROUNDS = 7  # timed runs of each program, in turns, after one warm-up; a layer's time is its fastest run
+# Each of the two timings stops adding rounds past this many seconds (after MIN_ROUNDS): a large model at a large
+# batch (VGG-19, ResNet-50 b8) would otherwise add tens of seconds to its build.
+BUDGET_S = 2.0
+MIN_ROUNDS = 2
 # The native kernel must beat oneDNN's by this share, per layer and then for the whole engine: a near tie stays with
 # oneDNN, whose kernels torch ships and tests.
 NATIVE_MARGIN = 0.05
@@ -66,7 +70,10 @@ def fastest(programs: dict[str, object], feed: dict, layers: list[str]) -> dict[
         with torch.inference_mode():
             for program in programs.values():
                 program.execute(dict(feed))
+            started = clock()
             for round_ in range(ROUNDS):
+                if round_ >= MIN_ROUNDS and clock() - started > BUDGET_S:
+                    break
                 for key in order if round_ % 2 == 0 else order[::-1]:
                     on_step, last = timer(key)
                     last[0] = clock()
@@ -84,8 +91,11 @@ def fastest_engine(programs: dict[str, object], feed: dict) -> str:
     import torch
 
     times: dict[str, list[float]] = {key: [] for key in programs}
+    started = clock()
     with torch.inference_mode():
-        for _ in range(WHOLE_ROUNDS):
+        for round_ in range(WHOLE_ROUNDS):
+            if round_ >= MIN_ROUNDS and clock() - started > BUDGET_S:
+                break
             for key, program in programs.items():
                 time.sleep(SETTLE_S)  # the last runner's spinning OpenMP threads must not land on this one
                 program.execute(dict(feed))
