@@ -18,12 +18,14 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ... import log
+from ...progress import interactive
 from ...engine.target import cpu_features
 
 SOURCE = Path(__file__).with_name("native.cpp")
@@ -94,7 +96,10 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 def _compile(compiler: str, target: Path) -> str:
     """Compile SOURCE into `target` (written under a temporary name and renamed, so that concurrent builds never
     load half a file); the reason on failure, else ''."""
-    log.info("compiling kiln's native CPU kernels (once per machine; about 20 s) into %s", target)
+    message = f"compiling kiln's native CPU kernels (once per machine; about 20 s) into {target}"
+    log.info(message)
+    if interactive():  # a first build on a terminal would otherwise pause without a word
+        print(f"kiln: {message}", file=sys.stderr, flush=True)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
