@@ -121,11 +121,11 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     padding, stride, dilation = pads[:2], list(node.attrs["strides"]), list(node.attrs["dilations"])
     groups = int(node.attrs["group"])
     bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
-    bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     native = _native_conv(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, bf16) \
         if native_conv else None
     if native is not None:
         return native
+    bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
     if _small_pointwise(node, weight, example, bf16):
         return _conv_as_linear(weight, bias, (attr, scalars, algorithm), math.prod(example) // example[1])
@@ -431,9 +431,11 @@ def lower(plan, profile: int = 0, shares=None):
     keep_onednn = {name for name, tactic in recorded.items() if tactic in ONEDNN_CONV_TACTICS}
     constants = shares.constants if shares is not None else None
 
-    def program_with(onednn: set[str], chosen: dict[int, Tactic]):
+    def program_with(onednn: set[str], chosen: dict[int, Tactic], reuse: dict[int, Tactic] | None = None):
+        """A program whose convolutions in `onednn` stay on oneDNN; layers in `reuse` keep that tactic (already
+        packed) instead of being chosen again."""
         def kernel_for(node: Node):
-            tactic = choose(node, graph, bf16, opt, native_conv=node.name not in onednn)
+            tactic = (reuse or {}).get(id(node)) or choose(node, graph, bf16, opt, native_conv=node.name not in onednn)
             chosen[id(node)] = tactic
             return tactic.run
 
@@ -448,7 +450,9 @@ def lower(plan, profile: int = 0, shares=None):
     feed = select.timing_feed(graph, opt) if undecided else None
     if feed is not None:
         onednn_chosen: dict[int, Tactic] = {}
-        onednn = program_with(keep_onednn | set(undecided), onednn_chosen)
+        # only the undecided convolutions are packed again, for oneDNN; every other layer lends its tactic
+        settled = {id(node): chosen[id(node)] for node in graph.nodes if node.name not in set(undecided)}
+        onednn = program_with(keep_onednn | set(undecided), onednn_chosen, reuse=settled)
         per_layer = select.fastest({select.NATIVE: program, select.ONEDNN: onednn}, feed, undecided)
         use_onednn = set()
         if per_layer is not None:  # else the random feed cannot run the model: keep the rule's choice
@@ -466,7 +470,7 @@ def lower(plan, profile: int = 0, shares=None):
                 chosen[id(node)] = onednn_chosen[id(node)]
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
                           for node in graph.nodes if id(node) in chosen}
-    direct = {node.name: chosen[id(node)].direct for node in graph.nodes if getattr(chosen.get(id(node)), "direct", None)}
+    direct = {node.name: chosen[id(node)].direct for node in graph.nodes if chosen[id(node)].direct is not None}
     for name in fill_in_place(program, direct):
         program.layer_info[name]["tactic"] = "native-in-place"
     if bf16:

@@ -59,7 +59,14 @@ def _compiler() -> str | None:
 
 @functools.cache
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    """The compiled library, or None and the reason it is absent."""
+    """The compiled library, or None and the reason it is absent (logged once)."""
+    library, reason = _build_and_open()
+    if library is None:
+        log.verbose("native CPU kernels unavailable: %s", reason)
+    return library, reason
+
+
+def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
     import torch  # noqa: F401  (loads torch's libgomp first, so that the library's OpenMP is torch's)
 
     if os.environ.get("KILN_NATIVE", "1") == "0":
@@ -100,26 +107,29 @@ def _compile(compiler: str, target: Path) -> str:
     log.info(message)
     if interactive():  # a first build on a terminal would otherwise pause without a word
         print(f"kiln: {message}", file=sys.stderr, flush=True)
+    partial = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as partial:
-            pass
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial.name], capture_output=True, text=True,
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as file:
+            partial = file.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
                                 timeout=600)
+        if result.returncode != 0:
+            last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+            return f"compiling {SOURCE.name} failed: {last}"
+        os.replace(partial, target)
+        partial = None
+        return ""
     except (OSError, subprocess.SubprocessError) as error:
         return f"compiling {SOURCE.name} failed: {error}"
-    if result.returncode != 0:
-        os.unlink(partial.name)
-        return f"compiling {SOURCE.name} failed: {result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}"
-    os.replace(partial.name, target)
-    return ""
+    finally:  # a failed or timed-out compile leaves no half-written library behind
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
 
 
 def available() -> tuple[bool, str]:
     """Whether the native kernels run here, and why not."""
     library, reason = _load()
-    if library is None:
-        log.verbose("native CPU kernels unavailable: %s", reason)
     return library is not None, reason
 
 
