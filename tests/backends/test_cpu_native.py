@@ -152,17 +152,108 @@ POOLS = [(64, 112, 3, 2, 1, 1, False), (64, 111, 3, 2, 0, 1, True), (20, 9, 2, 2
          (33, 10, 3, 1, 1, 2, False), (8, 7, 3, 2, 1, 1, True)]
 
 
+needs_native_bf16 = pytest.mark.skipif(not native.bf16_available(), reason="no native bf16 kernels (no AVX512-BF16)")
+FLOAT_TYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf16)]
+
+
 @needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pool", POOLS, ids=[f"c{p[0]}-{p[1]}-k{p[2]}s{p[3]}p{p[4]}d{p[5]}{'-ceil' if p[6] else ''}" for p in POOLS])
-def test_max_pool_equals_torch(pool):
+def test_max_pool_equals_torch(pool, dtype):
     c, size, k, stride, pad, dilation, ceil_mode = pool
-    x = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
     x[0, 1, 3, 4] = float("nan")
     x[1, 0, :4, :4] = -float("inf")
     expected = F.max_pool2d(x, k, stride, pad, dilation, ceil_mode=ceil_mode)
     actual = native.MaxPool([k, k], [stride] * 2, [pad] * 2, [dilation] * 2, ceil_mode)(x)
     assert actual.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+# (shape, channels-last): NHWC with channels off the 16-lane block and on it, NCHW planes off it, rank 2 and 3,
+# a 1x1 image (both layouts at once), an empty batch
+AFFINE_SHAPES = [((2, 37, 5, 7), True), ((1, 256, 14, 14), True), ((2, 37, 5, 7), False), ((3, 20), False),
+                 ((2, 24, 19), False), ((1, 1024, 1, 1), True), ((0, 16, 3, 3), True)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("clamp", [(0.0, np.inf), (-np.inf, np.inf), (-0.5, 0.5)], ids=["relu", "none", "clip"])
+@pytest.mark.parametrize("case", AFFINE_SHAPES, ids=[f"{'x'.join(map(str, s))}-{'nhwc' if cl else 'nchw'}" for s, cl in AFFINE_SHAPES])
+def test_channel_affine_matches_float64(case, clamp, dtype):
+    shape, channels_last = case
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    scale, shift = (rng.standard_normal(shape[1]).astype(np.float32) for _ in range(2))
+    actual = native.ChannelAffine(scale, shift, clamp)(x)
+    along_axis_1 = [1, shape[1]] + [1] * (len(shape) - 2)
+    expected = (x.double() * torch.from_numpy(scale).double().view(along_axis_1)
+                + torch.from_numpy(shift).double().view(along_axis_1)).clamp(*clamp)
+    assert actual.dtype == dtype and actual.shape == x.shape and actual.stride() == x.stride()
+    # fp32: one fused multiply-add; bf16: the input is exact, the result rounded once (2^-8 of its magnitude)
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+    assert ((actual.double() - expected).abs() <= tolerance * expected.abs() + 1e-7).all()
+
+
+@needs_native
+def test_channel_affine_reads_a_strided_view_as_a_copy():
+    x = torch.randn(2, 8, 6, 6)[:, :, ::2]  # neither layout: made contiguous first
+    scale, shift = np.full(8, 2, np.float32), np.ones(8, np.float32)
+    torch.testing.assert_close(native.ChannelAffine(scale, shift, (0.0, np.inf))(x), torch.relu(x * 2 + 1))
+
+
+def test_folding_a_chain_into_one_affine_map():
+    channels = 3
+    a, b = np.array([2.0, -1.0, 0.5]), np.array([1.0, 2.0, 3.0])
+    # ((x * a + b) - b) / a ... then b - value, then Relu: scale -1, shift b
+    scale, shift, clamp = fast.fold_channel_affine(["Mul", "Add", "Sub", "Div", "Sub", "Relu"], [1, 2, 2, 1, -2, 0],
+                                                   {1: a, 2: b}, channels)
+    np.testing.assert_allclose(scale, -np.ones(channels))
+    np.testing.assert_allclose(shift, b)
+    assert clamp == (0.0, np.inf)
+    assert fast.fold_channel_affine(["Mul", "Add"], [1, 2], {1: a, 2: b}, channels)[2] == (-np.inf, np.inf)
+    # not affine in the running value, or a constant that is not per channel: no fold
+    for ops, operands in ((["Relu", "Add"], [0, 1]), (["Div"], [-1]), (["Mul", "Exp"], [1, 0]), (["Add"], [3]),
+                          (["Pow"], [1])):
+        assert fast.fold_channel_affine(ops, operands, {1: a, 2: b}, channels) is None
+    assert fast.fold_channel_affine(["Div"], [1], {1: np.array([1.0, 0.0, 2.0])}, channels) is None
+
+
+def batch_norm_relu_model(channels=40, size=9):
+    """x -> Conv -> Relu -> BatchNormalization -> Relu -> MaxPool: the pre-activation DenseNet applies to each
+    concatenation, a BatchNormalization no convolution before it can absorb (in a bf16 engine it meets the
+    convolution's bf16 output), then a pool (native too)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    stats = [numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32) if name == "var"
+                                     else rng.standard_normal(channels).astype(np.float32), name)
+             for name in ("gamma", "beta", "mean", "var")]
+    w = numpy_helper.from_array((rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["a"]),
+             helper.make_node("BatchNormalization", ["a", "gamma", "beta", "mean", "var"], ["bn"]),
+             helper.make_node("Relu", ["bn"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    shape = [2, channels, size, size]
+    return helper.make_model(helper.make_graph(
+        nodes, "bn_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [w, *stats]),
+        opset_imports=[helper.make_opsetid("", 18)])
+
+
+@needs_native
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_native_bf16)], ids=["fp32", "bf16"])
+def test_a_batch_normalization_and_relu_run_as_one_native_pass(bf16):
+    import onnxruntime
+
+    model = batch_norm_relu_model()
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+    assert [layer["tactic"] for layer in engine.plan.layers.values()][1:] == ["native-affine", "native-pool"]
+    x = rng.standard_normal((2, 40, 9, 9)).astype(np.float32)
+    expected = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    actual = np.asarray(engine.run({"x": x})["y"], dtype=np.float32)
+    relative = np.linalg.norm(actual - expected) / np.linalg.norm(expected)
+    assert relative < (1e-2 if bf16 else 1e-6)
 
 
 def fire_module(concat_inputs=("e1", "e3"), extra_outputs=(), pool_branch=False):

@@ -1,4 +1,5 @@
-// kiln's native CPU kernels (AVX-512, fp32, NHWC), built by native.py: a direct convolution and max pooling.
+// kiln's native CPU kernels (AVX-512), built by native.py: a direct fp32 NHWC convolution, max pooling and a
+// per-channel affine map with a clamp (an inference BatchNormalization + ReLU), the last two in fp32 or bf16.
 //
 // The convolution:
 // Weights are packed as [oc/16][kh][kw][ic][16]. A task computes one output row segment for up to four blocks of
@@ -6,6 +7,10 @@
 // sums kept in the output. Bias starts the sum; the residual add and a clamp (ReLU, Clip) finish it.
 #include <immintrin.h>
 #include <stdint.h>
+
+static inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
 
 struct ConvArgs {
   const float* x; const float* w; const float* bias; const float* residual; float* y;
@@ -24,10 +29,7 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
   const int64_t pixel0 = (s.n * a.oh + s.oy) * a.ow + ox0;
   const int64_t out0 = pixel0 * a.ldy;
   __mmask16 mask[NB];
-  for (int b = 0; b < NB; ++b) {
-    const int64_t left = a.oc - (s.ob0 + b) * 16;
-    mask[b] = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-  }
+  for (int b = 0; b < NB; ++b) mask[b] = first_lanes(a.oc - (s.ob0 + b) * 16);
   for (int b = 0; b < NB; ++b) {
     const int64_t oc0 = (s.ob0 + b) * 16;
     const __m512 bias = _mm512_loadu_ps(a.bias + oc0);
@@ -133,15 +135,34 @@ extern "C" void kiln_conv_nhwc(const ConvArgs* args, int64_t blocks_per_task, in
   }
 }
 
+// Loads and stores of 16 lanes in the kernels' element types; bf16 converts to and from fp32 (round to nearest
+// even, as torch rounds), and exists only where the compiler targets AVX512-BF16 (kiln_native_bf16 says so).
+#ifdef __AVX512BF16__
+typedef uint16_t bf16_t;
+static inline __m512 load16(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline void store16(bf16_t* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+extern "C" int kiln_native_bf16() { return 1; }
+#else
+extern "C" int kiln_native_bf16() { return 0; }
+#endif
+static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+
 // Max pooling over NHWC: each output pixel takes the maximum of its window's taps inside the input (padding never
 // wins), 16 channels at a time; a NaN anywhere in the window is the result, as in torch's max_pool2d.
 struct PoolArgs {
-  const float* x; float* y;
+  const void* x; void* y;
   int64_t n, h, w_, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-extern "C" void kiln_max_pool_nhwc(const PoolArgs* args, int64_t threads) {
-  const PoolArgs& a = *args;
+template <typename T>
+static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
   const int64_t blocks = (a.c + 15) / 16;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t row = 0; row < a.n * a.oh; ++row) {
@@ -153,23 +174,105 @@ extern "C" void kiln_max_pool_nhwc(const PoolArgs* args, int64_t threads) {
       int64_t kx0 = 0, kx1 = a.kw;
       while (kx0 < a.kw && ox * a.sw - a.pw + kx0 * a.dw < 0) ++kx0;
       while (kx1 > kx0 && ox * a.sw - a.pw + (kx1 - 1) * a.dw >= a.w_) --kx1;
-      float* out = a.y + ((n * a.oh + oy) * a.ow + ox) * a.c;
+      T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;
       for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t left = a.c - b * 16;
-        const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __mmask16 mask = first_lanes(a.c - b * 16);
         __m512 best = _mm512_set1_ps(-__builtin_inff());
         __mmask16 nan = 0;
         for (int64_t ky = ky0; ky < ky1; ++ky) {
-          const float* in = a.x + ((n * a.h + oy * a.sh - a.ph + ky * a.dh) * a.w_) * a.c + b * 16;
+          const T* in = x + ((n * a.h + oy * a.sh - a.ph + ky * a.dh) * a.w_) * a.c + b * 16;
           for (int64_t kx = kx0; kx < kx1; ++kx) {
-            const __m512 v = _mm512_maskz_loadu_ps(mask, in + (ox * a.sw - a.pw + kx * a.dw) * a.c);
+            const __m512 v = load16(in + (ox * a.sw - a.pw + kx * a.dw) * a.c, mask);
             nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
             best = _mm512_max_ps(best, v);
           }
         }
         best = _mm512_mask_mov_ps(best, nan, _mm512_set1_ps(__builtin_nanf("")));
-        _mm512_mask_storeu_ps(out + b * 16, mask, best);
+        store16(out + b * 16, mask, best);
       }
     }
   }
 }
+
+extern "C" void kiln_max_pool_nhwc(const PoolArgs* args, int64_t threads) {
+  max_pool_nhwc<float>(*args, threads);
+}
+
+#ifdef __AVX512BF16__
+extern "C" void kiln_max_pool_nhwc_bf16(const PoolArgs* args, int64_t threads) {
+  max_pool_nhwc<bf16_t>(*args, threads);
+}
+#endif
+
+// y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
+// at a time), NCHW is outer n and inner h*w (16 pixels of one channel at a time). One pass over memory, where
+// torch's addcmul and relu take two, and in bf16 each converts on its own.
+struct AffineArgs {
+  const void* x; void* y; const float* scale; const float* shift;
+  int64_t outer, c, inner;
+  float lo, hi;
+};
+
+// elements one task covers: large enough that handing out tasks costs nothing, small enough to balance two cores
+static const int64_t AFFINE_TASK = 1 << 14;
+
+// one row of `count` elements whose per-element scale and shift are s[i], t[i] (NHWC: a pixel's channels)
+template <typename T>
+static inline void affine_row(const T* x, T* y, const float* __restrict s,
+                              const float* __restrict t, int64_t count, __m512 lo, __m512 hi) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    const __m512 v = _mm512_fmadd_ps(load16(x + i, 0xFFFF), _mm512_loadu_ps(s + i), _mm512_loadu_ps(t + i));
+    store16(y + i, 0xFFFF, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+  }
+  if (i < count) {
+    const __mmask16 m = first_lanes(count - i);
+    const __m512 v = _mm512_fmadd_ps(load16(x + i, m), _mm512_maskz_loadu_ps(m, s + i), _mm512_maskz_loadu_ps(m, t + i));
+    store16(y + i, m, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+  }
+}
+
+// one plane of `count` elements of one channel (NCHW), scale s and shift t
+template <typename T>
+static inline void affine_plane(const T* x, T* y, __m512 s, __m512 t, int64_t count,
+                                __m512 lo, __m512 hi) {
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 m = first_lanes(count - i);
+    store16(y + i, m, _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(load16(x + i, m), s, t), lo), hi));
+  }
+}
+
+template <typename T>
+static void channel_affine(const AffineArgs& a, int64_t threads) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const float* scale = a.scale;
+  const float* shift = a.shift;
+  const int64_t outer = a.outer, c = a.c, inner = a.inner;
+  const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+  if (inner == 1) {
+    const int64_t rows_per_task = AFFINE_TASK / c > 0 ? AFFINE_TASK / c : 1;
+    const int64_t tasks = (outer + rows_per_task - 1) / rows_per_task;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t r1 = (task + 1) * rows_per_task < outer ? (task + 1) * rows_per_task : outer;
+      for (int64_t r = task * rows_per_task; r < r1; ++r) affine_row(x + r * c, y + r * c, scale, shift, c, lo, hi);
+    }
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t plane = 0; plane < outer * c; ++plane) {
+    const int64_t ch = plane % c;
+    affine_plane(x + plane * inner, y + plane * inner, _mm512_set1_ps(scale[ch]), _mm512_set1_ps(shift[ch]), inner, lo, hi);
+  }
+}
+
+extern "C" void kiln_channel_affine(const AffineArgs* args, int64_t threads) {
+  channel_affine<float>(*args, threads);
+}
+
+#ifdef __AVX512BF16__
+extern "C" void kiln_channel_affine_bf16(const AffineArgs* args, int64_t threads) {
+  channel_affine<bf16_t>(*args, threads);
+}
+#endif
