@@ -401,25 +401,31 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
 
 
 def check_native_kernels(engine) -> Finding:
-    """Whether a CPU engine's fp32 convolutions could take kiln's native kernels (kiln/backends/cpu/native.py), and
-    why not: without them every such layer runs oneDNN's kernel, 10-15% slower on SqueezeNet-sized models."""
+    """Whether a CPU engine's fp32 and bf16 convolutions could take kiln's native kernels (kiln/backends/cpu/native.py),
+    and why not: without them every such layer runs oneDNN's kernel, 10-15% slower on SqueezeNet-sized models in fp32
+    and up to 2x in bf16."""
     from ..backends.cpu import native
+    from ..backends.cpu.fast import NATIVE_CONV_TACTICS
 
     layers = engine.plan.layers
     convolutions = [name for name, layer in layers.items()
-                    if layer.get("op") == "kiln::Conv" and layer.get("precision") == "fp32"]
+                    if layer.get("op") == "kiln::Conv" and layer.get("precision") in ("fp32", "bf16")]
     if engine.device != "cpu" or not convolutions:
-        return Finding("native kernels", "n/a", "no fp32 convolution on the CPU")
-    running = sum(layers[name].get("tactic") == "native-direct" for name in convolutions)
+        return Finding("native kernels", "n/a", "no fp32 or bf16 convolution on the CPU")
+    running = sum(layers[name].get("tactic") in NATIVE_CONV_TACTICS for name in convolutions)
     ok, reason = native.available()
+    bf16 = any(layers[name].get("precision") == "bf16" for name in convolutions)
+    if ok and bf16 and not native.amx_available():
+        ok, reason = False, "no AMX-BF16 tile kernels (the CPU, the compiler or Linux does not allow them)"
     if not ok:
         return Finding("native kernels", "warning",
-                       f"{len(convolutions)} fp32 convolution(s) run oneDNN's kernel only: kiln's native kernels are unavailable ({reason})",
-                       "kiln compiles its AVX-512 kernels once per machine with the system's C++ compiler; without them "
-                       "the build cannot time them against oneDNN's",
-                       "install g++ (or set CXX) on an AVX-512 CPU, leave KILN_NATIVE unset, and rebuild the engine")
-    return Finding("native kernels", "ok", f"kiln's native kernel runs {running} of {len(convolutions)} fp32 convolution(s); "
-                   "the build timed it against oneDNN's in the engine and kept the faster for each layer")
+                       f"{len(convolutions)} convolution(s) run oneDNN's kernel only: kiln's native kernels are unavailable ({reason})",
+                       "kiln compiles its AVX-512 (fp32) and AMX (bf16) kernels once per machine with the system's C++ "
+                       "compiler; without them the build cannot time them against oneDNN's",
+                       "install g++ (or set CXX) on an AVX-512 CPU (AMX-BF16 for bf16 engines), leave KILN_NATIVE unset, "
+                       "and rebuild the engine")
+    return Finding("native kernels", "ok", f"kiln's native kernels run {running} of {len(convolutions)} convolution(s); "
+                   "the build timed them against oneDNN's in the engine and kept the faster for each layer")
 
 
 def layer_bytes(engine, feed: dict) -> dict[str, int]:

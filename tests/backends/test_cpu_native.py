@@ -61,6 +61,56 @@ def test_in_place_residual_sum_writes_the_residuals_buffer():
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
 
 
+needs_amx = pytest.mark.skipif(not native.amx_available(), reason="no native AMX kernels (CPU, compiler or Linux)")
+# the direct kernel's shapes whose input channels are a multiple of 16 (AMX's), plus 48 input channels (tiles of
+# 16 instead of 32), a batch whose last pixels end a 1x1's input (the zeroed copy), a strided 1x1
+AMX_SHAPES = [s for s in SHAPES if s[1] % 16 == 0] + [(1, 48, 64, 13, 3, 1, 1, 1), (3, 32, 40, 5, 1, 1, 0, 1),
+                                                       (2, 64, 48, 9, 1, 2, 0, 1)]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=[f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}" for s in AMX_SHAPES])
+@pytest.mark.parametrize("fused", ["none", "relu+bf16 residual", "clip+fp32 residual"])
+def test_amx_convolution_matches_float64(shape, fused):
+    n, cin, cout, size, k, stride, pad, dilation = shape
+    h, w = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    clamp = {"none": (-np.inf, np.inf), "relu+bf16 residual": (0.0, np.inf), "clip+fp32 residual": (-0.5, 0.75)}[fused]
+    conv = native.AmxConvolution(weight, bias, [stride] * 2, [pad] * 2, [dilation] * 2, clamp)
+    shape_out = conv.output_shape(x)
+    residual = None if fused == "none" else torch.randn(*shape_out).to(torch.bfloat16 if "bf16" in fused else torch.float32)
+    # the reference sees what the kernel sees: bf16 inputs and weights, exact products, float64 sums
+    rounded = torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
+    expected = float64_conv(x.float(), rounded, bias, stride, pad, dilation,
+                            residual.float() if residual is not None else None, clamp)
+    actual = conv(x, residual)
+    assert actual.dtype == torch.bfloat16 and actual.shape == expected.shape
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    # fp32 sums, then one rounding to bf16: 2^-8 of each value, plus the sums' order (1e-5 of the output's scale)
+    error = (actual.double() - expected).abs()
+    assert (error <= 2 ** -8 * expected.abs() + 1e-5 * expected.abs().max()).all()
+
+
+@needs_amx
+def test_amx_convolution_in_place_and_into_a_slice():
+    weight = (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32)
+    conv = native.AmxConvolution(weight, None, [1, 1], [1, 1], [1, 1], (0.0, np.inf))
+    x = torch.randn(1, 32, 10, 10).to(torch.bfloat16)
+    residual = torch.randn(1, 32, 10, 10).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    expected = conv(x, residual.clone())
+    y = conv(x, residual, in_place=True)
+    assert y.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    wide = torch.zeros(1, 48, 10, 10, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv(x, out=wide[:, 8:40])
+    torch.testing.assert_close(wide[:, 8:40], conv(x), rtol=0, atol=0)
+    assert not wide[:, :8].any() and not wide[:, 40:].any()
+    with pytest.raises(ValueError, match="channel slice"):
+        conv(x, out=torch.empty(1, 32, 10, 10).contiguous(memory_format=torch.channels_last))
+
+
 def conv_node_graph(cin=16, cout=24, activation="relu", group=1, residual=False, k=3):
     w = (rng.standard_normal((cout, cin // group, k, k)) * 0.2).astype(np.float32)
     inputs = ("x", "w", "b") + (("r",) if residual else ())
@@ -81,8 +131,10 @@ def test_which_convolutions_take_the_native_kernel():
     # oneDNN keeps the 3-channel stems, grouped convolutions, activations other than a clamp, and bf16
     for graph in (conv_node_graph(cin=3), conv_node_graph(group=2), conv_node_graph(activation="sigmoid")):
         assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
-    if fast.bf16_supported():
-        assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == "onednn-packed"
+    if fast.bf16_supported():  # bf16: the AMX kernel where it runs
+        assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == \
+            ("native-amx" if native.amx_available() else "onednn-packed")
+        assert fast.choose(conv_node_graph(cin=24).nodes[0], conv_node_graph(cin=24), bf16=True).name == "onednn-packed"
 
 
 @needs_native
@@ -287,18 +339,24 @@ def native_wins(monkeypatch):
 
 @needs_native
 @pytest.mark.usefixtures("native_wins")
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_amx)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("concat_inputs", [("e1", "e3"), ("e3", "e1")])
-def test_a_fire_modules_convolutions_fill_its_concatenation(concat_inputs):
+def test_a_fire_modules_convolutions_fill_its_concatenation(concat_inputs, bf16):
     from helpers import run_onnxruntime
 
     model, x = fire_module(concat_inputs)
-    engine = kiln.build(model, kiln.BuilderConfig())
-    concat = next(name for name, layer in engine.plan.layers.items() if layer["op"] == "Concat")
-    assert engine.plan.layers[concat]["tactic"] == "native-in-place"
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+    layers = engine.plan.layers
+    concat = next(name for name, layer in layers.items() if layer["op"] == "Concat")
+    assert layers[concat]["tactic"] == "native-in-place"
+    # the expand convolutions that write it (the squeeze's 24 input channels are no multiple of AMX's 16)
+    assert [layer["tactic"] for layer in layers.values() if layer["op"] == "kiln::Conv"][1:] == \
+        ["native-amx" if bf16 else "native-direct"] * 2
     expected = run_onnxruntime(model, {"x": x})["y"]
     outputs = [np.asarray(engine.run({"x": x})["y"]) for _ in range(2)]  # a fresh buffer each run
     for y in outputs:
-        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+        relative = np.linalg.norm(y - expected) / np.linalg.norm(expected)
+        assert relative < (1e-2 if bf16 else 1e-6)
     assert not np.shares_memory(outputs[0], outputs[1])
 
 

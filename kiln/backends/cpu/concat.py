@@ -15,8 +15,8 @@ def _channel_axis(node: Node, graph: Graph) -> bool:
 
 def concatenations_to_fill(graph: Graph, direct: dict[str, object]) -> list[tuple[int, list[int]]]:
     """(Concat node index, its producers' node indices) for each channel Concat whose inputs are distinct values,
-    each made by a native convolution in `direct` (node name -> DirectConvolution) and read by this Concat alone,
-    none of them a graph output."""
+    each made by a native convolution in `direct` (node name -> DirectConvolution or AmxConvolution, all writing
+    one type) and read by this Concat alone, none of them a graph output."""
     producer = {name: index for index, node in enumerate(graph.nodes) for name in node.outputs if name}
     readers: dict[str, int] = {}
     for node in graph.nodes:
@@ -31,7 +31,8 @@ def concatenations_to_fill(graph: Graph, direct: dict[str, object]) -> list[tupl
         if len(set(names)) != len(names) or any(not name or name in outputs or readers.get(name) != 1 for name in names):
             continue
         producers = [producer.get(name) for name in names]
-        if all(p is not None and graph.nodes[p].name in direct for p in producers):
+        if all(p is not None and graph.nodes[p].name in direct for p in producers) \
+                and len({direct[graph.nodes[p].name].dtype for p in producers}) == 1:
             plans.append((index, producers))
     return plans
 
@@ -71,7 +72,7 @@ def _writer(convolution, key: str, offset: int, total: int, allocates: bool):
     def run(x, *unused, _env):
         if allocates:
             n, _, h, w = convolution.output_shape(x)
-            _env[key] = torch.empty(n, total, h, w, memory_format=channels_last)
+            _env[key] = torch.empty(n, total, h, w, dtype=convolution.dtype, memory_format=channels_last)
         return convolution(x, out=_env[key][:, offset:offset + width])
 
     return run
@@ -82,7 +83,7 @@ def _taker(key: str, offsets: list[int], cat):
         buffer = _env.pop(key, None)
         base = buffer.data_ptr() if buffer is not None else None
         # the inputs are the buffer's slices unless a tool replaced them; then concatenate as usual
-        if base is not None and all(t.data_ptr() == base + 4 * offset for t, offset in zip(inputs, offsets)):
+        if base is not None and all(t.data_ptr() == base + buffer.element_size() * offset for t, offset in zip(inputs, offsets)):
             return buffer
         return cat(inputs, 1)
 

@@ -185,13 +185,14 @@ NATIVE_MIN_IN_CHANNELS = 16
 
 
 def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic | None:
-    """kiln's native direct convolution (kiln/backends/cpu/native.py) for an fp32, ungrouped convolution with at most
-    a ReLU or Clip fused: alone it takes 0.5-0.75x oneDNN's time on SqueezeNet's small 1x1 layers and 0.83-1.17x on
-    ResNet-50's (docs/benchmarks.md, run H); whether it keeps the layer the build decides by timing (select.py)."""
+    """kiln's native convolutions (kiln/backends/cpu/native.py) for an ungrouped convolution with at most a ReLU or
+    Clip fused: in fp32 the AVX-512 direct kernel, which alone takes 0.5-0.75x oneDNN's time on SqueezeNet's small
+    1x1 layers and 0.83-1.17x on ResNet-50's (docs/benchmarks.md, run H); in bf16 the AMX kernel, 0.4-0.8x oneDNN's
+    on the light models' layers (run I). Whether it keeps the layer the build decides by timing (select.py)."""
     from . import native
 
     activation = node.attrs.get("activation", "")
-    if bf16 or int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") \
+    if int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") \
             or weight.shape[1] < NATIVE_MIN_IN_CHANNELS or not native.available()[0]:
         return None
     if activation == "clip":
@@ -199,15 +200,24 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
         clamp = (low, high)
     else:
         clamp = _CLAMPS[activation]
-    convolve = native.DirectConvolution(weight, bias, node.attrs["strides"], list(node.attrs["pads"])[:2],
-                                        node.attrs["dilations"], clamp)
+    strides, pads, dilations = node.attrs["strides"], list(node.attrs["pads"])[:2], node.attrs["dilations"]
     has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
     in_place = has_residual and _residual_dies_here(node, graph)
+    if bf16:
+        if not native.amx_available() or weight.shape[1] % 16 or strides[0] != strides[1]:
+            return None
+        convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"
+    else:
+        convolve, name, precision = native.DirectConvolution(weight, bias, strides, pads, dilations, clamp), "native-direct", "fp32"
 
     def run(x, w_unused=None, b_unused=None, residual=None):
         return convolve(x, residual if has_residual else None, in_place)
 
-    return Tactic(run, "native-direct", "fp32", direct=None if has_residual else convolve)
+    return Tactic(run, name, precision, direct=None if has_residual else convolve)
+
+
+# What kiln's native convolutions are called in the plan's layers
+NATIVE_CONV_TACTICS = {"native-direct", "native-amx"}
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares
@@ -521,7 +531,7 @@ def lower(plan, profile: int = 0, shares=None):
     program = program_with(keep_onednn, chosen)
     constants = program.constants  # the second program, if any, shares the first one's weights
     undecided = [node.name for node in graph.nodes
-                 if chosen[id(node)].name == "native-direct" and recorded.get(node.name) != "native-direct"]
+                 if chosen[id(node)].name in NATIVE_CONV_TACTICS and recorded.get(node.name) != chosen[id(node)].name]
     feed = select.timing_feed(graph, opt) if undecided else None
     if feed is not None:
         onednn_chosen: dict[int, Tactic] = {}

@@ -276,3 +276,169 @@ extern "C" void kiln_channel_affine_bf16(const AffineArgs* args, int64_t threads
   channel_affine<bf16_t>(*args, threads);
 }
 #endif
+
+// A bf16 convolution on AMX tiles (fp32 sums), as an implicit matrix product. The input is NHWC bf16 in a buffer
+// that already holds the padding, pixels of a row `wp` apart. Output pixels are numbered q = oy * wp + ox, the
+// columns past ow being computed and dropped: with a stride s, tap (ky, kx) of 16 consecutive q's then reads 16
+// input pixels s apart, one tile load. A task computes 32 such pixels (2 tiles of 16 rows) for pairs of 16 output
+// channels (2 tiles of 16 columns), summing over every tap and input channel in AMX's 4 accumulator tiles, then
+// adds bias and residual, clamps, rounds to bf16 and writes the pixels that exist.
+// Weights are packed as [oc/16][kh][kw][ic/2][16][2] (AMX's pairs of input channels); ic is a multiple of 16.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <string.h>
+
+struct AmxConvArgs {
+  const bf16_t* x; const bf16_t* w; const float* bias; const void* residual; bf16_t* y;
+  int64_t n, hp, wp, c;          // input with its padding, NHWC
+  int64_t oh, ow, oc, ldy;       // output NHWC; ldy elements from one output pixel to the next
+  int64_t kh, kw, s, dh, dw;     // one stride for both axes
+  int64_t residual_bf16;         // the residual's type: bf16 (1) or fp32 (0)
+  float lo, hi;
+};
+
+struct TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// The kernel asks Linux once for permission to use the tile registers (arch_prctl ARCH_REQ_XCOMP_PERM, 0x1023, for
+// XTILEDATA, 18); 1 where granted.
+extern "C" int kiln_amx_init() { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+extern "C" int kiln_native_amx() { return 1; }
+
+static void configure_tiles(int64_t kstep) {
+  TileConfig config;
+  memset(&config, 0, sizeof(config));
+  config.palette = 1;
+  for (int t = 0; t < 4; ++t) { config.rows[t] = 16; config.colsb[t] = 64; }           // sums: 16 px x 16 oc
+  for (int t = 4; t < 6; ++t) { config.rows[t] = 16; config.colsb[t] = kstep * 2; }    // input: 16 px x kstep ic
+  for (int t = 6; t < 8; ++t) { config.rows[t] = kstep / 2; config.colsb[t] = 64; }    // weights: kstep/2 pairs x 16 oc
+  _tile_loadconfig(&config);
+}
+
+// Where a tile of 16 input rows `stride` pixels apart is loaded from, and the bytes between its rows: the buffer
+// itself, or a zeroed copy where some rows lie past its last pixel (the last pixels of a 1x1 convolution, which
+// reads its input in place). GCC's tile intrinsics take the tile's number as a literal, so the caller loads.
+static inline const bf16_t* input_rows(const AmxConvArgs& a, int64_t pixel, int64_t k0, int64_t kstep, int64_t pixels,
+                                       bf16_t* scratch, int64_t* bytes) {
+  const bf16_t* p = a.x + pixel * a.c + k0;
+  *bytes = a.s * a.c * 2;
+  if (pixel + 15 * a.s < pixels) return p;
+  memset(scratch, 0, 16 * 32 * 2);
+  for (int64_t r = 0; r < 16 && pixel + r * a.s < pixels; ++r) memcpy(scratch + r * kstep, p + r * a.s * a.c, kstep * 2);
+  *bytes = kstep * 2;
+  return scratch;
+}
+
+template <int PAIRS>
+static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t ob0, int64_t kstep, float* sums,
+                      bf16_t* scratch) {
+  const int64_t pixels = a.n * a.hp * a.wp, base = image * a.hp * a.wp;
+  const int64_t wblock = a.kh * a.kw * a.c * 16;
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  for (int64_t ky = 0; ky < a.kh; ++ky) {
+    for (int64_t kx = 0; kx < a.kw; ++kx) {
+      const int64_t pixel = base + q0 * a.s + ky * a.dh * a.wp + kx * a.dw;
+      const bf16_t* w0 = a.w + ob0 * wblock + (ky * a.kw + kx) * a.c * 16;
+      for (int64_t k0 = 0; k0 < a.c; k0 += kstep) {
+        int64_t bytes;
+        const bf16_t* rows = input_rows(a, pixel, k0, kstep, pixels, scratch, &bytes);
+        _tile_loadd(4, rows, bytes);
+        rows = input_rows(a, pixel + 16 * a.s, k0, kstep, pixels, scratch + 16 * 32, &bytes);
+        _tile_loadd(5, rows, bytes);
+        _tile_loadd(6, w0 + k0 * 16, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 5, 6);
+        if (PAIRS == 2) {
+          _tile_loadd(7, w0 + wblock + k0 * 16, 64);
+          _tile_dpbf16ps(2, 4, 7);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+    }
+  }
+  _tile_stored(0, sums, 64);
+  _tile_stored(1, sums + 256, 64);
+  if (PAIRS == 2) {
+    _tile_stored(2, sums + 512, 64);
+    _tile_stored(3, sums + 768, 64);
+  }
+  const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+  for (int64_t r = 0; r < 32; ++r) {
+    const int64_t q = q0 + r, oy = q / a.wp, ox = q % a.wp;
+    if (oy >= a.oh || ox >= a.ow) continue;
+    const int64_t p = (image * a.oh + oy) * a.ow + ox;
+    for (int b = 0; b < PAIRS; ++b) {
+      const int64_t oc0 = (ob0 + b) * 16;
+      const __mmask16 mask = first_lanes(a.oc - oc0);
+      __m512 v = _mm512_add_ps(_mm512_load_ps(sums + b * 512 + r * 16), _mm512_loadu_ps(a.bias + oc0));
+      if (a.residual) {
+        const int64_t at = p * a.oc + oc0;
+        v = _mm512_add_ps(v, a.residual_bf16 ? load16(static_cast<const bf16_t*>(a.residual) + at, mask)
+                                             : load16(static_cast<const float*>(a.residual) + at, mask));
+      }
+      store16(a.y + p * a.ldy + oc0, mask, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    }
+  }
+}
+
+// The AMX convolution's input: NCHW-indexed bf16 `x` with element strides (n, c, h, w) copied into an NHWC buffer with
+// `ph`/`pw` zero pixels around each image and `tail` zero pixels after the last, one task per padded row.
+struct PadArgs {
+  const bf16_t* x; bf16_t* y;
+  int64_t n, c, h, w, sn, sc, sh, sw, ph, pw, tail;
+};
+
+extern "C" void kiln_pad_nhwc_bf16(const PadArgs* args, int64_t threads) {
+  const PadArgs& a = *args;
+  const int64_t hp = a.h + 2 * a.ph, wp = a.w + 2 * a.pw, row = wp * a.c;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < a.n * hp; ++r) {
+    const int64_t image = r / hp, iy = r % hp - a.ph;
+    bf16_t* out = a.y + r * row;
+    if (iy < 0 || iy >= a.h) { memset(out, 0, row * 2); continue; }
+    memset(out, 0, a.pw * a.c * 2);
+    memset(out + (a.pw + a.w) * a.c, 0, a.pw * a.c * 2);
+    const bf16_t* in = a.x + image * a.sn + iy * a.sh;
+    bf16_t* interior = out + a.pw * a.c;
+    if (a.sc == 1 && a.sw == a.c) {
+      memcpy(interior, in, a.w * a.c * 2);
+    } else {
+      for (int64_t ix = 0; ix < a.w; ++ix)
+        for (int64_t ch = 0; ch < a.c; ++ch) interior[ix * a.c + ch] = in[ix * a.sw + ch * a.sc];
+    }
+  }
+  memset(a.y + a.n * hp * row, 0, a.tail * a.c * 2);
+}
+
+extern "C" void kiln_conv_amx(const AmxConvArgs* args, int64_t pairs_per_task, int64_t threads) {
+  const AmxConvArgs& a = *args;
+  const int64_t kstep = a.c % 32 == 0 ? 32 : 16;
+  const int64_t ocb = (a.oc + 15) / 16, pairs = (ocb + 1) / 2;
+  const int64_t groups = (pairs + pairs_per_task - 1) / pairs_per_task;
+  const int64_t q_count = (a.oh - 1) * a.wp + a.ow, blocks = (q_count + 31) / 32;
+  const int64_t tasks = a.n * blocks * groups;
+#pragma omp parallel num_threads(threads)
+  {
+    alignas(64) float sums[4 * 256];
+    alignas(64) bf16_t scratch[2 * 16 * 32];
+    configure_tiles(kstep);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t g = t / (a.n * blocks), image = t % (a.n * blocks) / blocks, block = t % blocks;
+      const int64_t pair1 = (g + 1) * pairs_per_task < pairs ? (g + 1) * pairs_per_task : pairs;
+      for (int64_t pair = g * pairs_per_task; pair < pair1; ++pair) {
+        if (2 * pair + 1 < ocb) amx_block<2>(a, image, block * 32, 2 * pair, kstep, sums, scratch);
+        else amx_block<1>(a, image, block * 32, 2 * pair, kstep, sums, scratch);
+      }
+    }
+    _tile_release();
+  }
+}
+#else
+extern "C" int kiln_amx_init() { return 0; }
+extern "C" int kiln_native_amx() { return 0; }
+#endif

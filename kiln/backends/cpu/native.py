@@ -47,6 +47,20 @@ class _PoolArgs(ctypes.Structure):
                [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")]
 
 
+class _AmxConvArgs(ctypes.Structure):
+    """native.cpp's AmxConvArgs, field for field."""
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "residual", "y")] + \
+               [(name, ctypes.c_int64) for name in ("n", "hp", "wp", "c", "oh", "ow", "oc", "ldy", "kh", "kw", "s",
+                                                     "dh", "dw", "residual_bf16")] + \
+               [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+
+
+class _PadArgs(ctypes.Structure):
+    """native.cpp's PadArgs, field for field."""
+    _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "sn", "sc", "sh", "sw", "ph", "pw", "tail")]
+
+
 class _AffineArgs(ctypes.Structure):
     """native.cpp's AffineArgs, field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "y", "scale", "shift")] + \
@@ -105,6 +119,10 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
         for function in (name, name + "_bf16") if library.kiln_native_bf16() else (name,):
             getattr(library, function).argtypes = [ctypes.POINTER(args), ctypes.c_int64]
             getattr(library, function).restype = None
+    library.kiln_conv_amx.argtypes = [ctypes.POINTER(_AmxConvArgs), ctypes.c_int64, ctypes.c_int64]
+    library.kiln_conv_amx.restype = None
+    library.kiln_pad_nhwc_bf16.argtypes = [ctypes.POINTER(_PadArgs), ctypes.c_int64]
+    library.kiln_pad_nhwc_bf16.restype = None
     return library, ""
 
 
@@ -148,6 +166,12 @@ def bf16_available() -> bool:
     return library is not None and bool(library.kiln_native_bf16())
 
 
+def amx_available() -> bool:
+    """Whether the library has its AMX bf16 convolution and Linux lets this process use the tile registers."""
+    library = _load()[0]
+    return library is not None and bool(library.kiln_native_amx()) and bool(library.kiln_amx_init())
+
+
 def _typed(library, name: str, dtype):
     """The library's `name` kernel for tensors of `dtype` (float32, or bfloat16 where bf16_available())."""
     import torch
@@ -186,6 +210,7 @@ class DirectConvolution:
         self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
         self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
         self.clamp = clamp
+        self.dtype = torch.float32  # what it writes
         self.pointwise = (kh, kw) == (1, 1) and self.strides == [1, 1] and not any(self.pads)
         self._library = _load()[0]
         assert self._library is not None, "DirectConvolution needs available()"
@@ -216,7 +241,7 @@ class DirectConvolution:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
             residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
         if out is not None:
-            _check_slice(out, shape)
+            _check_slice(out, shape, torch.float32)
             y = out
         # in place only where one pass over the input channels reads each residual element before writing it
         elif in_place and residual is not None and schedule[3] == self.in_channels and residual.data_ptr() != x.data_ptr():
@@ -252,17 +277,15 @@ class DirectConvolution:
         return per_task, rows, columns, min(self.in_channels, channels)
 
 
-def _check_slice(out, shape: tuple) -> None:
-    """`out` must be `shape`, fp32, and laid out as a channel slice of an NHWC buffer (channels contiguous, pixels
-    at one stride), which is how native.cpp writes it."""
-    import torch
-
+def _check_slice(out, shape: tuple, dtype) -> None:
+    """`out` must be `shape`, `dtype`, and laid out as a channel slice of an NHWC buffer (channels contiguous,
+    pixels at one stride), which is how native.cpp writes it."""
     n, c, h, w = shape
     pixel = out.stride(3)
-    if tuple(out.shape) != shape or out.dtype != torch.float32 or out.stride(1) != 1 or pixel < c \
+    if tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1 or pixel < c \
             or out.stride(2) != w * pixel or (n > 1 and out.stride(0) != h * w * pixel):
-        raise ValueError(f"out must be an fp32 channel slice of an NHWC buffer of shape {shape}; "
-                         f"got {tuple(out.shape)} with strides {out.stride()}")
+        raise ValueError(f"out must be a {dtype} channel slice of an NHWC buffer of shape {shape}; "
+                         f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -337,3 +360,90 @@ class ChannelAffine:
         if x.numel():
             affine(ctypes.byref(args), torch.get_num_threads())
         return y
+
+
+# Pairs of 16 output channels one AMX task computes at most: the tasks of a small layer are split along its output
+# channels too, so that both cores get work
+AMX_TASKS_PER_THREAD = 4
+
+
+class AmxConvolution:
+    """A bf16 NHWC convolution (groups of 1, input channels a multiple of 16, one stride for both axes) on AMX
+    tiles with fp32 sums, bias, an optional residual and a clamp, run by native.cpp; bf16 out. Weights packed once
+    as [out/16][kh][kw][in/2][16][2]."""
+
+    def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float]):
+        import torch
+
+        out_channels, in_channels, kh, kw = weight.shape
+        if in_channels % 16 or strides[0] != strides[1]:
+            raise ValueError(f"AMX convolution needs input channels a multiple of 16 and one stride, got {weight.shape} {strides}")
+        blocks = _ceil_div(out_channels, 16)
+        w = torch.zeros(blocks * 16, in_channels, kh, kw)
+        w[:out_channels] = torch.from_numpy(np.array(weight, dtype=np.float32))
+        self.weight = w.view(blocks, 16, in_channels // 2, 2, kh, kw).permute(0, 4, 5, 2, 1, 3).contiguous().to(torch.bfloat16)
+        self.bias = torch.zeros(blocks * 16)
+        if bias is not None:
+            self.bias[:out_channels] = torch.from_numpy(np.array(bias, dtype=np.float32))
+        self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
+        self.stride, self.pads, self.dilations = int(strides[0]), list(pads), list(dilations)
+        self.clamp = clamp
+        self.dtype = torch.bfloat16  # what it writes
+        self.reads_input_in_place = (kh, kw) == (1, 1) and self.stride == 1 and not any(self.pads)
+        self._library = _load()[0]
+        assert amx_available(), "AmxConvolution needs amx_available()"
+
+    def output_shape(self, x) -> tuple[int, int, int, int]:
+        (kh, kw), s, (ph, pw), (dh, dw) = self.kernel, self.stride, self.pads, self.dilations
+        h, w = x.shape[2:]
+        return (x.shape[0], self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // s + 1,
+                (w + 2 * pw - dw * (kw - 1) - 1) // s + 1)
+
+    def __call__(self, x, residual=None, in_place: bool = False, out=None):
+        """The convolution of NCHW `x` (fp32 or bf16, any layout) as an NHWC bf16 tensor, plus `residual`.
+        `in_place` writes the sum into a bf16 residual's own buffer (each output pixel is read, then written, once);
+        `out`, a channel slice of a wider NHWC bf16 buffer (a concatenation's), takes the result instead."""
+        import torch
+
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {c}")
+        shape = self.output_shape(x)
+        (kh, kw), (ph, pw), (dh, dw) = self.kernel, self.pads, self.dilations
+        x = x.to(torch.bfloat16)
+        if self.reads_input_in_place:
+            padded = x.contiguous(memory_format=torch.channels_last)
+        else:  # the padding written around each image, and zero pixels past the end that dropped columns read
+            hp, wp, tail = h + 2 * ph, w + 2 * pw, 32 * self.stride + kw * dw
+            padded = torch.empty(n * hp * wp + tail, c, dtype=torch.bfloat16)
+            sn, sc, sh, sw = x.stride()
+            pad = _PadArgs(x.data_ptr(), padded.data_ptr(), n, c, h, w, sn, sc, sh, sw, ph, pw, tail)
+            self._library.kiln_pad_nhwc_bf16(ctypes.byref(pad), torch.get_num_threads())
+            h, w = hp, wp
+        if residual is not None:
+            if tuple(residual.shape) != shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
+            if residual.dtype not in (torch.bfloat16, torch.float32):
+                residual = residual.to(torch.float32)
+            residual = residual.contiguous(memory_format=torch.channels_last)
+        if out is not None:
+            _check_slice(out, shape, torch.bfloat16)
+            y = out
+        elif in_place and residual is not None and residual.dtype == torch.bfloat16 and residual.data_ptr() != x.data_ptr():
+            y = residual
+        else:
+            y = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        args = _AmxConvArgs(padded.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                            residual.data_ptr() if residual is not None else None, y.data_ptr(),
+                            n, h, w, c, shape[2], shape[3], self.out_channels, y.stride(3), kh, kw, self.stride, dh, dw,
+                            int(residual is not None and residual.dtype == torch.bfloat16), *self.clamp)
+        self._library.kiln_conv_amx(ctypes.byref(args), self._pairs_per_task(n, shape[2], w), torch.get_num_threads())
+        return y
+
+    def _pairs_per_task(self, n: int, oh: int, wp: int) -> int:
+        import torch
+
+        pairs = _ceil_div(_ceil_div(self.out_channels, 16), 2)
+        blocks = n * _ceil_div(oh * wp, 32)
+        groups = max(1, min(pairs, _ceil_div(AMX_TASKS_PER_THREAD * torch.get_num_threads(), blocks)))
+        return _ceil_div(pairs, groups)
