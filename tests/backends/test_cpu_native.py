@@ -63,9 +63,11 @@ def test_in_place_residual_sum_writes_the_residuals_buffer():
 
 needs_amx = pytest.mark.skipif(not native.amx_available(), reason="no native AMX kernels (CPU, compiler or Linux)")
 # the direct kernel's shapes whose input channels are a multiple of 16 (AMX's), plus 48 input channels (tiles of
-# 16 instead of 32), a batch whose last pixels end a 1x1's input (the zeroed copy), a strided 1x1
-AMX_SHAPES = [s for s in SHAPES if s[1] % 16 == 0] + [(1, 48, 64, 13, 3, 1, 1, 1), (3, 32, 40, 5, 1, 1, 0, 1),
-                                                       (2, 64, 48, 9, 1, 2, 0, 1)]
+# 16 instead of 32), a batch whose last pixels end a 1x1's input (the zeroed copy), a strided 1x1 and 3x3 (phase
+# images) and a 7x7/2
+AMX_SHAPES = [s for s in SHAPES if s[1] % 16 == 0] + [
+    (1, 48, 64, 13, 3, 1, 1, 1), (3, 32, 40, 5, 1, 1, 0, 1), (2, 64, 48, 9, 1, 2, 0, 1), (2, 32, 48, (11, 8), 3, 2, 1, 1),
+    (1, 16, 32, 20, 7, 2, 3, 1)]
 
 
 @needs_amx
@@ -78,12 +80,13 @@ def test_amx_convolution_matches_float64(shape, fused):
     weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     clamp = {"none": (-np.inf, np.inf), "relu+bf16 residual": (0.0, np.inf), "clip+fp32 residual": (-0.5, 0.75)}[fused]
-    conv = native.AmxConvolution(weight, bias, [stride] * 2, [pad] * 2, [dilation] * 2, clamp)
+    dilations = [dilation] * 2
+    conv = native.AmxConvolution(weight, bias, [stride] * 2, [pad] * 2, dilations, clamp)
     shape_out = conv.output_shape(x)
     residual = None if fused == "none" else torch.randn(*shape_out).to(torch.bfloat16 if "bf16" in fused else torch.float32)
     # the reference sees what the kernel sees: bf16 inputs and weights, exact products, float64 sums
     rounded = torch.from_numpy(weight).to(torch.bfloat16).float().numpy()
-    expected = float64_conv(x.float(), rounded, bias, stride, pad, dilation,
+    expected = float64_conv(x.float(), rounded, bias, stride, pad, dilations,
                             residual.float() if residual is not None else None, clamp)
     actual = conv(x, residual)
     assert actual.dtype == torch.bfloat16 and actual.shape == expected.shape
@@ -91,6 +94,16 @@ def test_amx_convolution_matches_float64(shape, fused):
     # fp32 sums, then one rounding to bf16: 2^-8 of each value, plus the sums' order (1e-5 of the output's scale)
     error = (actual.double() - expected).abs()
     assert (error <= 2 ** -8 * expected.abs() + 1e-5 * expected.abs().max()).all()
+
+
+@needs_amx
+def test_what_the_amx_convolution_does_not_take():
+    assert native.AmxConvolution.takes(16, [1, 2], [1, 1]).startswith("needs one stride")
+    assert native.AmxConvolution.takes(32, [2, 2], [2, 2]) == "takes a dilation only at stride 1"
+    assert native.AmxConvolution.takes(3, [2, 2], [1, 1]) == "needs input channels a multiple of 16, got 3"
+    assert native.AmxConvolution.takes(32, [1, 1], [2, 2]) == native.AmxConvolution.takes(48, [2, 2], [1, 1]) == ""
+    with pytest.raises(ValueError, match="one stride"):
+        native.AmxConvolution(np.ones((16, 16, 3, 3), np.float32), None, [1, 2], [1, 1], [1, 1], (-np.inf, np.inf))
 
 
 @needs_amx
@@ -134,7 +147,8 @@ def test_which_convolutions_take_the_native_kernel():
     if fast.bf16_supported():  # bf16: the AMX kernel where it runs
         assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == \
             ("native-amx" if native.amx_available() else "onednn-packed")
-        assert fast.choose(conv_node_graph(cin=24).nodes[0], conv_node_graph(cin=24), bf16=True).name == "onednn-packed"
+        for graph in (conv_node_graph(group=2), conv_node_graph(cin=24)):
+            assert fast.choose(graph.nodes[0], graph, bf16=True).name == "onednn-packed"
 
 
 @needs_native
@@ -255,6 +269,18 @@ def test_channel_affine_reads_a_strided_view_as_a_copy():
     torch.testing.assert_close(native.ChannelAffine(scale, shift, (0.0, np.inf))(x), torch.relu(x * 2 + 1))
 
 
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 1000, 13, 13), (1, 37, 7, 7), (3, 16, 1, 1)], ids=str)
+def test_global_average_pool_matches_float64(shape, dtype):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4)).to(dtype).contiguous(memory_format=torch.channels_last)
+    actual = native.global_average_pool(x)
+    expected = x.double().mean(dim=(2, 3), keepdim=True)
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8  # fp32 sums; in bf16 one rounding of the mean
+    assert ((actual.double() - expected).abs() <= tolerance * expected.abs() + 1e-6).all()
+
+
 def test_folding_a_chain_into_one_affine_map():
     channels = 3
     a, b = np.array([2.0, -1.0, 0.5]), np.array([1.0, 2.0, 3.0])
@@ -273,9 +299,9 @@ def test_folding_a_chain_into_one_affine_map():
 
 
 def batch_norm_relu_model(channels=40, size=9):
-    """x -> Conv -> Relu -> BatchNormalization -> Relu -> MaxPool: the pre-activation DenseNet applies to each
-    concatenation, a BatchNormalization no convolution before it can absorb (in a bf16 engine it meets the
-    convolution's bf16 output), then a pool (native too)."""
+    """x -> Conv -> Relu -> BatchNormalization -> Relu -> MaxPool -> GlobalAveragePool: the pre-activation DenseNet
+    applies to each concatenation, a BatchNormalization no convolution before it can absorb (in a bf16 engine it
+    meets the convolution's bf16 output), then two pools (native too)."""
     from onnx import TensorProto, helper, numpy_helper
 
     stats = [numpy_helper.from_array(rng.uniform(0.5, 1.5, channels).astype(np.float32) if name == "var"
@@ -285,22 +311,23 @@ def batch_norm_relu_model(channels=40, size=9):
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["a"]),
              helper.make_node("BatchNormalization", ["a", "gamma", "beta", "mean", "var"], ["bn"]),
              helper.make_node("Relu", ["bn"], ["r"]),
-             helper.make_node("MaxPool", ["r"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+             helper.make_node("MaxPool", ["r"], ["p"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["p"], ["y"])]
     shape = [2, channels, size, size]
     return helper.make_model(helper.make_graph(
         nodes, "bn_relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [w, *stats]),
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, channels, 1, 1])], [w, *stats]),
         opset_imports=[helper.make_opsetid("", 18)])
 
 
 @needs_native
 @pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_native_bf16)], ids=["fp32", "bf16"])
-def test_a_batch_normalization_and_relu_run_as_one_native_pass(bf16):
+def test_a_batch_normalization_and_relu_and_the_pools_run_native(bf16):
     import onnxruntime
 
     model = batch_norm_relu_model()
     engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
-    assert [layer["tactic"] for layer in engine.plan.layers.values()][1:] == ["native-affine", "native-pool"]
+    assert [layer["tactic"] for layer in engine.plan.layers.values()][1:] == ["native-affine", "native-pool", "native-mean"]
     x = rng.standard_normal((2, 40, 9, 9)).astype(np.float32)
     expected = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     actual = np.asarray(engine.run({"x": x})["y"], dtype=np.float32)

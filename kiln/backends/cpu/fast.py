@@ -76,6 +76,10 @@ def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = 
         if tactic is not None:
             tactic.precision = "follow" if bf16 else "fp32"
             return tactic
+    if not node.domain and node.op == "GlobalAveragePool" and fp32:
+        tactic = _global_average_pool(node, graph, bf16)
+        if tactic is not None:
+            return tactic
     if node.domain == "kiln" and node.op == "Elementwise" and fp32:
         tactic = _channel_affine(node, graph, bf16)
         if tactic is not None:
@@ -179,8 +183,8 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
 ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear"}
 # Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
-# Below this many input channels the native kernel's inner loop is too short to pay (the 3-channel stems: SqueezeNet's
-# 3x3/2 0.51 against oneDNN's 0.40 ms); oneDNN keeps them.
+# Below this many input channels the native kernels' inner loop is too short to pay (the 3-channel stems:
+# SqueezeNet's 3x3/2 0.51 against oneDNN's 0.40 ms in fp32); oneDNN keeps them.
 NATIVE_MIN_IN_CHANNELS = 16
 
 
@@ -204,7 +208,7 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
     in_place = has_residual and _residual_dies_here(node, graph)
     if bf16:
-        if not native.amx_available() or weight.shape[1] % 16 or strides[0] != strides[1]:
+        if not native.amx_available() or native.AmxConvolution.takes(weight.shape[1], strides, dilations):
             return None
         convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"
     else:
@@ -357,6 +361,26 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
         return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
 
     return Tactic(run, "torch-pool", "follow")
+
+
+def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+    """GlobalAveragePool over a 4-D fp32 tensor (bf16 in a bf16 engine) as one native pass."""
+    import torch
+
+    from . import native
+
+    x = graph.value(node.inputs[0])
+    if not native.available()[0] or (bf16 and not native.bf16_available()) or not x.is_static or len(x.shape) != 4 \
+            or not x.shape[2] * x.shape[3]:
+        return None
+    channels_last = torch.channels_last
+
+    def run(x):
+        if x.is_contiguous() and not x.is_contiguous(memory_format=channels_last):  # NCHW planes: torch's mean reads them in place
+            return x.mean(dim=(2, 3), keepdim=True)
+        return native.global_average_pool(x)
+
+    return Tactic(run, "native-mean", "follow" if bf16 else "fp32")
 
 
 def _channel_affine(node: Node, graph: Graph, bf16: bool) -> Tactic | None:

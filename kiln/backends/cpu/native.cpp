@@ -204,6 +204,38 @@ extern "C" void kiln_max_pool_nhwc_bf16(const PoolArgs* args, int64_t threads) {
 }
 #endif
 
+// The mean over each image's pixels of NHWC `x`, per channel (a global average pool): fp32 sums, 16 channels and
+// one image per task.
+struct MeanArgs { const void* x; void* y; int64_t n, pixels, c; };
+
+template <typename T>
+static void pixel_mean(const MeanArgs& a, int64_t threads) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const int64_t blocks = (a.c + 15) / 16;
+  const __m512 scale = _mm512_set1_ps(1.0f / (float)a.pixels);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t t = 0; t < a.n * blocks; ++t) {
+    const int64_t image = t / blocks, c0 = t % blocks * 16;
+    const __mmask16 mask = first_lanes(a.c - c0);
+    const T* in = x + image * a.pixels * a.c + c0;
+    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+    int64_t p = 0;
+    for (; p + 1 < a.pixels; p += 2) {
+      sum0 = _mm512_add_ps(sum0, load16(in + p * a.c, mask));
+      sum1 = _mm512_add_ps(sum1, load16(in + (p + 1) * a.c, mask));
+    }
+    if (p < a.pixels) sum0 = _mm512_add_ps(sum0, load16(in + p * a.c, mask));
+    store16(y + image * a.c + c0, mask, _mm512_mul_ps(_mm512_add_ps(sum0, sum1), scale));
+  }
+}
+
+extern "C" void kiln_pixel_mean(const MeanArgs* args, int64_t threads) { pixel_mean<float>(*args, threads); }
+
+#ifdef __AVX512BF16__
+extern "C" void kiln_pixel_mean_bf16(const MeanArgs* args, int64_t threads) { pixel_mean<bf16_t>(*args, threads); }
+#endif
+
 // y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
 // at a time), NCHW is outer n and inner h*w (16 pixels of one channel at a time). One pass over memory, where
 // torch's addcmul and relu take two, and in bf16 each converts on its own.
@@ -277,13 +309,16 @@ extern "C" void kiln_channel_affine_bf16(const AffineArgs* args, int64_t threads
 }
 #endif
 
-// A bf16 convolution on AMX tiles (fp32 sums), as an implicit matrix product. The input is NHWC bf16 in a buffer
-// that already holds the padding, pixels of a row `wp` apart. Output pixels are numbered q = oy * wp + ox, the
-// columns past ow being computed and dropped: with a stride s, tap (ky, kx) of 16 consecutive q's then reads 16
-// input pixels s apart, one tile load. A task computes 32 such pixels (2 tiles of 16 rows) for pairs of 16 output
-// channels (2 tiles of 16 columns), summing over every tap and input channel in AMX's 4 accumulator tiles, then
-// adds bias and residual, clamps, rounds to bf16 and writes the pixels that exist.
-// Weights are packed as [oc/16][kh][kw][ic/2][16][2] (AMX's pairs of input channels); ic is a multiple of 16.
+// A bf16 convolution on AMX tiles (fp32 sums), as an implicit matrix product over an input that native.py prepares
+// (or reads in place) so that every tap of the kernel reads a constant offset from the output pixel:
+//  - output pixels of an image are numbered q = oy * wv + ox, the columns past ow computed and dropped;
+//  - output pixel q's input pixel for tap t is  image * image_pixels + q + taps[t], in units of c channels.
+// A 1x1 convolution reads its NHWC input in place (wv = ow). Others read a prepared copy: zero-padded and,
+// for a stride s > 1, split into s x s phase images (pixel (s*y + a, s*x + b) in phase (a, b)), so that consecutive
+// output pixels read consecutive input pixels. Input channels are a multiple of 16.
+// A task computes 32 output pixels (2 tiles of 16 rows) for pairs of 16 output channels (2 tiles of 16 columns),
+// summing over every tap and input channel in AMX's 4 accumulator tiles, then adds bias and residual, clamps,
+// rounds to bf16 and writes the pixels that exist. Weights are packed as [oc/16][tap][c/2][16][2].
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -291,9 +326,10 @@ extern "C" void kiln_channel_affine_bf16(const AffineArgs* args, int64_t threads
 
 struct AmxConvArgs {
   const bf16_t* x; const bf16_t* w; const float* bias; const void* residual; bf16_t* y;
-  int64_t n, hp, wp, c;          // input with its padding, NHWC
+  const int64_t* taps;           // input pixel offset of each tap
+  int64_t n, c, pixels;          // images, channels (a multiple of 16), pixels in the input buffer
+  int64_t image_pixels, wv, tap_count;
   int64_t oh, ow, oc, ldy;       // output NHWC; ldy elements from one output pixel to the next
-  int64_t kh, kw, s, dh, dw;     // one stride for both axes
   int64_t residual_bf16;         // the residual's type: bf16 (1) or fp32 (0)
   float lo, hi;
 };
@@ -319,16 +355,16 @@ static void configure_tiles(int64_t kstep) {
   _tile_loadconfig(&config);
 }
 
-// Where a tile of 16 input rows `stride` pixels apart is loaded from, and the bytes between its rows: the buffer
-// itself, or a zeroed copy where some rows lie past its last pixel (the last pixels of a 1x1 convolution, which
-// reads its input in place). GCC's tile intrinsics take the tile's number as a literal, so the caller loads.
-static inline const bf16_t* input_rows(const AmxConvArgs& a, int64_t pixel, int64_t k0, int64_t kstep, int64_t pixels,
-                                       bf16_t* scratch, int64_t* bytes) {
+// Where a tile of 16 input rows is loaded from, and the bytes between its rows: the buffer itself, or a zeroed
+// copy where some rows lie past its last pixel (the last pixels of a 1x1 convolution, which reads its input in
+// place). GCC's tile intrinsics take the tile's number as a literal, so the caller loads.
+static inline const bf16_t* input_rows(const AmxConvArgs& a, int64_t pixel, int64_t k0, int64_t kstep, bf16_t* scratch,
+                                       int64_t* bytes) {
   const bf16_t* p = a.x + pixel * a.c + k0;
-  *bytes = a.s * a.c * 2;
-  if (pixel + 15 * a.s < pixels) return p;
+  *bytes = a.c * 2;
+  if (pixel + 15 < a.pixels) return p;
   memset(scratch, 0, 16 * 32 * 2);
-  for (int64_t r = 0; r < 16 && pixel + r * a.s < pixels; ++r) memcpy(scratch + r * kstep, p + r * a.s * a.c, kstep * 2);
+  for (int64_t r = 0; r < 16 && pixel + r < a.pixels; ++r) memcpy(scratch + r * kstep, p + r * a.c, kstep * 2);
   *bytes = kstep * 2;
   return scratch;
 }
@@ -336,27 +372,25 @@ static inline const bf16_t* input_rows(const AmxConvArgs& a, int64_t pixel, int6
 template <int PAIRS>
 static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t ob0, int64_t kstep, float* sums,
                       bf16_t* scratch) {
-  const int64_t pixels = a.n * a.hp * a.wp, base = image * a.hp * a.wp;
-  const int64_t wblock = a.kh * a.kw * a.c * 16;
+  const int64_t wblock = a.tap_count * a.c * 16;
+  const int64_t first = image * a.image_pixels + q0;
   _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-  for (int64_t ky = 0; ky < a.kh; ++ky) {
-    for (int64_t kx = 0; kx < a.kw; ++kx) {
-      const int64_t pixel = base + q0 * a.s + ky * a.dh * a.wp + kx * a.dw;
-      const bf16_t* w0 = a.w + ob0 * wblock + (ky * a.kw + kx) * a.c * 16;
-      for (int64_t k0 = 0; k0 < a.c; k0 += kstep) {
-        int64_t bytes;
-        const bf16_t* rows = input_rows(a, pixel, k0, kstep, pixels, scratch, &bytes);
-        _tile_loadd(4, rows, bytes);
-        rows = input_rows(a, pixel + 16 * a.s, k0, kstep, pixels, scratch + 16 * 32, &bytes);
-        _tile_loadd(5, rows, bytes);
-        _tile_loadd(6, w0 + k0 * 16, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 5, 6);
-        if (PAIRS == 2) {
-          _tile_loadd(7, w0 + wblock + k0 * 16, 64);
-          _tile_dpbf16ps(2, 4, 7);
-          _tile_dpbf16ps(3, 5, 7);
-        }
+  for (int64_t tap = 0; tap < a.tap_count; ++tap) {
+    const int64_t pixel = first + a.taps[tap];
+    const bf16_t* w0 = a.w + ob0 * wblock + tap * a.c * 16;
+    for (int64_t k0 = 0; k0 < a.c; k0 += kstep) {
+      int64_t bytes;
+      const bf16_t* rows = input_rows(a, pixel, k0, kstep, scratch, &bytes);
+      _tile_loadd(4, rows, bytes);
+      rows = input_rows(a, pixel + 16, k0, kstep, scratch + 16 * 32, &bytes);
+      _tile_loadd(5, rows, bytes);
+      _tile_loadd(6, w0 + k0 * 16, 64);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      if (PAIRS == 2) {
+        _tile_loadd(7, w0 + wblock + k0 * 16, 64);
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
       }
     }
   }
@@ -368,7 +402,7 @@ static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t o
   }
   const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
   for (int64_t r = 0; r < 32; ++r) {
-    const int64_t q = q0 + r, oy = q / a.wp, ox = q % a.wp;
+    const int64_t q = q0 + r, oy = q / a.wv, ox = q % a.wv;
     if (oy >= a.oh || ox >= a.ow) continue;
     const int64_t p = (image * a.oh + oy) * a.ow + ox;
     for (int b = 0; b < PAIRS; ++b) {
@@ -385,41 +419,12 @@ static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t o
   }
 }
 
-// The AMX convolution's input: NCHW-indexed bf16 `x` with element strides (n, c, h, w) copied into an NHWC buffer with
-// `ph`/`pw` zero pixels around each image and `tail` zero pixels after the last, one task per padded row.
-struct PadArgs {
-  const bf16_t* x; bf16_t* y;
-  int64_t n, c, h, w, sn, sc, sh, sw, ph, pw, tail;
-};
-
-extern "C" void kiln_pad_nhwc_bf16(const PadArgs* args, int64_t threads) {
-  const PadArgs& a = *args;
-  const int64_t hp = a.h + 2 * a.ph, wp = a.w + 2 * a.pw, row = wp * a.c;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < a.n * hp; ++r) {
-    const int64_t image = r / hp, iy = r % hp - a.ph;
-    bf16_t* out = a.y + r * row;
-    if (iy < 0 || iy >= a.h) { memset(out, 0, row * 2); continue; }
-    memset(out, 0, a.pw * a.c * 2);
-    memset(out + (a.pw + a.w) * a.c, 0, a.pw * a.c * 2);
-    const bf16_t* in = a.x + image * a.sn + iy * a.sh;
-    bf16_t* interior = out + a.pw * a.c;
-    if (a.sc == 1 && a.sw == a.c) {
-      memcpy(interior, in, a.w * a.c * 2);
-    } else {
-      for (int64_t ix = 0; ix < a.w; ++ix)
-        for (int64_t ch = 0; ch < a.c; ++ch) interior[ix * a.c + ch] = in[ix * a.sw + ch * a.sc];
-    }
-  }
-  memset(a.y + a.n * hp * row, 0, a.tail * a.c * 2);
-}
-
 extern "C" void kiln_conv_amx(const AmxConvArgs* args, int64_t pairs_per_task, int64_t threads) {
   const AmxConvArgs& a = *args;
   const int64_t kstep = a.c % 32 == 0 ? 32 : 16;
   const int64_t ocb = (a.oc + 15) / 16, pairs = (ocb + 1) / 2;
   const int64_t groups = (pairs + pairs_per_task - 1) / pairs_per_task;
-  const int64_t q_count = (a.oh - 1) * a.wp + a.ow, blocks = (q_count + 31) / 32;
+  const int64_t q_count = (a.oh - 1) * a.wv + a.ow, blocks = (q_count + 31) / 32;
   const int64_t tasks = a.n * blocks * groups;
 #pragma omp parallel num_threads(threads)
   {
@@ -438,6 +443,43 @@ extern "C" void kiln_conv_amx(const AmxConvArgs* args, int64_t pairs_per_task, i
     _tile_release();
   }
 }
+
+// The AMX convolution's prepared input from bf16 `x`, indexed as NCHW with element strides (sn, sc, sh, sw): for
+// a < pa, b < pb, phase image (a, b) of hq x wq NHWC pixels holds the zero-padded input's pixel (s*y + a, s*x + b)
+// (zero past its edge); images one after another, then `tail` zero pixels. At s = 1 it is the padded image.
+struct PrepareArgs {
+  const bf16_t* x; bf16_t* y;
+  int64_t n, c, h, w, sn, sc, sh, sw, ph, pw, s, pa, pb, hq, wq, tail;
+};
+
+static inline void copy_pixel(bf16_t* out, const bf16_t* in, int64_t c, int64_t sc) {
+  if (sc == 1) { memcpy(out, in, c * 2); return; }
+  for (int64_t ch = 0; ch < c; ++ch) out[ch] = in[ch * sc];
+}
+
+extern "C" void kiln_prepare_phases(const PrepareArgs* args, int64_t threads) {
+  const PrepareArgs& a = *args;
+  const int64_t rows = a.n * a.pa * a.pb * a.hq;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t y = r % a.hq, phase = r / a.hq % (a.pa * a.pb), image = r / a.hq / (a.pa * a.pb);
+    const int64_t iy = a.s * y + phase / a.pb - a.ph, b = phase % a.pb;
+    bf16_t* out = a.y + r * a.wq * a.c;
+    if (iy < 0 || iy >= a.h) { memset(out, 0, a.wq * a.c * 2); continue; }
+    const bf16_t* in = a.x + image * a.sn + iy * a.sh;
+    int64_t x = 0;
+    for (; x < a.wq && a.s * x + b - a.pw < 0; ++x) memset(out + x * a.c, 0, a.c * 2);
+    if (a.s == 1 && a.sc == 1 && a.sw == a.c) {  // NHWC rows: the interior in one copy
+      const int64_t count = a.w - (x + b - a.pw) < a.wq - x ? a.w - (x + b - a.pw) : a.wq - x;
+      memcpy(out + x * a.c, in + (x + b - a.pw) * a.c, count * a.c * 2);
+      x += count;
+    }
+    for (; x < a.wq && a.s * x + b - a.pw < a.w; ++x) copy_pixel(out + x * a.c, in + (a.s * x + b - a.pw) * a.sw, a.c, a.sc);
+    if (x < a.wq) memset(out + x * a.c, 0, (a.wq - x) * a.c * 2);
+  }
+  memset(a.y + rows * a.wq * a.c, 0, a.tail * a.c * 2);
+}
+
 #else
 extern "C" int kiln_amx_init() { return 0; }
 extern "C" int kiln_native_amx() { return 0; }
