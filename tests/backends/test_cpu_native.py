@@ -263,6 +263,19 @@ def test_channel_affine_matches_float64(case, clamp, dtype):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+def test_channel_affine_reads_a_channel_slice_in_place(dtype):
+    buffer = torch.randn(2, 48, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+    view = buffer[:, :37]  # a concatenation's first channels (concat.py): pixels 48 elements apart
+    assert native._pixel_stride(view) == native._pixel_stride(buffer[:1, 5:6, :1]) == 48
+    assert native._pixel_stride(buffer[:, 5:6, :1, :1]) == 5 * 7 * 48  # one pixel per image: images apart
+    scale, shift = np.full(37, 0.5, np.float32), np.full(37, -0.25, np.float32)
+    actual = native.ChannelAffine(scale, shift, (0.0, np.inf))(view)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(actual, torch.relu(view.float() * 0.5 - 0.25).to(dtype))
+
+
+@needs_native
 def test_channel_affine_reads_a_strided_view_as_a_copy():
     x = torch.randn(2, 8, 6, 6)[:, :, ::2]  # neither layout: made contiguous first
     scale, shift = np.full(8, 2, np.float32), np.ones(8, np.float32)
@@ -388,20 +401,84 @@ def test_a_fire_modules_convolutions_fill_its_concatenation(concat_inputs, bf16)
 
 
 @needs_native
+@pytest.mark.usefixtures("native_wins")
 @pytest.mark.parametrize("case", ["input is a graph output", "a pool's output", "the same input twice"])
-def test_concatenations_that_are_copied(case):
+def test_concatenation_inputs_that_are_copied_into_the_buffer(case):
     from helpers import run_onnxruntime
+
+    from kiln.backends.cpu.concat import concatenation_chains
 
     model, x = {"input is a graph output": lambda: fire_module(extra_outputs=("e1",)),
                 "a pool's output": lambda: fire_module(("e1", "e3", "p"), pool_branch=True),
                 "the same input twice": lambda: fire_module(("e1", "e3", "e1"))}[case]()
     engine = kiln.build(model, kiln.BuilderConfig())
-    concat = next(name for name, layer in engine.plan.layers.items() if layer["op"] == "Concat")
-    assert engine.plan.layers[concat]["tactic"] != "native-in-place"
+    graph = engine.plan.graph
+    [chain] = concatenation_chains(graph, writers_of(graph))
+    # the expand convolutions write their slices, except an output of the graph and an input taken twice; the
+    # pool's output is copied
+    written = {graph.nodes[index].outputs[0] for index in chain.writers}
+    assert written == ({"e1", "e3"} if case == "a pool's output" else {"e3"})
+    assert next(layer for layer in engine.plan.layers.values() if layer["op"] == "Concat")["tactic"] == "native-in-place"
     expected = run_onnxruntime(model, {"x": x})
     actual = engine.run({"x": x})
     for name, want in expected.items():
         np.testing.assert_allclose(np.asarray(actual[name]), want, rtol=1e-5, atol=1e-5)
+
+
+def writers_of(graph):
+    """Every convolution of `graph` as a native one that could write into a concatenation (what
+    concatenation_chains reads of it: its output type)."""
+    class Direct:
+        dtype = torch.float32
+
+    return {node.name: Direct() for node in graph.nodes if node.op_key == "kiln::Conv"}
+
+
+def dense_block(layers=3, growth=16, channels=32, size=8):
+    """A DenseNet block: each layer BatchNormalization -> Relu -> Conv 1x1 -> Relu -> Conv 3x3 on the concatenation
+    so far, its features concatenated after it: Concat(previous concatenation, new features)."""
+    from helpers import make_model
+    from onnx import helper
+
+    nodes, weights, features, width = [helper.make_node("Conv", ["x", "w_stem"], ["f0"], pads=[1, 1, 1, 1])], {}, "f0", channels
+    weights["w_stem"] = rng.standard_normal((channels, 3, 3, 3)) * 0.3
+    for i in range(layers):
+        for name, size_ in (("scale", width), ("bias", width), ("mean", width), ("var", width)):
+            weights[f"{name}{i}"] = rng.uniform(0.5, 1.5, size_) if name in ("scale", "var") else rng.standard_normal(size_) * 0.1
+        weights[f"wa{i}"] = rng.standard_normal((32, width, 1, 1)) / np.sqrt(width)
+        weights[f"wb{i}"] = rng.standard_normal((growth, 32, 3, 3)) / np.sqrt(32 * 9)
+        nodes += [helper.make_node("BatchNormalization", [features, f"scale{i}", f"bias{i}", f"mean{i}", f"var{i}"], [f"bn{i}"]),
+                  helper.make_node("Relu", [f"bn{i}"], [f"r{i}"]),
+                  helper.make_node("Conv", [f"r{i}", f"wa{i}"], [f"a{i}"]), helper.make_node("Relu", [f"a{i}"], [f"ra{i}"]),
+                  helper.make_node("Conv", [f"ra{i}", f"wb{i}"], [f"n{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("Concat", [features, f"n{i}"], [f"c{i}"], axis=1)]
+        features, width = f"c{i}", width + growth
+    nodes.append(helper.make_node("Relu", [features], ["y"]))
+    x = rng.standard_normal((2, 3, size, size)).astype(np.float32)
+    return make_model(nodes, {"x": x}, ["y"], {k: np.asarray(v, np.float32) for k, v in weights.items()}), x
+
+
+@needs_native
+@pytest.mark.usefixtures("native_wins")
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_amx)], ids=["fp32", "bf16"])
+def test_a_dense_blocks_concatenations_share_one_buffer(bf16):
+    from helpers import run_onnxruntime
+
+    from kiln.backends.cpu.concat import concatenation_chains
+
+    model, x = dense_block()
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+    graph = engine.plan.graph
+    [chain] = concatenation_chains(graph, writers_of(graph))
+    assert len(chain.concats) == 3 and chain.widths == [48, 64, 80]
+    assert sorted(chain.writers.values()) == [32, 48, 64]  # each layer's 3x3 writes its 16 channels after the rest
+    layers = engine.plan.layers
+    assert [layer["tactic"] for layer in layers.values() if layer["op"] == "Concat"] == ["native-in-place"] * 3
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    outputs = [np.asarray(engine.run({"x": x})["y"], dtype=np.float32) for _ in range(2)]
+    for y in outputs:
+        assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < (1e-2 if bf16 else 1e-6)
+    assert not np.shares_memory(outputs[0], outputs[1])
 
 
 @needs_native
@@ -445,8 +522,8 @@ def test_the_build_times_both_tactics_and_a_loaded_engine_follows_its_choice(mon
     assert layers[three_by_three]["tactic"] == "onednn-packed"
     assert sorted(layer["tactic"] for layer in layers.values() if layer["op"] == "kiln::Conv") == \
         ["native-direct", "native-direct", "onednn-packed"]
-    # one producer is oneDNN's: the concatenation copies
-    assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] != "native-in-place"
+    # one producer is oneDNN's: its output is copied into the concatenation's buffer, the other writes there
+    assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] == "native-in-place"
     engine.save(tmp_path / "fire.kiln")
     loaded = kiln.load(tmp_path / "fire.kiln")
     np.testing.assert_allclose(np.asarray(loaded.run({"x": x})["y"]), run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)

@@ -1,90 +1,148 @@
-"""Channel concatenations whose every input is a native convolution's output (SqueezeNet's fire modules,
-Inception's branches): each convolution writes its channels straight into the concatenation's NHWC buffer, and the
-Concat step hands that buffer on instead of copying every input into a new one."""
+"""Channel concatenations built in one buffer instead of copied: SqueezeNet's fire modules, Inception's branches
+and DenseNet's dense blocks.
+
+A chain is a channel Concat followed by the Concats that extend it: DenseNet's block makes each layer's features
+Concat(previous concatenation, new features), so a block of 16 layers copies its early features 16 times. Here the
+whole chain shares one NHWC buffer as wide as its last Concat: each Concat's output is a view of the buffer's first
+channels, and its new inputs land in their slices. An input made by a native convolution (which writes into a
+slice of a wider buffer) and read by nothing else is written there directly; any other input is copied into its
+slice once. The views are read, never written, by the layers after them: no kiln layer updates a Concat's output
+in place (fast.py's in-place residual sums take only convolution and pool outputs).
+"""
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from ...ir import Graph, Node
 
 
-def _channel_axis(node: Node, graph: Graph) -> bool:
-    shape = graph.value(node.outputs[0]).shape
-    if shape is None or len(shape) != 4:
-        return False
-    return int(node.attrs.get("axis", 1)) % 4 == 1
+@dataclass
+class Chain:
+    concats: list[int]  # node indices, each extending the one before it
+    offsets: list[list[int]]  # per Concat, the first channel of each of its inputs in the buffer
+    widths: list[int]  # per Concat, its output's channels
+    writers: dict[int, int] = field(default_factory=dict)  # producer node index -> first channel it writes
 
 
-def concatenations_to_fill(graph: Graph, direct: dict[str, object]) -> list[tuple[int, list[int]]]:
-    """(Concat node index, its producers' node indices) for each channel Concat whose inputs are distinct values,
-    each made by a native convolution in `direct` (node name -> DirectConvolution or AmxConvolution, all writing
-    one type) and read by this Concat alone, none of them a graph output."""
+def _channels(graph: Graph, name: str) -> int | None:
+    shape = graph.value(name).shape
+    return shape[1] if shape is not None and len(shape) == 4 and isinstance(shape[1], int) else None
+
+
+def _channel_concat(node: Node, graph: Graph) -> bool:
+    return node.op_key == "Concat" and len(node.outputs) == 1 and _channels(graph, node.outputs[0]) is not None \
+        and int(node.attrs.get("axis", 1)) % 4 == 1 and all(_channels(graph, name) is not None for name in node.inputs)
+
+
+def concatenation_chains(graph: Graph, direct: dict[str, object]) -> list[Chain]:
+    """The chains of channel Concats in `graph`, with the inputs that native convolutions in `direct` (node name ->
+    DirectConvolution or AmxConvolution) write in place: each such input is read by its Concat alone, made once,
+    no graph output, and of the type the chain's first writer writes. A Concat extends the one before it where its
+    first input is that one's output, no graph output, and no other Concat extends it."""
     producer = {name: index for index, node in enumerate(graph.nodes) for name in node.outputs if name}
-    readers: dict[str, int] = {}
-    for node in graph.nodes:
-        for name in node.inputs:
-            readers[name] = readers.get(name, 0) + 1
-    outputs = set(graph.output_names())
-    plans = []
+    readers: dict[str, list[int]] = {}
     for index, node in enumerate(graph.nodes):
-        if node.op_key != "Concat" or len(node.outputs) != 1 or len(node.inputs) < 2 or not _channel_axis(node, graph):
+        for name in node.inputs:
+            readers.setdefault(name, []).append(index)
+    outputs = set(graph.output_names())
+    concats = [index for index, node in enumerate(graph.nodes) if _channel_concat(node, graph)]
+    extends: dict[int, int] = {}  # concat index -> the concat it extends
+    for index in concats:
+        first = graph.nodes[index].inputs[0]
+        before = producer.get(first)
+        if before in concats and first not in outputs and first not in graph.nodes[index].inputs[1:] \
+                and sum(graph.nodes[r].op_key == "Concat" for r in readers[first]) == 1:
+            extends[index] = before
+    chains = []
+    for index in concats:
+        if index in extends:
             continue
-        names = list(node.inputs)
-        if len(set(names)) != len(names) or any(not name or name in outputs or readers.get(name) != 1 for name in names):
-            continue
-        producers = [producer.get(name) for name in names]
-        if all(p is not None and graph.nodes[p].name in direct for p in producers) \
-                and len({direct[graph.nodes[p].name].dtype for p in producers}) == 1:
-            plans.append((index, producers))
-    return plans
+        members = [index]
+        successor = {before: after for after, before in extends.items()}
+        while members[-1] in successor:
+            members.append(successor[members[-1]])
+        chains.append(_chain(graph, members, producer, readers, outputs, direct))
+    return [chain for chain in chains if chain.writers or len(chain.concats) > 1]
+
+
+def _chain(graph: Graph, members: list[int], producer: dict, readers: dict, outputs: set, direct: dict) -> Chain:
+    chain = Chain(members, [], [])
+    dtype = None
+    for position, index in enumerate(members):
+        node = graph.nodes[index]
+        offsets, start = [], 0
+        for slot, name in enumerate(node.inputs):
+            offsets.append(start)
+            made_by = producer.get(name)
+            convolution = direct.get(graph.nodes[made_by].name) if made_by is not None else None
+            extended = position > 0 and slot == 0  # the chain's previous Concat: already in the buffer
+            if convolution is not None and not extended and readers[name] == [index] and name not in outputs \
+                    and node.inputs.count(name) == 1 and (dtype is None or convolution.dtype == dtype):
+                dtype = convolution.dtype
+                chain.writers[made_by] = start
+            start += _channels(graph, name)
+        chain.offsets.append(offsets)
+        chain.widths.append(start)
+    return chain
 
 
 def fill_in_place(program, direct: dict[str, object]) -> list[str]:
-    """Rebind the steps of every concatenation `concatenations_to_fill` finds; returns the Concat layers' names.
+    """Rebind the steps of every chain `concatenation_chains` finds; returns its Concat layers' names.
 
     The buffer lives in the run's own environment under a key no value can have, so concurrent runs of one program
-    never share it: the first producer to run allocates it, each writes its slice, the Concat takes it out."""
-    import torch
-
+    never share it: the first step of the chain to run allocates it, the last Concat takes it out."""
     filled = []
-    for index, producers in concatenations_to_fill(program.graph, direct):
-        concat = program.steps[index]
-        key = f"\0concat buffer of {concat.name}"
-        offsets, start = [], 0
-        for p in producers:
-            offsets.append(start)
-            start += direct[program.steps[p].name].out_channels
-        total, first = start, min(producers)
-        for p, offset in zip(producers, offsets):
-            convolution = direct[program.steps[p].name]
-            program.steps[p].run = _writer(convolution, key, offset, total, allocates=p == first)
-            program.steps[p].wants_env = True
-        concat.run = _taker(key, offsets, torch.cat)
-        concat.wants_env = True
-        filled.append(concat.name)
+    for chain in concatenation_chains(program.graph, direct):
+        key = f"\0concat buffer of {program.steps[chain.concats[0]].name}"
+        width = chain.widths[-1]
+        for producer, offset in chain.writers.items():
+            program.steps[producer].run = _writer(direct[program.steps[producer].name], key, offset, width)
+            program.steps[producer].wants_env = True
+        writer_dtype = next((direct[program.steps[p].name].dtype for p in chain.writers), None)
+        for position, index in enumerate(chain.concats):
+            last = position == len(chain.concats) - 1
+            step = program.steps[index]
+            step.run = _concatenation(key, chain.offsets[position], chain.widths[position], width, writer_dtype, last)
+            step.wants_env = True
+            filled.append(step.name)
     return filled
 
 
-def _writer(convolution, key: str, offset: int, total: int, allocates: bool):
+def _buffer(env: dict, key: str, like, channels: int, dtype):
     import torch
 
-    channels_last = torch.channels_last
-    width = convolution.out_channels
+    buffer = env.get(key)
+    if buffer is None:
+        n, _, h, w = like
+        buffer = env[key] = torch.empty(n, channels, h, w, dtype=dtype, memory_format=torch.channels_last)
+    return buffer
+
+
+def _writer(convolution, key: str, offset: int, width: int):
+    channels = convolution.out_channels
 
     def run(x, *unused, _env):
-        if allocates:
-            n, _, h, w = convolution.output_shape(x)
-            _env[key] = torch.empty(n, total, h, w, dtype=convolution.dtype, memory_format=channels_last)
-        return convolution(x, out=_env[key][:, offset:offset + width])
+        buffer = _buffer(_env, key, convolution.output_shape(x), width, convolution.dtype)
+        return convolution(x, out=buffer[:, offset:offset + channels])
 
     return run
 
 
-def _taker(key: str, offsets: list[int], cat):
+def _concatenation(key: str, offsets: list[int], channels: int, width: int, dtype, last: bool):
+    """The Concat step: every input not already at its slice of the buffer is copied there (a tool may have
+    replaced a written one); the output is the buffer's first `channels`, or the buffer itself at the chain's end."""
     def run(*inputs, _env):
-        buffer = _env.pop(key, None)
-        base = buffer.data_ptr() if buffer is not None else None
-        # the inputs are the buffer's slices unless a tool replaced them; then concatenate as usual
-        if base is not None and all(t.data_ptr() == base + buffer.element_size() * offset for t, offset in zip(inputs, offsets)):
+        buffer = _buffer(_env, key, inputs[0].shape, width, dtype or inputs[0].dtype)
+        for tensor, offset in zip(inputs, offsets):
+            size = tensor.shape[1]
+            target = buffer[:, offset:offset + size]
+            in_place = tensor.data_ptr() == target.data_ptr() and tensor.stride() == target.stride() \
+                and tensor.dtype == buffer.dtype
+            if not in_place:
+                target.copy_(tensor)
+        if last:
+            _env.pop(key, None)
             return buffer
-        return cat(inputs, 1)
+        return buffer[:, :channels]
 
     return run

@@ -237,11 +237,13 @@ extern "C" void kiln_pixel_mean_bf16(const MeanArgs* args, int64_t threads) { pi
 #endif
 
 // y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
-// at a time), NCHW is outer n and inner h*w (16 pixels of one channel at a time). One pass over memory, where
+// at a time; the input may be a channel slice of a wider NHWC buffer, pixels ldx apart, the output contiguous),
+// NCHW is outer n and inner h*w (16 pixels of one channel at a time). One pass over memory, where
 // torch's addcmul and relu take two, and in bf16 each converts on its own.
 struct AffineArgs {
   const void* x; void* y; const float* scale; const float* shift;
   int64_t outer, c, inner;
+  int64_t ldx;  // inner 1: elements from one input pixel to the next (c, or more in a slice of a wider buffer)
   float lo, hi;
 };
 
@@ -288,7 +290,7 @@ static void channel_affine(const AffineArgs& a, int64_t threads) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t r1 = (task + 1) * rows_per_task < outer ? (task + 1) * rows_per_task : outer;
-      for (int64_t r = task * rows_per_task; r < r1; ++r) affine_row(x + r * c, y + r * c, scale, shift, c, lo, hi);
+      for (int64_t r = task * rows_per_task; r < r1; ++r) affine_row(x + r * a.ldx, y + r * c, scale, shift, c, lo, hi);
     }
     return;
   }

@@ -70,7 +70,7 @@ class _MeanArgs(ctypes.Structure):
 class _AffineArgs(ctypes.Structure):
     """native.cpp's AffineArgs, field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "y", "scale", "shift")] + \
-               [(name, ctypes.c_int64) for name in ("outer", "c", "inner")] + [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+               [(name, ctypes.c_int64) for name in ("outer", "c", "inner", "ldx")] + [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
 
 def cache_dir() -> Path:
@@ -246,20 +246,18 @@ class DirectConvolution:
             if tuple(residual.shape) != shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
             residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
-        if out is not None:
-            _check_slice(out, shape, torch.float32)
-            y = out
         # in place only where one pass over the input channels reads each residual element before writing it
-        elif in_place and residual is not None and schedule[3] == self.in_channels and residual.data_ptr() != x.data_ptr():
-            y = residual
+        if out is None and in_place and residual is not None and schedule[3] == self.in_channels \
+                and residual.data_ptr() != x.data_ptr():
+            y, ldy = residual, self.out_channels
         else:
-            y = torch.empty(shape, memory_format=torch.channels_last)
+            y, ldy = _output(shape, torch.float32, out)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
         if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
             h, w, oh, ow = 1, h * w, 1, oh * ow
         args = _ConvArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
                          residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                         n, h, w, c, oh, ow, self.out_channels, y.stride(3), kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
+                         n, h, w, c, oh, ow, self.out_channels, ldy, kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
         self._library.kiln_conv_nhwc(ctypes.byref(args), *schedule, torch.get_num_threads())
         return y
 
@@ -283,15 +281,37 @@ class DirectConvolution:
         return per_task, rows, columns, min(self.in_channels, channels)
 
 
-def _check_slice(out, shape: tuple, dtype) -> None:
-    """`out` must be `shape`, `dtype`, and laid out as a channel slice of an NHWC buffer (channels contiguous,
-    pixels at one stride), which is how native.cpp writes it."""
-    n, c, h, w = shape
-    pixel = out.stride(3)
-    if tuple(out.shape) != shape or out.dtype != dtype or out.stride(1) != 1 or pixel < c \
-            or out.stride(2) != w * pixel or (n > 1 and out.stride(0) != h * w * pixel):
+def _output(shape: tuple, dtype, out=None):
+    """(the tensor a kernel writes, elements between its pixels): `out` where given, which must be `shape`, `dtype`,
+    and NHWC pixels at one stride (a channel slice of a wider NHWC buffer: how native.cpp writes), else a new
+    channels-last tensor."""
+    import torch
+
+    if out is None:
+        y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
+        return y, shape[1]
+    pixel = _pixel_stride(out)
+    if tuple(out.shape) != shape or out.dtype != dtype or pixel is None:
         raise ValueError(f"out must be a {dtype} channel slice of an NHWC buffer of shape {shape}; "
                          f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
+    return out, pixel
+
+
+def _pixel_stride(x) -> int | None:
+    """The elements between consecutive pixels where 4-D `x` is NHWC pixels at one stride (channels contiguous:
+    channels-last, or a channel slice of a wider channels-last buffer), else None."""
+    if x.dim() != 4:
+        return None
+    n, c, h, w = x.shape
+    if c > 1 and x.stride(1) != 1:
+        return None
+    # the stride a dimension of size > 1 must have, per pixel stride p: w -> p, h -> w * p, n -> h * w * p
+    spans = [(size, stride, pixels) for size, stride, pixels in ((w, x.stride(3), 1), (h, x.stride(2), w), (n, x.stride(0), h * w))
+             if size > 1]
+    pixel = spans[0][1] // spans[0][2] if spans else c
+    if pixel < c or any(stride != pixels * pixel for _, stride, pixels in spans):
+        return None
+    return pixel
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -352,7 +372,8 @@ def global_average_pool(x):
 class ChannelAffine:
     """y = clamp(x * scale[c] + shift[c], lo, hi) along axis 1 of an fp32 or bf16 tensor, in one pass (an inference
     BatchNormalization and its ReLU): scale and shift stay fp32 for both. NCHW-contiguous and channels-last
-    tensors are read in place; anything else is made contiguous first."""
+    tensors, and channel slices of a wider channels-last buffer (concat.py's), are read in place; anything else is
+    made contiguous first."""
 
     def __init__(self, scale, shift, clamp: tuple[float, float]):
         import torch
@@ -371,15 +392,17 @@ class ChannelAffine:
         affine = _typed(self._library, "kiln_channel_affine", x.dtype)
         if x.dim() < 2 or x.shape[1] != self.scale.numel():
             raise ValueError(f"expected {self.scale.numel()} channels on axis 1, got shape {tuple(x.shape)}")
-        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        if channels_last:
-            outer, inner = x.numel() // x.shape[1], 1
+        c = x.shape[1]
+        pixel = _pixel_stride(x)
+        if pixel is not None and not x.is_contiguous():  # NHWC, or a channel slice of a wider NHWC buffer
+            outer, inner, ldx = x.numel() // c, 1, pixel
+            y = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
         else:
             x = x.contiguous()
-            outer, inner = x.shape[0], x.numel() // max(1, x.shape[0] * x.shape[1])
-        y = torch.empty_like(x)  # keeps x's layout
+            outer, inner, ldx = x.shape[0], x.numel() // max(1, x.shape[0] * c), c
+            y = torch.empty_like(x)
         args = _AffineArgs(x.data_ptr(), y.data_ptr(), self.scale.data_ptr(), self.shift.data_ptr(),
-                           outer, x.shape[1], inner, *self.clamp)
+                           outer, c, inner, ldx, *self.clamp)
         if x.numel():
             affine(ctypes.byref(args), torch.get_num_threads())
         return y
@@ -458,17 +481,15 @@ class AmxConvolution:
             if residual.dtype not in (torch.bfloat16, torch.float32):
                 residual = residual.to(torch.float32)
             residual = residual.contiguous(memory_format=torch.channels_last)
-        if out is not None:
-            _check_slice(out, shape, torch.bfloat16)
-            y = out
-        elif in_place and residual is not None and residual.dtype == torch.bfloat16 and residual.data_ptr() != x.data_ptr():
-            y = residual
+        if out is None and in_place and residual is not None and residual.dtype == torch.bfloat16 \
+                and residual.data_ptr() != x.data_ptr():
+            y, ldy = residual, self.out_channels
         else:
-            y = torch.empty(shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+            y, ldy = _output(shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
                             residual.data_ptr() if residual is not None else None, y.data_ptr(), taps.data_ptr(),
                             n, c, source.numel() // c, image_pixels, wv, taps.numel(),
-                            shape[2], shape[3], self.out_channels, y.stride(3),
+                            shape[2], shape[3], self.out_channels, ldy,
                             int(residual is not None and residual.dtype == torch.bfloat16), *self.clamp)
         self._library.kiln_conv_amx(ctypes.byref(args), self._pairs_per_task(n, shape[2], wv), torch.get_num_threads())
         return y
