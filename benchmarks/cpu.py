@@ -114,17 +114,20 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
             row["peak_activation_mb"] = round(memory["peak_bytes"] / 1e6, 2)
             row["lower_bound_mb"] = round(memory["lower_bound_bytes"] / 1e6, 2)
     if onednn_only:
-        with without_native():
-            onednn, onednn_output = built_and_run(model, feed)
-        row["kiln_fp32_onednn_error"] = relative_error(onednn_output, reference)
-        runners["kiln_fp32_onednn"] = lambda: onednn.run(torch_feed)
+        for precision in ("fp32", "bf16"):
+            with without_native():
+                onednn, onednn_output = built_and_run(model, feed, bf16=precision == "bf16")
+            row[f"kiln_{precision}_onednn_error"] = relative_error(onednn_output, reference)
+            runners[f"kiln_{precision}_onednn"] = lambda onednn=onednn: onednn.run(torch_feed)
     with torch.inference_mode():
         medians = interleaved_medians(runners, runs)
     row.update({f"{name}_ms": ms for name, ms in medians.items()})
     print(format_row(row), flush=True)
     if onednn_only:
-        print(f"|   without native kernels (oneDNN only) | {batch} | | | {row['kiln_fp32_onednn_ms']:.1f} "
-              f"({row['kiln_fp32_onednn_ms'] / row['onnxruntime_ms']:.2f}) | | {row['kiln_fp32_onednn_error']:.1e} | |", flush=True)
+        ratio = lambda key: f"{row[key]:.1f} ({row[key] / row['onnxruntime_ms']:.2f})"  # noqa: E731
+        print(f"|   without native kernels (oneDNN only) | {batch} | | | {ratio('kiln_fp32_onednn_ms')} "
+              f"| {ratio('kiln_bf16_onednn_ms')} | {row['kiln_fp32_onednn_error']:.1e} "
+              f"| {row['kiln_bf16_onednn_error']:.1e} |", flush=True)
     return row
 
 
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--encoder-layers", type=int, default=12)
     parser.add_argument("--onednn-only", action="store_true",
-                        help="also time kiln fp32 with its native kernels off (KILN_NATIVE=0), in the same turns")
+                        help="also time kiln fp32 and bf16 with its native kernels off (KILN_NATIVE=0), in the same turns")
     parser.add_argument("--json", default=str(ROOT / "benchmarks" / "cpu.json"), help="where to write the results")
     args = parser.parse_args(argv)
 

@@ -403,8 +403,10 @@ static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t o
     _tile_stored(3, sums + 768, 64);
   }
   const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+  // output pixel q0 + r is (oy, ox), stepped along without a division per pixel
+  int64_t oy = q0 / a.wv, ox = q0 % a.wv - 1;
   for (int64_t r = 0; r < 32; ++r) {
-    const int64_t q = q0 + r, oy = q / a.wv, ox = q % a.wv;
+    if (++ox == a.wv) { ox = 0; ++oy; }
     if (oy >= a.oh || ox >= a.ow) continue;
     const int64_t p = (image * a.oh + oy) * a.ow + ox;
     for (int b = 0; b < PAIRS; ++b) {

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -420,7 +421,8 @@ class AmxConvolution:
     (native.cpp says why), and take a dilation only at stride 1. Weights packed once as [out/16][tap][in/2][16][2].
 
     Not taken: input channels that are no multiple of 16 (the 3-channel stems). Unrolled into one row per output
-    pixel (im2col), ResNet's 7x7/2 stem ran 1.9x oneDNN's time here: the 4 MB of rows cost more than the sums."""
+    pixel (im2col), ResNet's 7x7/2 stem ran 1.9x oneDNN's time here: the 4 MB of rows cost more than the sums.
+    Folding only each row's 7 taps into the channels (1.6 MB, taps along rows only) still ran 1.8-2.1x."""
 
     def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float]):
         import torch
@@ -442,7 +444,7 @@ class AmxConvolution:
         self.dtype = torch.bfloat16  # what it writes
         self.reads_input_in_place = (kh, kw) == (1, 1) and self.stride == 1 and not any(self.pads)
         self._library = _load()[0]
-        self._geometry: dict[tuple, tuple] = {}
+        self._plans: dict[tuple, _AmxPlan] = {}
         self._zero_tap = torch.zeros(1, dtype=torch.int64)
         assert amx_available(), "AmxConvolution needs amx_available()"
 
@@ -458,10 +460,10 @@ class AmxConvolution:
         return ""
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
-        (kh, kw), s, (ph, pw), (dh, dw) = self.kernel, self.stride, self.pads, self.dilations
-        h, w = x.shape[2:]
-        return (x.shape[0], self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // s + 1,
-                (w + 2 * pw - dw * (kw - 1) - 1) // s + 1)
+        import torch
+
+        threads = torch.get_num_threads()
+        return tuple((self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)).shape)
 
     def __call__(self, x, residual=None, in_place: bool = False, out=None):
         """The convolution of NCHW `x` (fp32 or bf16, any layout) as an NHWC bf16 tensor, plus `residual`.
@@ -469,70 +471,81 @@ class AmxConvolution:
         `out`, a channel slice of a wider NHWC bf16 buffer (a concatenation's), takes the result instead."""
         import torch
 
-        n, c, h, w = x.shape
-        if c != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} channels, got {c}")
-        shape = self.output_shape(x)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} channels, got {x.shape[1]}")
+        threads = torch.get_num_threads()
+        plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
         x = x.to(torch.bfloat16)
-        source, image_pixels, wv, taps = self._prepared(x)
+        source = self._prepared(x, plan)
+        bf16_residual = 0
         if residual is not None:
-            if tuple(residual.shape) != shape:
-                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
+            if residual.shape != plan.shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
             if residual.dtype not in (torch.bfloat16, torch.float32):
                 residual = residual.to(torch.float32)
             residual = residual.contiguous(memory_format=torch.channels_last)
-        if out is None and in_place and residual is not None and residual.dtype == torch.bfloat16 \
-                and residual.data_ptr() != x.data_ptr():
+            bf16_residual = int(residual.dtype == torch.bfloat16)
+        if out is None and in_place and bf16_residual and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
         else:
-            y, ldy = _output(shape, torch.bfloat16, out)
+            y, ldy = _output(plan.shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                            residual.data_ptr() if residual is not None else None, y.data_ptr(), taps.data_ptr(),
-                            n, c, source.numel() // c, image_pixels, wv, taps.numel(),
-                            shape[2], shape[3], self.out_channels, ldy,
-                            int(residual is not None and residual.dtype == torch.bfloat16), *self.clamp)
-        self._library.kiln_conv_amx(ctypes.byref(args), self._pairs_per_task(n, shape[2], wv), torch.get_num_threads())
+                            residual.data_ptr() if residual is not None else None, y.data_ptr(), plan.taps.data_ptr(),
+                            x.shape[0], self.in_channels, source.numel() // self.in_channels, plan.image_pixels, plan.wv,
+                            plan.taps.numel(), plan.shape[2], plan.shape[3], self.out_channels, ldy, bf16_residual,
+                            *self.clamp)
+        self._library.kiln_conv_amx(ctypes.byref(args), plan.pairs_per_task, threads)
         return y
 
-    def _prepared(self, x):
-        """(the buffer the kernel reads, its pixels per image, output pixels per row it numbers, the taps' pixel
-        offsets) for bf16 `x`."""
+    def _prepared(self, x, plan):
+        """The buffer the kernel reads for bf16 `x`: x itself (NHWC) for a 1x1 that reads in place, else its phase
+        images."""
         import torch
 
-        n, c, h, w = x.shape
-        if self.reads_input_in_place:
-            return x.contiguous(memory_format=torch.channels_last), h * w, w, self._zero_tap
-        key = (n, h, w)
-        if key not in self._geometry:
-            self._geometry[key] = self._geometry_for(n, h, w, *self.output_shape(x)[2:])
-        args, image_pixels, wv, taps, size = self._geometry[key]
-        sn, sc, sh, sw = x.stride()
-        phases = torch.empty(size, c, dtype=torch.bfloat16)
-        prepare = _PrepareArgs(x.data_ptr(), phases.data_ptr(), n, c, h, w, sn, sc, sh, sw, *self.pads, *args)
-        self._library.kiln_prepare_phases(ctypes.byref(prepare), torch.get_num_threads())
-        return phases, image_pixels, wv, taps
+        if plan.prepare is None:
+            return x.contiguous(memory_format=torch.channels_last)
+        phases = torch.empty(plan.prepared_pixels, self.in_channels, dtype=torch.bfloat16)
+        prepare = _PrepareArgs(x.data_ptr(), phases.data_ptr(), *x.shape, *x.stride(), *self.pads, *plan.prepare)
+        self._library.kiln_prepare_phases(ctypes.byref(prepare), plan.threads)
+        return phases
 
-    def _geometry_for(self, n: int, h: int, w: int, oh: int, ow: int):
-        """For an input of n x h x w: PrepareArgs' fields from `s` on, the kernel's pixels per image, numbered
-        width and tap offsets, and the prepared buffer's pixels."""
+    def _plan_for(self, input_shape, threads: int) -> "_AmxPlan":
+        """What every call on an input of `input_shape` shares (kept per shape and thread count): the output shape,
+        PrepareArgs' fields from `s` on (None where the input is read in place), the kernel's pixels per image,
+        numbered width and tap offsets, the prepared buffer's pixels, and the output-channel pairs per task."""
         import torch
 
+        n, _, h, w = input_shape
         (kh, kw), s, (ph, pw), (dh, dw) = self.kernel, self.stride, self.pads, self.dilations
-        pa, pb = min(s, kh), min(s, kw)
-        hq, wq = _ceil_div(h + 2 * ph, s), _ceil_div(w + 2 * pw, s)
-        image_pixels = pa * pb * hq * wq
-        taps = torch.tensor([((ky % s) * pb + kx % s) * hq * wq + (ky // s) * dh * wq + (kx // s) * dw
-                             for ky in range(kh) for kx in range(kw)], dtype=torch.int64)
-        # the last 32-pixel block of the last image reads up to 31 numbered pixels past its last output
-        last_read = (n - 1) * image_pixels + _ceil_div((oh - 1) * wq + ow, 32) * 32 - 1 + int(taps.max())
-        tail = max(0, last_read + 1 - n * image_pixels)
-        return (s, pa, pb, hq, wq, tail), image_pixels, wq, taps, n * image_pixels + tail
-
-    def _pairs_per_task(self, n: int, oh: int, wv: int) -> int:
-        import torch
-
+        shape = torch.Size((n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // s + 1,
+                            (w + 2 * pw - dw * (kw - 1) - 1) // s + 1))
+        oh, ow = shape[2:]
+        if self.reads_input_in_place:
+            prepare, image_pixels, wv, taps, prepared_pixels = None, h * w, w, self._zero_tap, 0
+        else:
+            pa, pb = min(s, kh), min(s, kw)
+            hq, wq = _ceil_div(h + 2 * ph, s), _ceil_div(w + 2 * pw, s)
+            image_pixels, wv = pa * pb * hq * wq, wq
+            taps = torch.tensor([((ky % s) * pb + kx % s) * hq * wq + (ky // s) * dh * wq + (kx // s) * dw
+                                 for ky in range(kh) for kx in range(kw)], dtype=torch.int64)
+            # the last 32-pixel block of the last image reads up to 31 numbered pixels past its last output
+            last_read = (n - 1) * image_pixels + _ceil_div((oh - 1) * wq + ow, 32) * 32 - 1 + int(taps.max())
+            tail = max(0, last_read + 1 - n * image_pixels)
+            prepare, prepared_pixels = (s, pa, pb, hq, wq, tail), n * image_pixels + tail
         pairs = _ceil_div(_ceil_div(self.out_channels, 16), 2)
         blocks = n * _ceil_div(oh * wv, 32)
-        groups = max(1, min(pairs, _ceil_div(AMX_TASKS_PER_THREAD * torch.get_num_threads(), blocks)))
-        return _ceil_div(pairs, groups)
+        groups = max(1, min(pairs, _ceil_div(AMX_TASKS_PER_THREAD * threads, blocks)))
+        plan = _AmxPlan(shape, prepare, image_pixels, wv, taps, prepared_pixels, _ceil_div(pairs, groups), threads)
+        self._plans[(input_shape, threads)] = plan
+        return plan
 
+
+class _AmxPlan(NamedTuple):
+    shape: object  # the output's torch.Size
+    prepare: tuple | None
+    image_pixels: int
+    wv: int
+    taps: object  # int64 tensor
+    prepared_pixels: int
+    pairs_per_task: int
+    threads: int
