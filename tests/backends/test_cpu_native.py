@@ -20,6 +20,10 @@ SHAPES = [(1, 64, 16, 55, 1, 1, 0, 1), (2, 16, 24, 6, 1, 1, 0, 1), (1, 512, 1000
           (1, 128, 64, 14, 1, 2, 0, 1), (1, 16, 17, 1, 3, 1, 1, 1)]
 
 
+def conv_shape_id(s) -> str:
+    return f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}"
+
+
 def float64_conv(x, w, b, stride, pad, dilation, residual=None, clamp=(-np.inf, np.inf)):
     y = F.conv2d(x.double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride, pad, dilation)
     if residual is not None:
@@ -28,7 +32,7 @@ def float64_conv(x, w, b, stride, pad, dilation, residual=None, clamp=(-np.inf, 
 
 
 @needs_native
-@pytest.mark.parametrize("shape", SHAPES, ids=[f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}" for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=conv_shape_id)
 @pytest.mark.parametrize("fused", ["none", "relu+residual", "clip"])
 def test_direct_convolution_matches_float64(shape, fused):
     n, cin, cout, size, k, stride, pad, dilation = shape
@@ -71,7 +75,7 @@ AMX_SHAPES = [s for s in SHAPES if s[1] % 16 == 0] + [
 
 
 @needs_amx
-@pytest.mark.parametrize("shape", AMX_SHAPES, ids=[f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}" for s in AMX_SHAPES])
+@pytest.mark.parametrize("shape", AMX_SHAPES, ids=conv_shape_id)
 @pytest.mark.parametrize("fused", ["none", "relu+bf16 residual", "clip+fp32 residual"])
 def test_amx_convolution_matches_float64(shape, fused):
     n, cin, cout, size, k, stride, pad, dilation = shape

@@ -191,8 +191,9 @@ NATIVE_MIN_IN_CHANNELS = 16
 def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic | None:
     """kiln's native convolutions (kiln/backends/cpu/native.py) for an ungrouped convolution with at most a ReLU or
     Clip fused: in fp32 the AVX-512 direct kernel, which alone takes 0.5-0.75x oneDNN's time on SqueezeNet's small
-    1x1 layers and 0.83-1.17x on ResNet-50's (docs/benchmarks.md, run H); in bf16 the AMX kernel, 0.4-0.8x oneDNN's
-    on the light models' layers (run I). Whether it keeps the layer the build decides by timing (select.py)."""
+    1x1 layers and 0.83-1.17x on ResNet-50's (docs/benchmarks.md, run H); in bf16 the AMX kernel, 0.43-0.82x
+    oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). Whether it keeps
+    the layer the build decides by timing (select.py)."""
     from . import native
 
     activation = node.attrs.get("activation", "")

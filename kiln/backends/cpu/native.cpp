@@ -152,6 +152,16 @@ extern "C" int kiln_native_bf16() { return 0; }
 static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 static inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 
+// A typed kernel's C entry points: `name` for fp32, and `name`_bf16 where the library has bf16
+#ifdef __AVX512BF16__
+#define KILN_TYPED(name, kernel, Args)                                                                   \
+  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }            \
+  extern "C" void name##_bf16(const Args* args, int64_t threads) { kernel<bf16_t>(*args, threads); }
+#else
+#define KILN_TYPED(name, kernel, Args) \
+  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }
+#endif
+
 // Max pooling over NHWC: each output pixel takes the maximum of its window's taps inside the input (padding never
 // wins), 16 channels at a time; a NaN anywhere in the window is the result, as in torch's max_pool2d.
 struct PoolArgs {
@@ -194,15 +204,7 @@ static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
   }
 }
 
-extern "C" void kiln_max_pool_nhwc(const PoolArgs* args, int64_t threads) {
-  max_pool_nhwc<float>(*args, threads);
-}
-
-#ifdef __AVX512BF16__
-extern "C" void kiln_max_pool_nhwc_bf16(const PoolArgs* args, int64_t threads) {
-  max_pool_nhwc<bf16_t>(*args, threads);
-}
-#endif
+KILN_TYPED(kiln_max_pool_nhwc, max_pool_nhwc, PoolArgs)
 
 // The mean over each image's pixels of NHWC `x`, per channel (a global average pool): fp32 sums, 16 channels and
 // one image per task.
@@ -230,11 +232,7 @@ static void pixel_mean(const MeanArgs& a, int64_t threads) {
   }
 }
 
-extern "C" void kiln_pixel_mean(const MeanArgs* args, int64_t threads) { pixel_mean<float>(*args, threads); }
-
-#ifdef __AVX512BF16__
-extern "C" void kiln_pixel_mean_bf16(const MeanArgs* args, int64_t threads) { pixel_mean<bf16_t>(*args, threads); }
-#endif
+KILN_TYPED(kiln_pixel_mean, pixel_mean, MeanArgs)
 
 // y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
 // at a time; the input may be a channel slice of a wider NHWC buffer, pixels ldx apart, the output contiguous),
@@ -301,15 +299,7 @@ static void channel_affine(const AffineArgs& a, int64_t threads) {
   }
 }
 
-extern "C" void kiln_channel_affine(const AffineArgs* args, int64_t threads) {
-  channel_affine<float>(*args, threads);
-}
-
-#ifdef __AVX512BF16__
-extern "C" void kiln_channel_affine_bf16(const AffineArgs* args, int64_t threads) {
-  channel_affine<bf16_t>(*args, threads);
-}
-#endif
+KILN_TYPED(kiln_channel_affine, channel_affine, AffineArgs)
 
 // A bf16 convolution on AMX tiles (fp32 sums), as an implicit matrix product over an input that native.py prepares
 // (or reads in place) so that every tap of the kernel reads a constant offset from the output pixel:
