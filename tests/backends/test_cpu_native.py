@@ -24,6 +24,15 @@ def conv_shape_id(s) -> str:
     return f"n{s[0]}-{s[1]}to{s[2]}-{s[3]}-k{s[4]}s{s[5]}p{s[6]}d{s[7]}"
 
 
+def conv_case(shape):
+    """A test convolution's fp32 input (fixed seed), weights and bias for `shape` (SHAPES' fields)."""
+    n, cin, cout, size, k = shape[:5]
+    h, w = size if isinstance(size, tuple) else (size, size)
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1))
+    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
+    return x, weight, rng.standard_normal(cout).astype(np.float32)
+
+
 def float64_conv(x, w, b, stride, pad, dilation, residual=None, clamp=(-np.inf, np.inf)):
     y = F.conv2d(x.double(), torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride, pad, dilation)
     if residual is not None:
@@ -36,13 +45,10 @@ def float64_conv(x, w, b, stride, pad, dilation, residual=None, clamp=(-np.inf, 
 @pytest.mark.parametrize("fused", ["none", "relu+residual", "clip"])
 def test_direct_convolution_matches_float64(shape, fused):
     n, cin, cout, size, k, stride, pad, dilation = shape
-    h, w = size if isinstance(size, tuple) else (size, size)
-    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1))
-    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
-    bias = rng.standard_normal(cout).astype(np.float32)
+    x, weight, bias = conv_case(shape)
     clamp = {"none": (-np.inf, np.inf), "relu+residual": (0.0, np.inf), "clip": (-0.5, 0.75)}[fused]
     conv = native.DirectConvolution(weight, bias, [stride] * 2, [pad] * 2, [dilation] * 2, clamp)
-    oh, ow = conv.output_size(h, w)
+    oh, ow = conv.output_size(*x.shape[2:])
     residual = torch.randn(n, cout, oh, ow) if fused == "relu+residual" else None
     expected = float64_conv(x, weight, bias, stride, pad, dilation, residual, clamp)
     actual = conv(x, residual)
@@ -79,10 +85,8 @@ AMX_SHAPES = [s for s in SHAPES if s[1] % 16 == 0] + [
 @pytest.mark.parametrize("fused", ["none", "relu+bf16 residual", "clip+fp32 residual"])
 def test_amx_convolution_matches_float64(shape, fused):
     n, cin, cout, size, k, stride, pad, dilation = shape
-    h, w = size if isinstance(size, tuple) else (size, size)
-    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    weight = (rng.standard_normal((cout, cin, k, k)) / np.sqrt(cin * k * k)).astype(np.float32)
-    bias = rng.standard_normal(cout).astype(np.float32)
+    x, weight, bias = conv_case(shape)
+    x = x.to(torch.bfloat16)
     clamp = {"none": (-np.inf, np.inf), "relu+bf16 residual": (0.0, np.inf), "clip+fp32 residual": (-0.5, 0.75)}[fused]
     dilations = [dilation] * 2
     conv = native.AmxConvolution(weight, bias, [stride] * 2, [pad] * 2, dilations, clamp)
