@@ -91,7 +91,6 @@ def built_and_run(model, feed: dict, **config):
 def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, threads: int, onednn_only: bool = False) -> dict:
     import torch
 
-    import kiln
     from kiln.tools.bench import interleaved_medians
 
     session = ort_session(model, threads)
@@ -105,8 +104,8 @@ def bench_row(name: str, batch: int, model, feed: dict, eager, runs: int, thread
         eager = lambda: unoptimized.run(torch_feed)  # noqa: E731
     runners = {"onnxruntime": lambda: session.run([output], feed), "torch_eager": eager}
     for precision in ("fp32", "bf16"):
-        engine = kiln.build(model, kiln.BuilderConfig(bf16=precision == "bf16"))
-        row[f"kiln_{precision}_error"] = relative_error(next(iter(engine.run(feed).values())), reference)
+        engine, engine_output = built_and_run(model, feed, bf16=precision == "bf16")
+        row[f"kiln_{precision}_error"] = relative_error(engine_output, reference)
         runners[f"kiln_{precision}"] = lambda engine=engine: engine.run(torch_feed)
         if precision == "fp32":
             memory = engine.plan.memory

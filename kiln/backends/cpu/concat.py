@@ -46,19 +46,20 @@ def concatenation_chains(graph: Graph, direct: dict[str, object]) -> list[Chain]
             readers.setdefault(name, []).append(index)
     outputs = set(graph.output_names())
     concats = [index for index, node in enumerate(graph.nodes) if _channel_concat(node, graph)]
-    extends: dict[int, int] = {}  # concat index -> the concat it extends
+    is_concat = set(concats)
+    successor: dict[int, int] = {}  # concat index -> the concat that extends it
     for index in concats:
         first = graph.nodes[index].inputs[0]
         before = producer.get(first)
-        if before in concats and first not in outputs and first not in graph.nodes[index].inputs[1:] \
+        if before in is_concat and first not in outputs and first not in graph.nodes[index].inputs[1:] \
                 and sum(graph.nodes[r].op_key == "Concat" for r in readers[first]) == 1:
-            extends[index] = before
+            successor[before] = index
+    extending = set(successor.values())
     chains = []
     for index in concats:
-        if index in extends:
+        if index in extending:
             continue
         members = [index]
-        successor = {before: after for after, before in extends.items()}
         while members[-1] in successor:
             members.append(successor[members[-1]])
         chains.append(_chain(graph, members, producer, readers, outputs, direct))

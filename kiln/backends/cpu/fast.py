@@ -344,7 +344,7 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
         return None
     # torch's output size rule must give the size ONNX shape inference gave, or the fallback runs
     for size, k, s, d, p, out in zip(x.shape[2:], kernel, strides, dilations, pads[:2], y.shape[2:]):
-        if native.pool_output_size(size, k, s, d, p, ceil_mode) != out:
+        if native.window_output_size(size, k, s, d, p, ceil_mode) != out:
             return None
     padding = pads[:2]
     if native.available()[0] and x.dtype is DType.float32:
@@ -364,6 +364,14 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     return Tactic(run, "torch-pool", "follow")
 
 
+def _native_follows(bf16: bool) -> bool:
+    """Whether the native library runs a "follow" layer in every float type this engine hands it: fp32, and bf16 in
+    a bf16 engine."""
+    from . import native
+
+    return native.available()[0] and (not bf16 or native.bf16_available())
+
+
 def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     """GlobalAveragePool over a 4-D fp32 tensor (bf16 in a bf16 engine) as one native pass."""
     import torch
@@ -371,8 +379,7 @@ def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     from . import native
 
     x = graph.value(node.inputs[0])
-    if not native.available()[0] or (bf16 and not native.bf16_available()) or not x.is_static or len(x.shape) != 4 \
-            or not x.shape[2] * x.shape[3]:
+    if not _native_follows(bf16) or not x.is_static or len(x.shape) != 4 or not x.shape[2] * x.shape[3]:
         return None
     channels_last = torch.channels_last
 
@@ -392,8 +399,7 @@ def _channel_affine(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     from . import native
 
     x, y = graph.value(node.inputs[0]), graph.value(node.outputs[0])
-    if not native.available()[0] or (bf16 and not native.bf16_available()) or not x.is_static or len(x.shape) < 2 \
-            or list(x.shape) != list(y.shape):
+    if not _native_follows(bf16) or not x.is_static or len(x.shape) < 2 or list(x.shape) != list(y.shape):
         return None
     constants = {}
     for index, name in enumerate(node.inputs[1:], start=1):

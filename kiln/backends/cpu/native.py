@@ -207,13 +207,8 @@ class DirectConvolution:
         import torch
 
         out_channels, in_channels, kh, kw = weight.shape
-        padded = _ceil_div(out_channels, 16) * 16
-        w = torch.zeros(padded, in_channels, kh, kw)
-        w[:out_channels] = torch.from_numpy(np.array(weight, dtype=np.float32))
-        self.weight = w.view(padded // 16, 16, in_channels, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
-        self.bias = torch.zeros(padded)
-        if bias is not None:
-            self.bias[:out_channels] = torch.from_numpy(np.array(bias, dtype=np.float32))
+        w, self.bias = _blocked(weight, bias)
+        self.weight = w.view(-1, 16, in_channels, kh, kw).permute(0, 3, 4, 2, 1).contiguous()
         self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
         self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
         self.clamp = clamp
@@ -223,8 +218,8 @@ class DirectConvolution:
         assert self._library is not None, "DirectConvolution needs available()"
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
-        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        return tuple(window_output_size(size, k, s, d, p)
+                     for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads))
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
         return (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
@@ -282,6 +277,21 @@ class DirectConvolution:
         return per_task, rows, columns, min(self.in_channels, channels)
 
 
+def _blocked(weight, bias):
+    """fp32 weights [out, in, kh, kw] and bias [out] (zeros where None), zero-padded to whole blocks of 16 output
+    channels, which the kernels compute and never store."""
+    import torch
+
+    out_channels = weight.shape[0]
+    padded = _ceil_div(out_channels, 16) * 16
+    w = torch.zeros(padded, *weight.shape[1:])
+    w[:out_channels] = torch.from_numpy(np.array(weight, dtype=np.float32))
+    b = torch.zeros(padded)
+    if bias is not None:
+        b[:out_channels] = torch.from_numpy(np.array(bias, dtype=np.float32))
+    return w, b
+
+
 def _output(shape: tuple, dtype, out=None):
     """(the tensor a kernel writes, elements between its pixels): `out` where given, which must be `shape`, `dtype`,
     and NHWC pixels at one stride (a channel slice of a wider NHWC buffer: how native.cpp writes), else a new
@@ -319,8 +329,9 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def pool_output_size(size: int, kernel: int, stride: int, dilation: int, pad: int, ceil_mode: bool) -> int:
-    """torch's pooling output size (a last window that would start in the right padding is dropped)."""
+def window_output_size(size: int, kernel: int, stride: int, dilation: int, pad: int, ceil_mode: bool = False) -> int:
+    """torch's output size of a sliding window (a convolution's, or a pool's: in ceil mode a last window that would
+    start in the right padding is dropped)."""
     span = size + 2 * pad - dilation * (kernel - 1) - 1
     out = (_ceil_div(span, stride) if ceil_mode else span // stride) + 1
     if ceil_mode and (out - 1) * stride >= size + pad:
@@ -344,7 +355,7 @@ class MaxPool:
         n, c, h, w = x.shape
         pool = _typed(self._library, "kiln_max_pool_nhwc", x.dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        oh, ow = (pool_output_size(size, k, s, d, p, self.ceil_mode)
+        oh, ow = (window_output_size(size, k, s, d, p, self.ceil_mode)
                   for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads))
         y = torch.empty(n, c, oh, ow, dtype=x.dtype, memory_format=torch.channels_last)
         (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
@@ -431,13 +442,8 @@ class AmxConvolution:
         why_not = self.takes(in_channels, strides, dilations)
         if why_not:
             raise ValueError(f"AMX convolution {why_not}")
-        blocks = _ceil_div(out_channels, 16)
-        w = torch.zeros(blocks * 16, in_channels, kh, kw)
-        w[:out_channels] = torch.from_numpy(np.array(weight, dtype=np.float32))
-        self.weight = w.view(blocks, 16, in_channels // 2, 2, kh, kw).permute(0, 4, 5, 2, 1, 3).contiguous().to(torch.bfloat16)
-        self.bias = torch.zeros(blocks * 16)
-        if bias is not None:
-            self.bias[:out_channels] = torch.from_numpy(np.array(bias, dtype=np.float32))
+        w, self.bias = _blocked(weight, bias)
+        self.weight = w.view(-1, 16, in_channels // 2, 2, kh, kw).permute(0, 4, 5, 2, 1, 3).contiguous().to(torch.bfloat16)
         self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
         self.stride, self.pads, self.dilations = int(strides[0]), list(pads), [int(d) for d in dilations]
         self.clamp = clamp
@@ -517,8 +523,7 @@ class AmxConvolution:
 
         n, _, h, w = input_shape
         (kh, kw), s, (ph, pw), (dh, dw) = self.kernel, self.stride, self.pads, self.dilations
-        shape = torch.Size((n, self.out_channels, (h + 2 * ph - dh * (kh - 1) - 1) // s + 1,
-                            (w + 2 * pw - dw * (kw - 1) - 1) // s + 1))
+        shape = torch.Size((n, self.out_channels, window_output_size(h, kh, s, dh, ph), window_output_size(w, kw, s, dw, pw)))
         oh, ow = shape[2:]
         if self.reads_input_in_place:
             prepare, image_pixels, wv, taps, prepared_pixels = None, h * w, w, self._zero_tap, 0
