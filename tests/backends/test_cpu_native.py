@@ -238,6 +238,11 @@ def test_max_pool_equals_torch(pool, dtype):
     x = torch.randn(2, c, size, size, generator=torch.Generator().manual_seed(2)).to(dtype)
     x[0, 1, 3, 4] = float("nan")
     x[1, 0, :4, :4] = -float("inf")
+    # the kernel re-reduces a window whose running sum is NaN: infinities of both signs, and sums that overflow,
+    # must still give the maximum, not NaN
+    x[1, 1, :3, :3] = float("inf")
+    x[1, 1, 1, 1] = -float("inf")
+    x[0, 2, :4, :4] = 3e38  # bf16 holds it too
     expected = F.max_pool2d(x, k, stride, pad, dilation, ceil_mode=ceil_mode)
     actual = native.MaxPool([k, k], [stride] * 2, [pad] * 2, [dilation] * 2, ceil_mode)(x)
     assert actual.is_contiguous(memory_format=torch.channels_last)
