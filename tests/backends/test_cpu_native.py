@@ -10,6 +10,8 @@ from kiln.backends.cpu import fast, native
 from kiln.ir import DType, Graph, Node, Value
 
 needs_native = pytest.mark.skipif(not native.available()[0], reason=f"native kernels unavailable: {native.available()[1]}")
+needs_native_bf16 = pytest.mark.skipif(not native.bf16_available(), reason="no native bf16 kernels (no AVX512-BF16)")
+FLOAT_TYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf16)]
 rng = np.random.default_rng(0)
 
 # (batch, in, out, size, kernel, stride, pad, dilation): 1x1s (one flat pixel row), padded 3x3s narrower than a tile
@@ -132,6 +134,47 @@ def test_amx_convolution_in_place_and_into_a_slice():
         conv(x, out=torch.empty(1, 32, 10, 10).contiguous(memory_format=torch.channels_last))
 
 
+# (input channels, output channels, kernel, stride, pad, dilation, size): SqueezeNet's 3x3/2 and ResNet's 7x7/2
+# stems (cut small), output channels off the 16-channel block and past 4 blocks, one channel, a dilated kernel, a
+# row shorter than a tile
+STEMS = [(3, 64, 3, 2, 0, 1, 33), (3, 64, 7, 2, 3, 1, 30), (3, 72, 3, 1, 1, 1, 13), (1, 20, 5, 1, 2, 1, 9),
+         (4, 8, 3, 1, 2, 2, 11), (15, 16, 3, 2, 1, 1, 7), (3, 16, 3, 1, 1, 1, 3)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("stem", STEMS, ids=[f"{s[0]}-{s[1]}-k{s[2]}s{s[3]}p{s[4]}d{s[5]}-{s[6]}" for s in STEMS])
+def test_stem_convolution_matches_float64(stem, dtype):
+    cin, cout, k, stride, pad, dilation, size = stem
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(2, cin, size, size, generator=generator)
+    w = torch.randn(cout, cin, k, k, generator=generator).numpy() * 0.3
+    b = torch.randn(cout, generator=generator).numpy()
+    conv = native.StemConvolution(w, b, [stride] * 2, [pad] * 2, [dilation] * 2, (0.0, np.inf), dtype)
+    y = conv(x)
+    expected = float64_conv(x, w, b, stride, pad, dilation, clamp=(0.0, np.inf))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    assert tuple(y.shape) == tuple(expected.shape) == conv.output_shape(x)
+    # fp32 sums over at most 15 * 49 taps; bf16 adds its rounding of the result (2^-8 relative)
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - expected).abs() <= tolerance * expected.abs() + 1e-5).all()
+    # NHWC and bf16 inputs give the same result
+    torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), y, rtol=0, atol=0)
+
+
+@needs_native
+def test_stem_convolution_refuses_what_it_cannot_run():
+    conv = native.StemConvolution(np.ones((8, 3, 3, 3), np.float32), None, [1, 1], [1, 1], [1, 1], (-np.inf, np.inf),
+                                  torch.float32)
+    with pytest.raises(ValueError, match="expected"):
+        conv(torch.ones(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="residual"):
+        conv(torch.ones(1, 3, 5, 5), torch.ones(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="at most"):
+        native.StemConvolution(np.ones((8, 16, 3, 3), np.float32), None, [1, 1], [1, 1], [1, 1], (0.0, np.inf), torch.float32)
+    assert conv(torch.ones(0, 3, 5, 5)).shape == (0, 8, 5, 5)
+
+
 def conv_node_graph(cin=16, cout=24, activation="relu", group=1, residual=False, k=3):
     w = (rng.standard_normal((cout, cin // group, k, k)) * 0.2).astype(np.float32)
     inputs = ("x", "w", "b") + (("r",) if residual else ())
@@ -149,12 +192,16 @@ def test_which_convolutions_take_the_native_kernel():
     for graph in (conv_node_graph(), conv_node_graph(activation=""), conv_node_graph(activation="clip"),
                   conv_node_graph(residual=True), conv_node_graph(k=1)):
         assert fast.choose(graph.nodes[0], graph, bf16=False).name == "native-direct"
-    # oneDNN keeps the 3-channel stems, grouped convolutions, activations other than a clamp, and bf16
-    for graph in (conv_node_graph(cin=3), conv_node_graph(group=2), conv_node_graph(activation="sigmoid")):
+    # the 3-channel stems take the stem kernel, in both precisions, unless they add a residual
+    assert fast.choose(conv_node_graph(cin=3).nodes[0], conv_node_graph(cin=3), bf16=False).name == "native-stem"
+    # oneDNN keeps grouped convolutions, activations other than a clamp, and residual stems
+    for graph in (conv_node_graph(group=2), conv_node_graph(activation="sigmoid"), conv_node_graph(cin=3, residual=True)):
         assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
     if fast.bf16_supported():  # bf16: the AMX kernel where it runs
         assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == \
             ("native-amx" if native.amx_available() else "onednn-packed")
+        stem = conv_node_graph(cin=3)
+        assert fast.choose(stem.nodes[0], stem, bf16=True).name == ("native-stem" if native.bf16_available() else "onednn-packed")
         for graph in (conv_node_graph(group=2), conv_node_graph(cin=24)):
             assert fast.choose(graph.nodes[0], graph, bf16=True).name == "onednn-packed"
 
@@ -224,10 +271,6 @@ def test_a_failing_compile_falls_back_and_the_engine_still_runs(fresh_library, t
 # 16-channel block, a dilated window, ceil mode's last window
 POOLS = [(64, 112, 3, 2, 1, 1, False), (64, 111, 3, 2, 0, 1, True), (20, 9, 2, 2, 0, 1, False),
          (33, 10, 3, 1, 1, 2, False), (8, 7, 3, 2, 1, 1, True)]
-
-
-needs_native_bf16 = pytest.mark.skipif(not native.bf16_available(), reason="no native bf16 kernels (no AVX512-BF16)")
-FLOAT_TYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf16)]
 
 
 @needs_native

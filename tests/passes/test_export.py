@@ -31,7 +31,8 @@ def test_inspect_lists_fused_layers_and_exports_onnx(tmp_path):
     assert result.returncode == 0, result.stderr
     (layer,) = json.loads(result.stdout)["layers"]
     assert layer["op"] == "kiln::Conv" and layer["origin"] == ["conv", "bn", "relu"]
-    assert layer["precision"] == "fp32" and layer["tactic"] == "onednn-packed"
+    # which kernel runs it the build decides by timing: oneDNN's, or (3 input channels) kiln's stem kernel
+    assert layer["precision"] == "fp32" and layer["tactic"] in {"onednn-packed", "native-stem"}
     assert layer["input_shapes"] == ["float32[1x3x8x8]"] and layer["output_shapes"] == ["float32[1x4x8x8]"]
     model = onnx.load(str(tmp_path / "fused.onnx"))
     onnx.checker.check_model(model)
@@ -40,7 +41,7 @@ def test_inspect_lists_fused_layers_and_exports_onnx(tmp_path):
     assert node.domain == "kiln" and node.op_type == "Conv" and attrs["activation"] == b"relu"
     assert attrs["kiln_origin"] == [b"conv", b"bn", b"relu"]
     assert {o.domain: o.version for o in model.opset_import}["kiln"] == 1
-    assert "onednn-packed" in node.doc_string
+    assert layer["tactic"] in node.doc_string
 
 
 def test_export_onnx_of_a_model_is_a_clear_error(tmp_path):

@@ -183,22 +183,22 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
 ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear"}
 # Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
-# Below this many input channels the native kernels' inner loop is too short to pay (the 3-channel stems:
-# SqueezeNet's 3x3/2 0.51 against oneDNN's 0.40 ms in fp32); oneDNN keeps them.
-NATIVE_MIN_IN_CHANNELS = 16
 
 
 def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic | None:
     """kiln's native convolutions (kiln/backends/cpu/native.py) for an ungrouped convolution with at most a ReLU or
     Clip fused: in fp32 the AVX-512 direct kernel, which alone takes 0.5-0.75x oneDNN's time on SqueezeNet's small
     1x1 layers and 0.83-1.17x on ResNet-50's (docs/benchmarks.md, run H); in bf16 the AMX kernel, 0.43-0.82x
-    oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). Whether it keeps
-    the layer the build decides by timing (select.py)."""
+    oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). A stem of at
+    most native.STEM_MAX_IN_CHANNELS input channels takes the flat-reduction kernel in both, fp32 math with the
+    engine's activation type out: alone 0.77x oneDNN's fp32 time on SqueezeNet's 3x3/2 and 0.85x on ResNet-50's
+    7x7/2. Whether it keeps the layer the build decides by timing (select.py)."""
+    import torch
+
     from . import native
 
     activation = node.attrs.get("activation", "")
-    if int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") \
-            or weight.shape[1] < NATIVE_MIN_IN_CHANNELS or not native.available()[0]:
+    if int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") or not native.available()[0]:
         return None
     if activation == "clip":
         low, high = (float(p) for p in node.attrs["activation_params"])
@@ -208,6 +208,12 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     strides, pads, dilations = node.attrs["strides"], list(node.attrs["pads"])[:2], node.attrs["dilations"]
     has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
     in_place = has_residual and _residual_dies_here(node, graph)
+    if weight.shape[1] <= native.STEM_MAX_IN_CHANNELS:  # an image's channels: the flat-reduction kernel, fp32 math
+        if has_residual or (bf16 and not native.bf16_available()):
+            return None
+        convolve = native.StemConvolution(weight, bias, strides, pads, dilations, clamp,
+                                          torch.bfloat16 if bf16 else torch.float32)
+        return Tactic(lambda x, *unused: convolve(x), "native-stem", "fp32")
     if bf16:
         if not native.amx_available() or native.AmxConvolution.takes(weight.shape[1], strides, dilations):
             return None
@@ -222,7 +228,7 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
 
 
 # What kiln's native convolutions are called in the plan's layers
-NATIVE_CONV_TACTICS = {"native-direct", "native-amx"}
+NATIVE_CONV_TACTICS = {"native-direct", "native-amx", "native-stem"}
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares

@@ -162,6 +162,80 @@ static inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu
   extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }
 #endif
 
+// A convolution of few input channels (the 3-channel stems) from an NCHW fp32 input, NHWC fp32 or bf16 out. The
+// direct kernel's loop over input channels is 3 long here, so this one treats every (channel, ky, kx) as one tap of
+// a flat reduction: weights packed as [oc/16][tap][16], the input zero-padded beforehand (native.py) so that tap t of
+// output pixel (oy, ox) reads  x[offsets[t] + oy * sh * wp + ox * sw]  with no bounds to check. A task is one output
+// row for up to four blocks of 16 output channels, in tiles of 6 pixels: per tap 4 weight loads and 6 broadcasts feed
+// 24 multiply-adds.
+struct StemArgs {
+  const float* x; const float* w; const float* bias; void* y;
+  const int64_t* offsets;
+  int64_t n, image, wp;        // images, floats per padded image, padded row width
+  int64_t taps, oh, ow, oc, sh, sw;
+  float lo, hi;
+};
+
+template <int NB, int NW, typename T>
+static inline void stem_tile(const StemArgs& a, const float* x, T* y, int64_t ob0) {
+  __m512 acc[NB][NW];
+  for (int b = 0; b < NB; ++b) {
+    const __m512 bias = _mm512_loadu_ps(a.bias + (ob0 + b) * 16);
+    for (int j = 0; j < NW; ++j) acc[b][j] = bias;
+  }
+  const float* w = a.w + ob0 * a.taps * 16;
+  for (int64_t t = 0; t < a.taps; ++t) {
+    const float* xp = x + a.offsets[t];
+    __m512 wv[NB];
+    for (int b = 0; b < NB; ++b) wv[b] = _mm512_loadu_ps(w + (b * a.taps + t) * 16);
+    for (int j = 0; j < NW; ++j) {
+      const __m512 xv = _mm512_set1_ps(xp[j * a.sw]);
+      for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_fmadd_ps(wv[b], xv, acc[b][j]);
+    }
+  }
+  const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+  for (int j = 0; j < NW; ++j)
+    for (int b = 0; b < NB; ++b) {
+      const int64_t oc0 = (ob0 + b) * 16;
+      store16(y + j * a.oc + oc0, first_lanes(a.oc - oc0), _mm512_min_ps(_mm512_max_ps(acc[b][j], lo), hi));
+    }
+}
+
+template <int NB, int NW, typename T>
+static inline void stem_tile_upto(const StemArgs& a, const float* x, T* y, int64_t ob0, int64_t count) {
+  if constexpr (NW > 1) {
+    if (count < NW) return stem_tile_upto<NB, NW - 1, T>(a, x, y, ob0, count);
+  }
+  stem_tile<NB, NW, T>(a, x, y, ob0);
+}
+
+template <int NB, typename T>
+static void stem_row(const StemArgs& a, const float* x, T* y, int64_t ob0) {
+  for (int64_t ox = 0; ox < a.ow; ox += 6)
+    stem_tile_upto<NB, 6, T>(a, x + ox * a.sw, y + ox * a.oc, ob0, a.ow - ox < 6 ? a.ow - ox : 6);
+}
+
+template <typename T>
+static void stem_conv(const StemArgs& a, int64_t threads) {
+  T* out = static_cast<T*>(a.y);
+  const int64_t ocb = (a.oc + 15) / 16, groups = (ocb + 3) / 4;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < a.n * a.oh * groups; ++task) {
+    const int64_t g = task % groups, row = task / groups, n = row / a.oh, oy = row % a.oh;
+    const float* x = a.x + n * a.image + oy * a.sh * a.wp;
+    T* y = out + row * a.ow * a.oc;
+    const int64_t ob0 = g * 4, nb = ocb - ob0 < 4 ? ocb - ob0 : 4;
+    switch (nb) {
+      case 4: stem_row<4, T>(a, x, y, ob0); break;
+      case 3: stem_row<3, T>(a, x, y, ob0); break;
+      case 2: stem_row<2, T>(a, x, y, ob0); break;
+      default: stem_row<1, T>(a, x, y, ob0); break;
+    }
+  }
+}
+
+KILN_TYPED(kiln_stem_conv, stem_conv, StemArgs)
+
 // Max pooling over NHWC: each output pixel takes the maximum of its window's taps inside the input (padding never
 // wins), 16 channels at a time; a NaN anywhere in the window is the result, as in torch's max_pool2d.
 // _mm512_max_ps drops a NaN met before a larger value, and checking every tap for NaN costs 1.6x the pool. So a
