@@ -186,6 +186,14 @@ def amx_available() -> bool:
     return library is not None and bool(library.kiln_native_amx()) and bool(library.kiln_amx_init())
 
 
+def _typed_kernels(library, name: str) -> dict:
+    """{dtype: the library's `name` kernel for it}, for the types _typed serves here (looked up once, not per call)."""
+    import torch
+
+    return {dtype: _typed(library, name, dtype) for dtype in (torch.float32, torch.bfloat16)
+            if dtype == torch.float32 or library.kiln_native_bf16()}
+
+
 def _typed(library, name: str, dtype):
     """The library's `name` kernel for tensors of `dtype` (float32, or bfloat16 where bf16_available())."""
     import torch
@@ -208,7 +216,9 @@ _PIXELS_PER_TILE = {4: 6, 3: 8, 2: 12, 1: 14}  # native.cpp's tile widths
 
 class DirectConvolution:
     """An fp32 NHWC convolution (groups of 1) with bias, an optional residual added and a clamp (ReLU, Clip, or
-    none), run by native.cpp; weights packed once, as [out/16][kh][kw][in][16]."""
+    none), run by native.cpp; weights packed once, as [out/16][kh][kw][in][16]. What every call on one input shape
+    shares (output shape, schedule, the kernel's geometry) is planned once per shape and thread count: a small
+    layer's call costs its Python as much as its sums."""
 
     def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float]):
         import torch
@@ -223,6 +233,9 @@ class DirectConvolution:
         self.pointwise = (kh, kw) == (1, 1) and self.strides == [1, 1] and not any(self.pads)
         self._library = _load()[0]
         assert self._library is not None, "DirectConvolution needs available()"
+        self._pointers = (self.weight.data_ptr(), self.bias.data_ptr())
+        self._window = (kh, kw, *self.strides, *self.pads, *self.dilations)
+        self._plans: dict[tuple, _DirectPlan] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
         return tuple(window_output_size(size, k, s, d, p)
@@ -238,40 +251,47 @@ class DirectConvolution:
         tensor."""
         import torch
 
-        n, c, h, w = x.shape
-        if c != self.in_channels or x.dtype != torch.float32:
-            raise ValueError(f"expected {self.in_channels} float32 channels, got {c} {x.dtype}")
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} float32 channels, got {tuple(x.shape)} {x.dtype}")
+        threads = torch.get_num_threads()
+        plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
         x = x.contiguous(memory_format=torch.channels_last)
-        shape = self.output_shape(x)
-        oh, ow = shape[2:]
-        schedule = self._schedule(n, 1, oh * ow) if self.pointwise else self._schedule(n, oh, ow)
         if residual is not None:
-            if tuple(residual.shape) != shape:
-                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
+            if residual.shape != plan.shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
             residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
         # in place only where one pass over the input channels reads each residual element before writing it
-        if out is None and in_place and residual is not None and schedule[3] == self.in_channels \
+        if out is None and in_place and residual is not None and plan.schedule[3] == self.in_channels \
                 and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
+        elif out is None:
+            y, ldy = torch.empty_strided(plan.shape, plan.strides), self.out_channels
         else:
-            y, ldy = _output(shape, torch.float32, out)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
-        if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
-            h, w, oh, ow = 1, h * w, 1, oh * ow
-        args = _ConvArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                         residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                         n, h, w, c, oh, ow, self.out_channels, ldy, kh, kw, sh, sw, ph, pw, dh, dw, *self.clamp)
-        self._library.kiln_conv_nhwc(ctypes.byref(args), *schedule, torch.get_num_threads())
+            y, ldy = _output(tuple(plan.shape), torch.float32, out)
+        args = _ConvArgs(x.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
+                         y.data_ptr(), *plan.geometry, ldy, *self._window, *self.clamp)
+        self._library.kiln_conv_nhwc(ctypes.byref(args), *plan.schedule, threads)
         return y
 
-    def _schedule(self, n: int, oh: int, ow: int) -> tuple[int, int, int, int]:
-        """(blocks per task, rows per task, columns per task, input channels per pass) for native.cpp."""
+    def _plan_for(self, input_shape, threads: int) -> "_DirectPlan":
         import torch
 
+        n, c, h, w = input_shape
+        oh, ow = self.output_size(h, w)
+        shape = torch.Size((n, self.out_channels, oh, ow))
+        schedule = self._schedule(n, 1, oh * ow, threads) if self.pointwise else self._schedule(n, oh, ow, threads)
+        if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
+            h, w, oh, ow = 1, h * w, 1, oh * ow
+        plan = _DirectPlan(shape, _channels_last_strides(shape), schedule, (n, h, w, c, oh, ow, self.out_channels))
+        self._plans[(input_shape, threads)] = plan
+        return plan
+
+    def _schedule(self, n: int, oh: int, ow: int, threads: int) -> tuple[int, int, int, int]:
+        """(blocks per task, rows per task, columns per task, input channels per pass) for native.cpp."""
         blocks = _ceil_div(self.out_channels, 16)
         per_task = min(BLOCKS_PER_TASK, blocks)
         groups = _ceil_div(blocks, per_task)
-        target = TASKS_PER_THREAD * torch.get_num_threads()
+        target = TASKS_PER_THREAD * threads
         if self.pointwise:  # split the pixel row into tiles' multiples
             tile = _PIXELS_PER_TILE[per_task]
             chunks = max(1, _ceil_div(target, n * groups))
@@ -282,6 +302,18 @@ class DirectConvolution:
         kh, kw = self.kernel
         channels = max(16, WEIGHT_BYTES_PER_PASS // (per_task * kh * kw * 64) // 16 * 16)
         return per_task, rows, columns, min(self.in_channels, channels)
+
+
+class _DirectPlan(NamedTuple):
+    shape: object  # the output's torch.Size
+    strides: tuple  # its channels-last strides
+    schedule: tuple  # _schedule's
+    geometry: tuple  # ConvArgs' n, h, w_, c, oh, ow, oc (a 1x1's pixels as one row)
+
+
+def _channels_last_strides(shape) -> tuple:
+    n, c, h, w = shape
+    return (h * w * c, 1, w * c, c)
 
 
 # Below this many input channels a convolution is a stem's (an image's 3 channels): StemConvolution takes it
@@ -418,18 +450,23 @@ class MaxPool:
         self.ceil_mode = ceil_mode
         self._library = _load()[0]
         assert self._library is not None, "MaxPool needs available()"
+        self._kernels = _typed_kernels(self._library, "kiln_max_pool_nhwc")
+        self._window = (*self.kernel, *self.strides, *self.pads, *self.dilations)
+        self._outputs: dict[tuple, tuple] = {}  # input shape -> (output shape, its channels-last strides)
 
     def __call__(self, x):
         import torch
 
-        n, c, h, w = x.shape
-        pool = _typed(self._library, "kiln_max_pool_nhwc", x.dtype)
+        pool = self._kernels.get(x.dtype) or _typed(self._library, "kiln_max_pool_nhwc", x.dtype)
+        output = self._outputs.get(x.shape)
+        if output is None:
+            n, c, h, w = x.shape
+            shape = (n, c, *(window_output_size(size, k, s, d, p, self.ceil_mode)
+                             for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads)))
+            output = self._outputs[x.shape] = (shape, _channels_last_strides(shape))
         x = x.contiguous(memory_format=torch.channels_last)
-        oh, ow = (window_output_size(size, k, s, d, p, self.ceil_mode)
-                  for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads))
-        y = torch.empty(n, c, oh, ow, dtype=x.dtype, memory_format=torch.channels_last)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel, self.strides, self.pads, self.dilations
-        args = _PoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, oh, ow, kh, kw, sh, sw, ph, pw, dh, dw)
+        y = torch.empty_strided(*output, dtype=x.dtype)
+        args = _PoolArgs(x.data_ptr(), y.data_ptr(), *x.shape[:1], *x.shape[2:], x.shape[1], *output[0][2:], *self._window)
         pool(ctypes.byref(args), torch.get_num_threads())
         return y
 
@@ -467,24 +504,26 @@ class ChannelAffine:
         self.clamp = clamp
         self._library = _load()[0]
         assert self._library is not None, "ChannelAffine needs available()"
+        self._kernels = _typed_kernels(self._library, "kiln_channel_affine")
+        self._pointers = (self.scale.data_ptr(), self.shift.data_ptr())
 
     def __call__(self, x):
         import torch
 
-        affine = _typed(self._library, "kiln_channel_affine", x.dtype)
+        affine = self._kernels.get(x.dtype) or _typed(self._library, "kiln_channel_affine", x.dtype)
         if x.dim() < 2 or x.shape[1] != self.scale.numel():
             raise ValueError(f"expected {self.scale.numel()} channels on axis 1, got shape {tuple(x.shape)}")
         c = x.shape[1]
-        pixel = _pixel_stride(x)
+        channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        pixel = c if channels_last else _pixel_stride(x)
         if pixel is not None and not x.is_contiguous():  # NHWC, or a channel slice of a wider NHWC buffer
             outer, inner, ldx = x.numel() // c, 1, pixel
-            y = torch.empty(x.shape, dtype=x.dtype, memory_format=torch.channels_last)
+            y = torch.empty_strided(x.shape, _channels_last_strides(x.shape), dtype=x.dtype)
         else:
             x = x.contiguous()
             outer, inner, ldx = x.shape[0], x.numel() // max(1, x.shape[0] * c), c
             y = torch.empty_like(x)
-        args = _AffineArgs(x.data_ptr(), y.data_ptr(), self.scale.data_ptr(), self.shift.data_ptr(),
-                           outer, c, inner, ldx, *self.clamp)
+        args = _AffineArgs(x.data_ptr(), y.data_ptr(), *self._pointers, outer, c, inner, ldx, *self.clamp)
         if x.numel():
             affine(ctypes.byref(args), torch.get_num_threads())
         return y
@@ -522,6 +561,7 @@ class AmxConvolution:
         self._library = _load()[0]
         self._plans: dict[tuple, _AmxPlan] = {}
         self._zero_tap = torch.zeros(1, dtype=torch.int64)
+        self._pointers = (self.weight.data_ptr(), self.bias.data_ptr())
         assert amx_available(), "AmxConvolution needs amx_available()"
 
     @staticmethod
@@ -551,7 +591,8 @@ class AmxConvolution:
             raise ValueError(f"expected {self.in_channels} channels, got {x.shape[1]}")
         threads = torch.get_num_threads()
         plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
-        x = x.to(torch.bfloat16)
+        if x.dtype != torch.bfloat16:
+            x = x.to(torch.bfloat16)
         source = self._prepared(x, plan)
         bf16_residual = 0
         if residual is not None:
@@ -563,13 +604,12 @@ class AmxConvolution:
             bf16_residual = int(residual.dtype == torch.bfloat16)
         if out is None and in_place and bf16_residual and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
+        elif out is None:
+            y, ldy = torch.empty_strided(plan.shape, plan.strides, dtype=torch.bfloat16), self.out_channels
         else:
             y, ldy = _output(plan.shape, torch.bfloat16, out)
-        args = _AmxConvArgs(source.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                            residual.data_ptr() if residual is not None else None, y.data_ptr(), plan.taps.data_ptr(),
-                            x.shape[0], self.in_channels, source.numel() // self.in_channels, plan.image_pixels, plan.wv,
-                            plan.taps.numel(), plan.shape[2], plan.shape[3], self.out_channels, ldy, bf16_residual,
-                            *self.clamp)
+        args = _AmxConvArgs(source.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
+                            y.data_ptr(), plan.taps.data_ptr(), *plan.geometry, ldy, bf16_residual, *self.clamp)
         self._library.kiln_conv_amx(ctypes.byref(args), plan.pairs_per_task, threads)
         return y
 
@@ -610,17 +650,20 @@ class AmxConvolution:
         pairs = _ceil_div(_ceil_div(self.out_channels, 16), 2)
         blocks = n * _ceil_div(oh * wv, 32)
         groups = max(1, min(pairs, _ceil_div(AMX_TASKS_PER_THREAD * threads, blocks)))
-        plan = _AmxPlan(shape, prepare, image_pixels, wv, taps, prepared_pixels, _ceil_div(pairs, groups), threads)
+        pixels = prepared_pixels if prepare is not None else n * h * w  # in the buffer the kernel reads
+        geometry = (n, self.in_channels, pixels, image_pixels, wv, taps.numel(), oh, ow, self.out_channels)
+        plan = _AmxPlan(shape, _channels_last_strides(shape), prepare, taps, prepared_pixels, _ceil_div(pairs, groups),
+                        threads, geometry)
         self._plans[(input_shape, threads)] = plan
         return plan
 
 
 class _AmxPlan(NamedTuple):
     shape: object  # the output's torch.Size
+    strides: tuple  # its channels-last strides
     prepare: tuple | None
-    image_pixels: int
-    wv: int
     taps: object  # int64 tensor
     prepared_pixels: int
     pairs_per_task: int
     threads: int
+    geometry: tuple  # AmxConvArgs' n, c, pixels, image_pixels, wv, tap_count, oh, ow, oc
