@@ -134,16 +134,15 @@ def _concatenation(key: str, offsets: list[int], channels: int, width: int, dtyp
     replaced a written one); the output is the buffer's first `channels`, or the buffer itself at the chain's end."""
     def run(*inputs, _env):
         buffer = _buffer(_env, key, inputs[0].shape, width, dtype or inputs[0].dtype)
+        # an input already at its slice starts there with the buffer's strides (a channel slice keeps them): told
+        # from its pointer, without building the slice
+        start, strides, element = buffer.data_ptr(), buffer.stride(), buffer.element_size()
         for tensor, offset in zip(inputs, offsets):
-            size = tensor.shape[1]
-            target = buffer[:, offset:offset + size]
-            in_place = tensor.data_ptr() == target.data_ptr() and tensor.stride() == target.stride() \
-                and tensor.dtype == buffer.dtype
-            if not in_place:
-                target.copy_(tensor)
+            if tensor.data_ptr() != start + offset * element or tensor.stride() != strides or tensor.dtype != buffer.dtype:
+                buffer.narrow(1, offset, tensor.shape[1]).copy_(tensor)
         if last:
             _env.pop(key, None)
             return buffer
-        return buffer[:, :channels]
+        return buffer.narrow(1, 0, channels)
 
     return run
