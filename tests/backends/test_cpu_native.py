@@ -404,6 +404,75 @@ def test_a_batch_normalization_and_relu_and_the_pools_run_native(bf16):
     assert relative < (1e-2 if bf16 else 1e-6)
 
 
+def float64_lrn(x, size, alpha, beta, bias):
+    """ONNX's LRN in float64: each channel over the squares of channels [c - (size-1)//2, c + size-1 - (size-1)//2]."""
+    x = x.double()
+    channels, before = x.shape[1], (size - 1) // 2
+    squares = torch.stack([(x[:, max(0, c - before):min(channels, c + size - before)] ** 2).sum(1) for c in range(channels)], 1)
+    return x / (bias + alpha / size * squares) ** beta
+
+
+# (channels, size, alpha, beta, bias, channels-last): GoogLeNet's two (cut small), channels off the 16-lane block,
+# an even size, a window wider than the channels, a window of one, the three betas the kernel takes
+LRNS = [(64, 5, 1e-4, 0.75, 1.0, True), (192, 5, 1e-4, 0.75, 1.0, False), (20, 4, 0.02, 0.5, 2.0, True),
+        (3, 7, 0.1, 0.75, 1.0, True), (17, 1, 0.5, 1.0, 0.5, False), (40, 3, 1.0, 1.0, 1.0, True)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", LRNS, ids=[f"c{c[0]}-size{c[1]}-beta{c[3]}{'-nhwc' if c[5] else ''}" for c in LRNS])
+def test_local_response_norm_matches_float64(case, dtype):
+    channels, size, alpha, beta, bias, channels_last = case
+    x = (torch.randn(2, channels, 5, 7, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = native.LocalResponseNorm(size, alpha, beta, bias)(x)
+    expected = float64_lrn(x, size, alpha, beta, bias)
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    # fp32: a few ulp from the refined reciprocal square roots; bf16: the output's rounding (2^-8)
+    tolerance = 2e-6 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - expected).abs() <= tolerance * expected.abs() + 1e-30).all()
+
+
+@needs_native
+def test_local_response_norm_takes_three_betas_and_a_positive_base():
+    assert native.LocalResponseNorm.takes(5, 1e-4, 0.75, 1.0) == ""
+    assert "beta" in native.LocalResponseNorm.takes(5, 1e-4, 0.6, 1.0)
+    assert "bias" in native.LocalResponseNorm.takes(5, -1e-4, 0.75, 1.0)
+    assert "bias" in native.LocalResponseNorm.takes(5, 1e-4, 0.75, 0.0)
+    with pytest.raises(ValueError, match="beta"):
+        native.LocalResponseNorm(5, 1e-4, 2.0, 1.0)
+    with pytest.raises(ValueError, match="4-D"):
+        native.LocalResponseNorm(3, 1e-4, 0.75, 1.0)(torch.ones(2, 8, 5))
+    assert native.LocalResponseNorm(3, 1e-4, 0.75, 1.0)(torch.ones(0, 8, 2, 2)).shape == (0, 8, 2, 2)
+
+
+def lrn_model(beta):
+    """x -> Conv -> Relu -> LRN (GoogLeNet's, with `beta`) -> MaxPool."""
+    from helpers import make_model
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("LRN", ["r"], ["n"], size=5, alpha=1e-4, beta=beta, bias=1.0),
+             helper.make_node("MaxPool", ["n"], ["y"], kernel_shape=[3, 3], strides=[2, 2])]
+    x = rng.standard_normal((2, 16, 11, 11)).astype(np.float32)
+    return make_model(nodes, {"x": x}, ["y"], {"w": (rng.standard_normal((24, 16, 3, 3)) * 0.3).astype(np.float32)}), x
+
+
+@needs_native
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_native_bf16)], ids=["fp32", "bf16"])
+def test_an_lrn_runs_native_and_matches_onnxruntime(bf16):
+    import onnxruntime
+
+    for beta, tactic in ((0.75, "native-lrn"), (0.6, "torch")):  # a beta the kernel does not take stays on torch
+        model, x = lrn_model(beta)
+        engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+        assert [layer["tactic"] for layer in engine.plan.layers.values() if layer["op"] == "LRN"] == [tactic]
+        expected = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        actual = np.asarray(engine.run({"x": x})["y"], dtype=np.float32)
+        assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < (1e-2 if bf16 else 1e-6)
+
+
 def fire_module(concat_inputs=("e1", "e3"), extra_outputs=(), pool_branch=False):
     """A SqueezeNet fire module: squeeze 1x1 (24 -> 16), expand 1x1 and 3x3 (16 -> 32 each), concatenated; with
     pool_branch, a max pool of the squeeze joins the concatenation too."""

@@ -76,6 +76,10 @@ def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = 
         if tactic is not None:
             tactic.precision = "follow" if bf16 else "fp32"
             return tactic
+    if not node.domain and node.op == "LRN" and fp32:
+        tactic = _local_response_norm(node, graph, bf16)
+        if tactic is not None:
+            return tactic
     if not node.domain and node.op == "GlobalAveragePool" and fp32:
         tactic = _global_average_pool(node, graph, bf16)
         if tactic is not None:
@@ -395,6 +399,19 @@ def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
         return native.global_average_pool(x)
 
     return Tactic(run, "native-mean", "follow" if bf16 else "fp32")
+
+
+def _local_response_norm(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
+    """LRN over a 4-D fp32 tensor (bf16 in a bf16 engine) as one native pass, where the kernel takes its beta."""
+    from . import native
+
+    x = graph.value(node.inputs[0])
+    size, alpha = node.attrs["size"], node.attrs.get("alpha", 0.0001)
+    beta, bias = node.attrs.get("beta", 0.75), node.attrs.get("bias", 1.0)
+    if not _native_follows(bf16) or x.shape is None or len(x.shape) != 4 \
+            or native.LocalResponseNorm.takes(size, alpha, beta, bias):
+        return None
+    return Tactic(native.LocalResponseNorm(size, alpha, beta, bias), "native-lrn", "follow" if bf16 else "fp32")
 
 
 def _channel_affine(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
