@@ -473,6 +473,53 @@ def test_an_lrn_runs_native_and_matches_onnxruntime(bf16):
         assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < (1e-2 if bf16 else 1e-6)
 
 
+@needs_native
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_native_bf16)], ids=["fp32", "bf16"])
+def test_average_pools_run_native_and_match_onnxruntime(bf16):
+    import onnxruntime
+    from helpers import make_model
+    from onnx import helper
+
+    x = rng.standard_normal((2, 40, 7, 7)).astype(np.float32)
+    # GoogLeNet's 7x7 average before its classifier takes the native mean
+    # and other windows the native average pool
+    for attrs, tactic in (({"kernel_shape": [7, 7], "strides": [1, 1]}, "native-mean"),
+                          ({"kernel_shape": [7, 7], "pads": [0, 0, 1, 1]}, "native-pool"),
+                          ({"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": 1}, "native-pool"),
+                          ({"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, "native-pool")):
+        model = make_model([helper.make_node("Relu", ["x"], ["r"]), helper.make_node("AveragePool", ["r"], ["y"], **attrs)],
+                           {"x": x}, ["y"])
+        engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+        assert [layer["tactic"] for layer in engine.plan.layers.values() if layer["op"] == "AveragePool"] == [tactic]
+        expected = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        actual = np.asarray(engine.run({"x": x})["y"], dtype=np.float32)
+        assert actual.shape == expected.shape
+        assert np.linalg.norm(actual - expected) / np.linalg.norm(expected) < (1e-2 if bf16 else 1e-6)
+
+
+# (channels, size, kernel, stride, pads [top, left, bottom, right], count_include_pad, ceil_mode): GoogLeNet's 7x7 with
+# its one-sided pad, DenseNet's 2x2/2 transitions, Inception's 3x3/1 padded both ways, ceil mode's extra column
+AVERAGE_POOLS = [(40, 7, 7, 1, [0, 0, 1, 1], 0, 0), (20, 8, 2, 2, [0, 0, 0, 0], 0, 0), (33, 9, 3, 1, [1, 1, 1, 1], 1, 0),
+                 (33, 9, 3, 1, [1, 1, 1, 1], 0, 0), (16, 10, 3, 2, [1, 0, 1, 2], 1, 1), (5, 6, 3, 2, [0, 0, 0, 0], 0, 1)]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pool", AVERAGE_POOLS, ids=[f"c{p[0]}-{p[1]}-k{p[2]}s{p[3]}p{''.join(map(str, p[4]))}-inc{p[5]}-ceil{p[6]}"
+                                                    for p in AVERAGE_POOLS])
+def test_average_pool_matches_the_reference_kernel(pool, dtype):
+    from kiln.ops.nn import average_pool
+
+    channels, size, k, stride, pads, include, ceil_mode = pool
+    x = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(6)).to(dtype)
+    expected = average_pool(x.double(), kernel_shape=[k, k], strides=[stride] * 2, pads=pads, count_include_pad=include,
+                            ceil_mode=ceil_mode)
+    y = native.AveragePool([k, k], [stride] * 2, pads, bool(include))(x, tuple(expected.shape[2:]))
+    assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
+    tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - expected).abs() <= tolerance * expected.abs() + 1e-6).all()
+
+
 def fire_module(concat_inputs=("e1", "e3"), extra_outputs=(), pool_branch=False):
     """A SqueezeNet fire module: squeeze 1x1 (24 -> 16), expand 1x1 and 3x3 (16 -> 32 each), concatenated; with
     pool_branch, a max pool of the squeeze joins the concatenation too."""

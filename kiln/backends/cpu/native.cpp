@@ -295,6 +295,54 @@ static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
 
 KILN_TYPED(kiln_max_pool_nhwc, max_pool_nhwc, PoolArgs)
 
+// Average pooling over NHWC with pads of their own at each end: each output pixel is the sum of its window's taps
+// inside the input, divided by the taps counted: those inside the input, or (count_include_pad) those inside the
+// padded input, [-ph, h + ph_end) x [-pw, w + pw_end), never the extra columns ceil mode adds past it.
+struct AvgPoolArgs {
+  const void* x; void* y;
+  int64_t n, h, w_, c, oh, ow, kh, kw, sh, sw, ph, pw, ph_end, pw_end, count_include_pad;
+};
+
+static inline void taps_inside(int64_t start, int64_t k, int64_t lo, int64_t hi, int64_t* k0, int64_t* k1) {
+  *k0 = start < lo ? lo - start : 0;  // taps at start + t in [lo, hi)
+  *k1 = hi - start < k ? hi - start : k;
+  if (*k1 < *k0) *k1 = *k0;
+}
+
+template <typename T>
+static void average_pool_nhwc(const AvgPoolArgs& a, int64_t threads) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const int64_t blocks = (a.c + 15) / 16;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t row = 0; row < a.n * a.oh; ++row) {
+    const int64_t n = row / a.oh, oy = row % a.oh, y0 = oy * a.sh - a.ph;
+    int64_t ky0, ky1, cy0, cy1;
+    taps_inside(y0, a.kh, 0, a.h, &ky0, &ky1);
+    taps_inside(y0, a.kh, -a.ph, a.h + a.ph_end, &cy0, &cy1);
+    for (int64_t ox = 0; ox < a.ow; ++ox) {
+      const int64_t x0 = ox * a.sw - a.pw;
+      int64_t kx0, kx1, cx0, cx1;
+      taps_inside(x0, a.kw, 0, a.w_, &kx0, &kx1);
+      taps_inside(x0, a.kw, -a.pw, a.w_ + a.pw_end, &cx0, &cx1);
+      const float counted = a.count_include_pad ? (float)((cy1 - cy0) * (cx1 - cx0)) : (float)((ky1 - ky0) * (kx1 - kx0));
+      const __m512 count = _mm512_set1_ps(counted);
+      T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const __mmask16 mask = first_lanes(a.c - b * 16);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t ky = ky0; ky < ky1; ++ky) {
+          const T* in = x + ((n * a.h + y0 + ky) * a.w_ + x0) * a.c + b * 16;
+          for (int64_t kx = kx0; kx < kx1; ++kx) sum = _mm512_add_ps(sum, load16(in + kx * a.c, mask));
+        }
+        store16(out + b * 16, mask, _mm512_div_ps(sum, count));
+      }
+    }
+  }
+}
+
+KILN_TYPED(kiln_average_pool_nhwc, average_pool_nhwc, AvgPoolArgs)
+
 // The mean over each image's pixels of NHWC `x`, per channel (a global average pool): fp32 sums, 16 channels and
 // one image per task.
 struct MeanArgs { const void* x; void* y; int64_t n, pixels, c; };

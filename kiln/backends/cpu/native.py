@@ -63,6 +63,13 @@ class _PrepareArgs(ctypes.Structure):
                                                      "hq", "wq", "tail")]
 
 
+class _AvgPoolArgs(ctypes.Structure):
+    """native.cpp's AvgPoolArgs, field for field."""
+    _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw",
+                                                     "ph_end", "pw_end", "count_include_pad")]
+
+
 class _StemArgs(ctypes.Structure):
     """native.cpp's StemArgs, field for field."""
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "y", "offsets")] + \
@@ -475,6 +482,39 @@ class MaxPool:
         y = torch.empty_strided(*output, dtype=x.dtype)
         args = _PoolArgs(x.data_ptr(), y.data_ptr(), *x.shape[:1], *x.shape[2:], x.shape[1], *output[0][2:], *self._window)
         pool(ctypes.byref(args), torch.get_num_threads())
+        return y
+
+
+class AveragePool:
+    """An NHWC average pool in fp32 or bf16 (fp32 sums) with pads of their own at each end ([top, left, bottom,
+    right]), dividing by the taps inside the input or, with `count_include_pad`, inside the padded input; the
+    output size is the caller's (ONNX's, ceil mode included). GoogLeNet's 7x7 average with its one-sided pad took
+    torch's general kernel 0.75 ms in bf16."""
+
+    def __init__(self, kernel, strides, pads, count_include_pad: bool):
+        self.kernel, self.strides, self.pads = [int(v) for v in kernel], [int(v) for v in strides], [int(v) for v in pads]
+        if len(self.kernel) != 2 or len(self.strides) != 2 or len(self.pads) != 4:
+            raise ValueError(f"a 2-D pool takes 2 kernel sizes, 2 strides and 4 pads, got {kernel}, {strides}, {pads}")
+        self.count_include_pad = int(bool(count_include_pad))
+        self._library = _load()[0]
+        assert self._library is not None, "AveragePool needs available()"
+        self._kernels = _typed_kernels(self._library, "kiln_average_pool_nhwc")
+
+    def __call__(self, x, output_size: tuple[int, int]):
+        import torch
+
+        pool = self._kernels.get(x.dtype) or _typed(self._library, "kiln_average_pool_nhwc", x.dtype)
+        if x.dim() != 4:
+            raise ValueError(f"expected a 4-D tensor, got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        shape = (n, c, *output_size)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.empty_strided(shape, _channels_last_strides(shape), dtype=x.dtype)
+        (ph, pw, ph_end, pw_end) = self.pads
+        if y.numel():
+            args = _AvgPoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output_size, *self.kernel, *self.strides,
+                                ph, pw, ph_end, pw_end, self.count_include_pad)
+            pool(ctypes.byref(args), torch.get_num_threads())
         return y
 
 
