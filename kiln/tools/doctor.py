@@ -389,7 +389,7 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
     timings = ", ".join(f"{name} {d['int8_ms']:.3g} vs {d['fp32_ms']:.3g} ms" for name, d in list(chosen.items())[:4])
     kept = f"; {len(chosen)} layer(s) keep fp32 because their int8 kernel measured slower (int8 vs fp32: {timings})" if chosen else ""
     if stems:
-        kept += f"; {len(stems)} stem layer(s) ({', '.join(stems[:4])}) compute in fp32 and write bf16 (native-stem, faster here)"
+        kept += f"; {len(stems)} stem layer(s) ({', '.join(stems[:4])}) compute in fp32 and write bf16 (native-stem)"
     if not fallbacks:
         what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
         return Finding("precision fallback", "ok", f"all {len(layers) - len(chosen) - len(stems)} other layers run {what}{kept}"
