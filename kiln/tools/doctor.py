@@ -392,7 +392,8 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
         kept += f"; {len(stems)} stem layer(s) ({', '.join(stems[:4])}) compute in fp32 and write bf16 (native-stem)"
     if not fallbacks:
         what = f"in the precisions asked for ({', '.join(asked)})" if asked else "in fp32, as asked"
-        return Finding("precision fallback", "ok", f"all {len(layers) - len(chosen) - len(stems)} other layers run {what}{kept}"
+        others = len(layers) - len(chosen) - len(stems)
+        return Finding("precision fallback", "ok", f"all {others} other layers run {what}{kept}"
                        if chosen or stems else f"all {len(layers)} layers run {what}",
                        details={"kept_fp32_by_timing": chosen, "fp32_stems": stems})
     ops = sorted({f["op"] for f in fallbacks if "op" in f})

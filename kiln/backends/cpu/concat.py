@@ -138,7 +138,9 @@ def _concatenation(key: str, offsets: list[int], channels: int, width: int, dtyp
         # from its pointer, without building the slice
         start, strides, element = buffer.data_ptr(), buffer.stride(), buffer.element_size()
         for tensor, offset in zip(inputs, offsets):
-            if tensor.data_ptr() != start + offset * element or tensor.stride() != strides or tensor.dtype != buffer.dtype:
+            in_place = tensor.data_ptr() == start + offset * element and tensor.stride() == strides \
+                and tensor.dtype == buffer.dtype
+            if not in_place:
                 buffer.narrow(1, offset, tensor.shape[1]).copy_(tensor)
         if last:
             _env.pop(key, None)

@@ -81,7 +81,9 @@ def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = 
         if tactic is not None:
             return tactic
     if not node.domain and node.op in ("GlobalAveragePool", "AveragePool") and fp32:
-        tactic = _global_average_pool(node, graph, bf16) or (_average_pool(node, graph, bf16) if node.op == "AveragePool" else None)
+        tactic = _global_average_pool(node, graph, bf16)
+        if tactic is None and node.op == "AveragePool":
+            tactic = _average_pool(node, graph, bf16)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Elementwise" and fp32:
@@ -387,7 +389,8 @@ def _covers_the_image(node: Node, spatial: list[int]) -> bool:
     classifier): a global average pool."""
     attrs = node.attrs
     return list(attrs["kernel_shape"]) == spatial and not any(attrs.get("pads") or []) \
-        and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") and all(d == 1 for d in attrs.get("dilations") or [1])
+        and attrs.get("auto_pad", "NOTSET") in ("NOTSET", "VALID") \
+        and all(d == 1 for d in attrs.get("dilations") or [1])
 
 
 def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
@@ -400,7 +403,8 @@ def _global_average_pool(node: Node, graph: Graph, bf16: bool) -> Tactic | None:
     x = graph.value(node.inputs[0])
     if not _native_follows(bf16) or not x.is_static or len(x.shape) != 4 or not x.shape[2] * x.shape[3]:
         return None
-    if node.op == "AveragePool" and (len([o for o in node.outputs if o]) != 1 or not _covers_the_image(node, list(x.shape[2:]))):
+    if node.op == "AveragePool" and (len([o for o in node.outputs if o]) != 1
+                                     or not _covers_the_image(node, list(x.shape[2:]))):
         return None
     channels_last = torch.channels_last
 

@@ -346,11 +346,13 @@ class StemConvolution:
 
         out_channels, in_channels, kh, kw = weight.shape
         if in_channels > STEM_MAX_IN_CHANNELS:
-            raise ValueError(f"a stem convolution takes at most {STEM_MAX_IN_CHANNELS} input channels, got {in_channels}")
+            raise ValueError(f"a stem convolution takes at most {STEM_MAX_IN_CHANNELS} input channels, "
+                             f"got {in_channels}")
         w, self.bias = _blocked(weight, bias)
         self.weight = w.view(-1, 16, in_channels * kh * kw).permute(0, 2, 1).contiguous()
         self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
-        self.strides, self.pads, self.dilations = [int(v) for v in strides], [int(v) for v in pads], [int(v) for v in dilations]
+        self.strides, self.pads = [int(v) for v in strides], [int(v) for v in pads]
+        self.dilations = [int(v) for v in dilations]
         self.clamp, self.dtype = clamp, dtype
         self._library = _load()[0]
         assert self._library is not None, "StemConvolution needs available()"
@@ -380,14 +382,14 @@ class StemConvolution:
         offsets = self._offsets.get((hp, wp))
         if offsets is None:
             (kh, kw), (dh, dw) = self.kernel, self.dilations
-            offsets = self._offsets[(hp, wp)] = torch.tensor(
-                [c * hp * wp + ky * dh * wp + kx * dw for c in range(self.in_channels) for ky in range(kh) for kx in range(kw)],
-                dtype=torch.int64)
+            taps = [c * hp * wp + ky * dh * wp + kx * dw
+                    for c in range(self.in_channels) for ky in range(kh) for kx in range(kw)]
+            offsets = self._offsets[(hp, wp)] = torch.tensor(taps, dtype=torch.int64)
         y = torch.empty(shape, dtype=self.dtype, memory_format=torch.channels_last)
         if y.numel():
-            args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(), offsets.data_ptr(),
-                             shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2], shape[3],
-                             self.out_channels, sh, sw, *self.clamp)
+            args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(),
+                             offsets.data_ptr(), shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2],
+                             shape[3], self.out_channels, sh, sw, *self.clamp)
             self._convolve(ctypes.byref(args), torch.get_num_threads())
         return y
 
@@ -480,7 +482,8 @@ class MaxPool:
             output = self._outputs[x.shape] = (shape, _channels_last_strides(shape))
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided(*output, dtype=x.dtype)
-        args = _PoolArgs(x.data_ptr(), y.data_ptr(), *x.shape[:1], *x.shape[2:], x.shape[1], *output[0][2:], *self._window)
+        n, c, h, w = x.shape
+        args = _PoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output[0][2:], *self._window)
         pool(ctypes.byref(args), torch.get_num_threads())
         return y
 
@@ -492,7 +495,8 @@ class AveragePool:
     torch's general kernel 0.75 ms in bf16."""
 
     def __init__(self, kernel, strides, pads, count_include_pad: bool):
-        self.kernel, self.strides, self.pads = [int(v) for v in kernel], [int(v) for v in strides], [int(v) for v in pads]
+        self.kernel, self.strides = [int(v) for v in kernel], [int(v) for v in strides]
+        self.pads = [int(v) for v in pads]
         if len(self.kernel) != 2 or len(self.strides) != 2 or len(self.pads) != 4:
             raise ValueError(f"a 2-D pool takes 2 kernel sizes, 2 strides and 4 pads, got {kernel}, {strides}, {pads}")
         self.count_include_pad = int(bool(count_include_pad))
