@@ -355,9 +355,8 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     if pads[:2] != pads[2:] or any(2 * p > k for p, k in zip(pads[:2], kernel)):
         return None
     # torch's output size rule must give the size ONNX shape inference gave, or the fallback runs
-    for size, k, s, d, p, out in zip(x.shape[2:], kernel, strides, dilations, pads[:2], y.shape[2:]):
-        if native.window_output_size(size, k, s, d, p, ceil_mode) != out:
-            return None
+    if native.window_output_sizes(x.shape[2:], kernel, strides, dilations, pads[:2], ceil_mode) != tuple(y.shape[2:]):
+        return None
     padding = pads[:2]
     if native.available()[0] and x.dtype is DType.float32:
         pool = native.MaxPool(kernel, strides, padding, dilations, ceil_mode)

@@ -248,6 +248,15 @@ struct PoolArgs {
 
 struct Window { int64_t ky0, ky1, kx0, kx1, y0, x0; };  // taps inside the input; the input pixel of tap (0, 0)
 
+// The taps t of a window, [*k0, *k1) within [0, k), whose position start + t * d lies in [lo, hi)
+static inline void taps_inside(int64_t start, int64_t k, int64_t d, int64_t lo, int64_t hi, int64_t* k0, int64_t* k1) {
+  *k0 = start < lo ? (lo - start + d - 1) / d : 0;
+  *k1 = hi <= start ? 0 : (hi - start + d - 1) / d;
+  if (*k0 > k) *k0 = k;
+  if (*k1 > k) *k1 = k;
+  if (*k1 < *k0) *k1 = *k0;
+}
+
 template <bool EXACT, typename T>
 static inline __m512 window_max(const PoolArgs& a, const T* base, const Window& win, __mmask16 mask) {
   __m512 best = _mm512_set1_ps(-__builtin_inff()), probe = _mm512_setzero_ps();
@@ -275,15 +284,11 @@ static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
   for (int64_t row = 0; row < a.n * a.oh; ++row) {
     const int64_t n = row / a.oh, oy = row % a.oh;
     Window win;
-    win.ky0 = 0; win.ky1 = a.kh;
     win.y0 = oy * a.sh - a.ph;
-    while (win.ky0 < a.kh && win.y0 + win.ky0 * a.dh < 0) ++win.ky0;
-    while (win.ky1 > win.ky0 && win.y0 + (win.ky1 - 1) * a.dh >= a.h) --win.ky1;
+    taps_inside(win.y0, a.kh, a.dh, 0, a.h, &win.ky0, &win.ky1);
     for (int64_t ox = 0; ox < a.ow; ++ox) {
-      win.kx0 = 0; win.kx1 = a.kw;
       win.x0 = ox * a.sw - a.pw;
-      while (win.kx0 < a.kw && win.x0 + win.kx0 * a.dw < 0) ++win.kx0;
-      while (win.kx1 > win.kx0 && win.x0 + (win.kx1 - 1) * a.dw >= a.w_) --win.kx1;
+      taps_inside(win.x0, a.kw, a.dw, 0, a.w_, &win.kx0, &win.kx1);
       T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;
       for (int64_t b = 0; b < blocks; ++b) {
         const __mmask16 mask = first_lanes(a.c - b * 16);
@@ -303,12 +308,6 @@ struct AvgPoolArgs {
   int64_t n, h, w_, c, oh, ow, kh, kw, sh, sw, ph, pw, ph_end, pw_end, count_include_pad;
 };
 
-static inline void taps_inside(int64_t start, int64_t k, int64_t lo, int64_t hi, int64_t* k0, int64_t* k1) {
-  *k0 = start < lo ? lo - start : 0;  // taps at start + t in [lo, hi)
-  *k1 = hi - start < k ? hi - start : k;
-  if (*k1 < *k0) *k1 = *k0;
-}
-
 template <typename T>
 static void average_pool_nhwc(const AvgPoolArgs& a, int64_t threads) {
   const T* x = static_cast<const T*>(a.x);
@@ -318,13 +317,13 @@ static void average_pool_nhwc(const AvgPoolArgs& a, int64_t threads) {
   for (int64_t row = 0; row < a.n * a.oh; ++row) {
     const int64_t n = row / a.oh, oy = row % a.oh, y0 = oy * a.sh - a.ph;
     int64_t ky0, ky1, cy0, cy1;
-    taps_inside(y0, a.kh, 0, a.h, &ky0, &ky1);
-    taps_inside(y0, a.kh, -a.ph, a.h + a.ph_end, &cy0, &cy1);
+    taps_inside(y0, a.kh, 1, 0, a.h, &ky0, &ky1);
+    taps_inside(y0, a.kh, 1, -a.ph, a.h + a.ph_end, &cy0, &cy1);
     for (int64_t ox = 0; ox < a.ow; ++ox) {
       const int64_t x0 = ox * a.sw - a.pw;
       int64_t kx0, kx1, cx0, cx1;
-      taps_inside(x0, a.kw, 0, a.w_, &kx0, &kx1);
-      taps_inside(x0, a.kw, -a.pw, a.w_ + a.pw_end, &cx0, &cx1);
+      taps_inside(x0, a.kw, 1, 0, a.w_, &kx0, &kx1);
+      taps_inside(x0, a.kw, 1, -a.pw, a.w_ + a.pw_end, &cx0, &cx1);
       const float counted = a.count_include_pad ? (float)((cy1 - cy0) * (cx1 - cx0)) : (float)((ky1 - ky0) * (kx1 - kx0));
       const __m512 count = _mm512_set1_ps(counted);
       T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;

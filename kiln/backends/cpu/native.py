@@ -252,8 +252,7 @@ class DirectConvolution:
         self._plans: dict[tuple, _DirectPlan] = {}
 
     def output_size(self, h: int, w: int) -> tuple[int, int]:
-        return tuple(window_output_size(size, k, s, d, p)
-                     for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads))
+        return window_output_sizes((h, w), self.kernel, self.strides, self.dilations, self.pads)
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
         return (x.shape[0], self.out_channels, *self.output_size(x.shape[2], x.shape[3]))
@@ -278,10 +277,8 @@ class DirectConvolution:
         if out is None and in_place and residual is not None and plan.schedule[3] == self.in_channels \
                 and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
-        elif out is None:
-            y, ldy = torch.empty_strided(plan.shape, plan.strides), self.out_channels
         else:
-            y, ldy = _output(tuple(plan.shape), torch.float32, out)
+            y, ldy = _output(plan.shape, torch.float32, out)
         args = _ConvArgs(x.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                          y.data_ptr(), *plan.geometry, ldy, *self._window, *self.clamp)
         self._library.kiln_conv_nhwc(ctypes.byref(args), *plan.schedule, threads)
@@ -296,7 +293,7 @@ class DirectConvolution:
         schedule = self._schedule(n, 1, oh * ow, threads) if self.pointwise else self._schedule(n, oh, ow, threads)
         if self.pointwise:  # one row of h*w pixels: tiles never straddle an edge
             h, w, oh, ow = 1, h * w, 1, oh * ow
-        plan = _DirectPlan(shape, _channels_last_strides(shape), schedule, (n, h, w, c, oh, ow, self.out_channels))
+        plan = _DirectPlan(shape, schedule, (n, h, w, c, oh, ow, self.out_channels))
         self._plans[(input_shape, threads)] = plan
         return plan
 
@@ -320,7 +317,6 @@ class DirectConvolution:
 
 class _DirectPlan(NamedTuple):
     shape: object  # the output's torch.Size
-    strides: tuple  # its channels-last strides
     schedule: tuple  # _schedule's
     geometry: tuple  # ConvArgs' n, h, w_, c, oh, ow, oc (a 1x1's pixels as one row)
 
@@ -361,8 +357,7 @@ class StemConvolution:
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
         return (x.shape[0], self.out_channels,
-                *(window_output_size(size, k, s, d, p)
-                  for size, k, s, d, p in zip(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads)))
+                *window_output_sizes(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads))
 
     def __call__(self, x, residual=None, in_place: bool = False, out=None):
         """The convolution of NCHW `x` (any float type and layout) as an NHWC tensor of `dtype`."""
@@ -385,7 +380,7 @@ class StemConvolution:
             taps = [c * hp * wp + ky * dh * wp + kx * dw
                     for c in range(self.in_channels) for ky in range(kh) for kx in range(kw)]
             offsets = self._offsets[(hp, wp)] = torch.tensor(taps, dtype=torch.int64)
-        y = torch.empty(shape, dtype=self.dtype, memory_format=torch.channels_last)
+        y = _output(shape, self.dtype)[0]
         if y.numel():
             args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(),
                              offsets.data_ptr(), shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2],
@@ -409,15 +404,14 @@ def _blocked(weight, bias):
     return w, b
 
 
-def _output(shape: tuple, dtype, out=None):
+def _output(shape, dtype, out=None):
     """(the tensor a kernel writes, elements between its pixels): `out` where given, which must be `shape`, `dtype`,
     and NHWC pixels at one stride (a channel slice of a wider NHWC buffer: how native.cpp writes), else a new
     channels-last tensor."""
     import torch
 
     if out is None:
-        y = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
-        return y, shape[1]
+        return torch.empty_strided(shape, _channels_last_strides(shape), dtype=dtype), shape[1]
     pixel = _pixel_stride(out)
     if tuple(out.shape) != shape or out.dtype != dtype or pixel is None:
         raise ValueError(f"out must be a {dtype} channel slice of an NHWC buffer of shape {shape}; "
@@ -456,6 +450,12 @@ def window_output_size(size: int, kernel: int, stride: int, dilation: int, pad: 
     return out
 
 
+def window_output_sizes(spatial, kernel, strides, dilations, pads, ceil_mode: bool = False) -> tuple[int, ...]:
+    """window_output_size along each spatial axis (`pads` one per axis, symmetric)."""
+    return tuple(window_output_size(size, k, s, d, p, ceil_mode)
+                 for size, k, s, d, p in zip(spatial, kernel, strides, dilations, pads))
+
+
 class MaxPool:
     """An NHWC max pool in fp32 or bf16 with symmetric padding (padding never wins; NaN propagates, as in torch's),
     run by native.cpp: 0.28 against torch's 0.59 ms on 64x111x111 fp32 here; since its NaN check moved from every
@@ -477,8 +477,8 @@ class MaxPool:
         output = self._outputs.get(x.shape)
         if output is None:
             n, c, h, w = x.shape
-            shape = (n, c, *(window_output_size(size, k, s, d, p, self.ceil_mode)
-                             for size, k, s, d, p in zip((h, w), self.kernel, self.strides, self.dilations, self.pads)))
+            shape = (n, c, *window_output_sizes((h, w), self.kernel, self.strides, self.dilations, self.pads,
+                                                self.ceil_mode))
             output = self._outputs[x.shape] = (shape, _channels_last_strides(shape))
         x = x.contiguous(memory_format=torch.channels_last)
         y = torch.empty_strided(*output, dtype=x.dtype)
@@ -699,8 +699,6 @@ class AmxConvolution:
             bf16_residual = int(residual.dtype == torch.bfloat16)
         if out is None and in_place and bf16_residual and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
-        elif out is None:
-            y, ldy = torch.empty_strided(plan.shape, plan.strides, dtype=torch.bfloat16), self.out_channels
         else:
             y, ldy = _output(plan.shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
@@ -728,7 +726,8 @@ class AmxConvolution:
 
         n, _, h, w = input_shape
         (kh, kw), s, (ph, pw), (dh, dw) = self.kernel, self.stride, self.pads, self.dilations
-        shape = torch.Size((n, self.out_channels, window_output_size(h, kh, s, dh, ph), window_output_size(w, kw, s, dw, pw)))
+        spatial = window_output_sizes((h, w), self.kernel, (s, s), self.dilations, self.pads)
+        shape = torch.Size((n, self.out_channels, *spatial))
         oh, ow = shape[2:]
         if self.reads_input_in_place:
             prepare, image_pixels, wv, taps, prepared_pixels = None, h * w, w, self._zero_tap, 0
@@ -747,15 +746,13 @@ class AmxConvolution:
         groups = max(1, min(pairs, _ceil_div(AMX_TASKS_PER_THREAD * threads, blocks)))
         pixels = prepared_pixels if prepare is not None else n * h * w  # in the buffer the kernel reads
         geometry = (n, self.in_channels, pixels, image_pixels, wv, taps.numel(), oh, ow, self.out_channels)
-        plan = _AmxPlan(shape, _channels_last_strides(shape), prepare, taps, prepared_pixels, _ceil_div(pairs, groups),
-                        threads, geometry)
+        plan = _AmxPlan(shape, prepare, taps, prepared_pixels, _ceil_div(pairs, groups), threads, geometry)
         self._plans[(input_shape, threads)] = plan
         return plan
 
 
 class _AmxPlan(NamedTuple):
     shape: object  # the output's torch.Size
-    strides: tuple  # its channels-last strides
     prepare: tuple | None
     taps: object  # int64 tensor
     prepared_pixels: int
