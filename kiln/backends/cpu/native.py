@@ -147,10 +147,11 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
         for function in (name, name + "_bf16") if library.kiln_native_bf16() else (name,):
             getattr(library, function).argtypes = [ctypes.POINTER(args), ctypes.c_int64]
             getattr(library, function).restype = None
-    library.kiln_conv_amx.argtypes = [ctypes.POINTER(_AmxConvArgs), ctypes.c_int64, ctypes.c_int64]
-    library.kiln_conv_amx.restype = None
-    library.kiln_prepare_phases.argtypes = [ctypes.POINTER(_PrepareArgs), ctypes.c_int64]
-    library.kiln_prepare_phases.restype = None
+    if library.kiln_native_amx():  # compiled only where the compiler targets AMX (not on AMD's Zen 4, for one)
+        library.kiln_conv_amx.argtypes = [ctypes.POINTER(_AmxConvArgs), ctypes.c_int64, ctypes.c_int64]
+        library.kiln_conv_amx.restype = None
+        library.kiln_prepare_phases.argtypes = [ctypes.POINTER(_PrepareArgs), ctypes.c_int64]
+        library.kiln_prepare_phases.restype = None
     return library, ""
 
 
