@@ -267,6 +267,33 @@ def test_a_failing_compile_falls_back_and_the_engine_still_runs(fresh_library, t
     assert (y.double() - float64_conv(x, w, b, 1, 1, 1, clamp=(0.0, np.inf))).abs().max().item() < 1e-4
 
 
+
+class LibraryWithout:
+    """A stand-in for the compiled library that, like ctypes.CDLL, raises AttributeError for a symbol it lacks: one
+    compiled for a CPU without AMX (or without AVX512-BF16) has no kiln_conv_amx (or no _bf16 kernels)."""
+
+    def __init__(self, amx: bool, bf16: bool):
+        self.kiln_native_amx, self.kiln_native_bf16 = (lambda: int(amx)), (lambda: int(bf16))
+        self.declared = []
+
+    def __getattr__(self, name):
+        if (name in ("kiln_conv_amx", "kiln_prepare_phases") and not self.kiln_native_amx()) \
+                or (name.endswith("_bf16") and not self.kiln_native_bf16()):
+            raise AttributeError(f"undefined symbol: {name}")
+        function = type("Function", (), {})()
+        self.__dict__[name] = function
+        self.declared.append(name)
+        return function
+
+
+@pytest.mark.parametrize("amx, bf16", [(False, True), (False, False), (True, True)], ids=["zen4", "avx512", "amx"])
+def test_the_library_loads_without_the_kernels_its_cpu_lacks(amx, bf16):
+    library = LibraryWithout(amx, bf16)
+    native._declare(library)  # an AMD Zen 4 (AVX512-BF16, no AMX) once failed here on kiln_conv_amx
+    assert ("kiln_conv_amx" in library.declared) == amx and ("kiln_max_pool_nhwc_bf16" in library.declared) == bf16
+    assert library.kiln_conv_nhwc.restype is None and library.kiln_max_pool_nhwc.argtypes
+
+
 # (channels, size, kernel, stride, pad, dilation, ceil_mode): ResNet's and SqueezeNet's pools, channels off the
 # 16-channel block, a dilated window, ceil mode's last window
 POOLS = [(64, 112, 3, 2, 1, 1, False), (64, 111, 3, 2, 0, 1, True), (20, 9, 2, 2, 0, 1, False),

@@ -141,18 +141,24 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
         library = ctypes.CDLL(str(target))
     except OSError as error:
         return None, f"{target} does not load: {error}"
+    _declare(library)
+    return library, ""
+
+
+def _declare(library) -> None:
+    """Set the argument types of the library's entry points; the AMX ones exist only where the compiler targets AMX
+    (not on AMD's Zen 4, which has AVX512-BF16 without it), the _bf16 ones only where it targets AVX512-BF16."""
     library.kiln_conv_nhwc.argtypes = [ctypes.POINTER(_ConvArgs)] + [ctypes.c_int64] * 5
     library.kiln_conv_nhwc.restype = None
     for name, args in (("kiln_max_pool_nhwc", _PoolArgs), ("kiln_channel_affine", _AffineArgs), ("kiln_pixel_mean", _MeanArgs)):
         for function in (name, name + "_bf16") if library.kiln_native_bf16() else (name,):
             getattr(library, function).argtypes = [ctypes.POINTER(args), ctypes.c_int64]
             getattr(library, function).restype = None
-    if library.kiln_native_amx():  # compiled only where the compiler targets AMX (not on AMD's Zen 4, for one)
+    if library.kiln_native_amx():
         library.kiln_conv_amx.argtypes = [ctypes.POINTER(_AmxConvArgs), ctypes.c_int64, ctypes.c_int64]
         library.kiln_conv_amx.restype = None
         library.kiln_prepare_phases.argtypes = [ctypes.POINTER(_PrepareArgs), ctypes.c_int64]
         library.kiln_prepare_phases.restype = None
-    return library, ""
 
 
 def _compile(compiler: str, target: Path) -> str:
