@@ -257,32 +257,53 @@ static inline void taps_inside(int64_t start, int64_t k, int64_t d, int64_t lo, 
   if (*k1 < *k0) *k1 = *k0;
 }
 
-template <bool EXACT, typename T>
-static inline __m512 window_max(const PoolArgs& a, const T* base, const Window& win, __mmask16 mask) {
-  __m512 best = _mm512_set1_ps(-__builtin_inff()), probe = _mm512_setzero_ps();
-  __mmask16 nan = 0;
+// The maxima of NB consecutive 16-channel blocks' windows, side by side: NB independent chains keep the core busy
+// (one block at a time waits on each max's latency) and ask for a pixel's blocks together.
+template <int NB, typename T>
+static inline void window_max(const PoolArgs& a, const T* base, const Window& win, __mmask16 last_mask, T* out) {
+  __m512 best[NB], probe[NB];
+  for (int b = 0; b < NB; ++b) best[b] = _mm512_set1_ps(-__builtin_inff()), probe[b] = _mm512_setzero_ps();
   for (int64_t ky = win.ky0; ky < win.ky1; ++ky) {
     const T* in = base + ((win.y0 + ky * a.dh) * a.w_ + win.x0) * a.c;
     for (int64_t kx = win.kx0; kx < win.kx1; ++kx) {
-      const __m512 v = load16(in + kx * a.dw * a.c, mask);
-      best = _mm512_max_ps(best, v);
-      if (EXACT) nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-      else probe = _mm512_add_ps(probe, v);
+      const T* tap = in + kx * a.dw * a.c;
+      for (int b = 0; b < NB; ++b) {
+        const __m512 v = load16(tap + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF);
+        best[b] = _mm512_max_ps(best[b], v);
+        probe[b] = _mm512_add_ps(probe[b], v);
+      }
     }
   }
-  if (EXACT) return _mm512_mask_mov_ps(best, nan, _mm512_set1_ps(__builtin_nanf("")));
-  nan = _mm512_cmp_ps_mask(probe, probe, _CMP_UNORD_Q);
-  return nan ? window_max<true>(a, base, win, mask) : best;
+  for (int b = 0; b < NB; ++b) {
+    const __mmask16 mask = b == NB - 1 ? last_mask : (__mmask16)0xFFFF;
+    const __mmask16 nan = _mm512_cmp_ps_mask(probe[b], probe[b], _CMP_UNORD_Q);
+    if (nan) {  // rare: reduce this block again, tap by tap, marking the lanes that met a NaN
+      __mmask16 met = 0;
+      for (int64_t ky = win.ky0; ky < win.ky1; ++ky) {
+        const T* in = base + ((win.y0 + ky * a.dh) * a.w_ + win.x0) * a.c + b * 16;
+        for (int64_t kx = win.kx0; kx < win.kx1; ++kx) {
+          const __m512 v = load16(in + kx * a.dw * a.c, mask);
+          met |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+      }
+      best[b] = _mm512_mask_mov_ps(best[b], met, _mm512_set1_ps(__builtin_nanf("")));
+    }
+    store16(out + b * 16, mask, best[b]);
+  }
 }
+
+static const int64_t PREFETCH_PIXELS = 8;
 
 template <typename T>
 static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
   const int64_t blocks = (a.c + 15) / 16;
+  const __mmask16 last_mask = first_lanes(a.c - (blocks - 1) * 16);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t row = 0; row < a.n * a.oh; ++row) {
     const int64_t n = row / a.oh, oy = row % a.oh;
+    const T* image = x + n * a.h * a.w_ * a.c;
     Window win;
     win.y0 = oy * a.sh - a.ph;
     taps_inside(win.y0, a.kh, a.dh, 0, a.h, &win.ky0, &win.ky1);
@@ -290,9 +311,21 @@ static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
       win.x0 = ox * a.sw - a.pw;
       taps_inside(win.x0, a.kw, a.dw, 0, a.w_, &win.kx0, &win.kx1);
       T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const __mmask16 mask = first_lanes(a.c - b * 16);
-        store16(out + b * 16, mask, window_max<false>(a, x + n * a.h * a.w_ * a.c + b * 16, win, mask));
+      if (ox + PREFETCH_PIXELS < a.ow) {
+        const int64_t px = win.x0 + PREFETCH_PIXELS * a.sw + (a.kw - 1) * a.dw, pn = a.sw * a.c * (int64_t)sizeof(T);
+        if (px >= 0 && px < a.w_)
+          for (int64_t ky = win.ky0; ky < win.ky1; ++ky) {
+            const char* line = reinterpret_cast<const char*>(image + ((win.y0 + ky * a.dh) * a.w_ + px) * a.c);
+            for (int64_t off = 0; off < pn; off += 64) _mm_prefetch(line - off, _MM_HINT_T0);
+          }
+      }
+      int64_t b = 0;
+      for (; b + 4 < blocks; b += 4) window_max<4, T>(a, image + b * 16, win, 0xFFFF, out + b * 16);
+      switch (blocks - b) {
+        case 4: window_max<4, T>(a, image + b * 16, win, last_mask, out + b * 16); break;
+        case 3: window_max<3, T>(a, image + b * 16, win, last_mask, out + b * 16); break;
+        case 2: window_max<2, T>(a, image + b * 16, win, last_mask, out + b * 16); break;
+        default: window_max<1, T>(a, image + b * 16, win, last_mask, out + b * 16); break;
       }
     }
   }
@@ -342,29 +375,48 @@ static void average_pool_nhwc(const AvgPoolArgs& a, int64_t threads) {
 
 KILN_TYPED(kiln_average_pool_nhwc, average_pool_nhwc, AvgPoolArgs)
 
-// The mean over each image's pixels of NHWC `x`, per channel (a global average pool): fp32 sums, 16 channels and
-// one image per task.
+// The mean over each image's pixels of NHWC `x`, per channel (a global average pool): fp32 sums. A task takes one
+// image's run of up to MEAN_BLOCKS 16-channel blocks and walks its pixels in order, so that each pixel's channels
+// are read as one contiguous piece (a task per block would read one cache line per pixel, a pixel's width apart:
+// ResNet-50 b8's 2048 channels at 7x7 took 0.49 ms that way, against 0.05 for onnxruntime).
 struct MeanArgs { const void* x; void* y; int64_t n, pixels, c; };
+
+static const int64_t MEAN_BLOCKS = 8;
+
+template <int NB, typename T>
+static inline void blocks_mean(const MeanArgs& a, const T* in, T* out, __mmask16 last_mask, __m512 scale) {
+  __m512 sum[NB];
+  for (int b = 0; b < NB; ++b) sum[b] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < a.pixels; ++p)
+    for (int b = 0; b < NB; ++b)
+      sum[b] = _mm512_add_ps(sum[b], load16(in + p * a.c + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF));
+  for (int b = 0; b < NB; ++b)
+    store16(out + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF, _mm512_mul_ps(sum[b], scale));
+}
 
 template <typename T>
 static void pixel_mean(const MeanArgs& a, int64_t threads) {
   const T* x = static_cast<const T*>(a.x);
   T* y = static_cast<T*>(a.y);
-  const int64_t blocks = (a.c + 15) / 16;
+  const int64_t blocks = (a.c + 15) / 16, runs = (blocks + MEAN_BLOCKS - 1) / MEAN_BLOCKS;
   const __m512 scale = _mm512_set1_ps(1.0f / (float)a.pixels);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t t = 0; t < a.n * blocks; ++t) {
-    const int64_t image = t / blocks, c0 = t % blocks * 16;
-    const __mmask16 mask = first_lanes(a.c - c0);
-    const T* in = x + image * a.pixels * a.c + c0;
-    __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
-    int64_t p = 0;
-    for (; p + 1 < a.pixels; p += 2) {
-      sum0 = _mm512_add_ps(sum0, load16(in + p * a.c, mask));
-      sum1 = _mm512_add_ps(sum1, load16(in + (p + 1) * a.c, mask));
+  for (int64_t t = 0; t < a.n * runs; ++t) {
+    const int64_t image = t / runs, b0 = t % runs * MEAN_BLOCKS;
+    const int64_t nb = blocks - b0 < MEAN_BLOCKS ? blocks - b0 : MEAN_BLOCKS;
+    const __mmask16 last = b0 + nb == blocks ? first_lanes(a.c - (blocks - 1) * 16) : (__mmask16)0xFFFF;
+    const T* in = x + image * a.pixels * a.c + b0 * 16;
+    T* out = y + image * a.c + b0 * 16;
+    switch (nb) {
+      case 8: blocks_mean<8, T>(a, in, out, last, scale); break;
+      case 7: blocks_mean<7, T>(a, in, out, last, scale); break;
+      case 6: blocks_mean<6, T>(a, in, out, last, scale); break;
+      case 5: blocks_mean<5, T>(a, in, out, last, scale); break;
+      case 4: blocks_mean<4, T>(a, in, out, last, scale); break;
+      case 3: blocks_mean<3, T>(a, in, out, last, scale); break;
+      case 2: blocks_mean<2, T>(a, in, out, last, scale); break;
+      default: blocks_mean<1, T>(a, in, out, last, scale); break;
     }
-    if (p < a.pixels) sum0 = _mm512_add_ps(sum0, load16(in + p * a.c, mask));
-    store16(y + image * a.c + c0, mask, _mm512_mul_ps(_mm512_add_ps(sum0, sum1), scale));
   }
 }
 
