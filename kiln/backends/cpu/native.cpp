@@ -36,6 +36,16 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
     for (int j = 0; j < NW; ++j)
       acc[b][j] = s.first ? bias : _mm512_maskz_loadu_ps(mask[b], a.y + out0 + j * a.ldy + oc0);
   }
+  if (!EDGE && s.last) {
+    // the output lines (and the residual's) two tiles on, asked for ahead: a layer whose output does not fit
+    // in cache otherwise waits on a write-allocate miss per store (ResNet-50 b8's 64->256 1x1: 3.3 -> 2.0 ms)
+    for (int j = 2 * NW; j < 3 * NW; ++j)
+      for (int b = 0; b < NB; ++b) {
+        const int64_t oc0 = (s.ob0 + b) * 16;
+        _mm_prefetch(reinterpret_cast<const char*>(a.y + out0 + j * a.ldy + oc0), _MM_HINT_ET0);
+        if (a.residual) _mm_prefetch(reinterpret_cast<const char*>(a.residual + (pixel0 + j) * a.oc + oc0), _MM_HINT_T0);
+      }
+  }
   const int64_t wblock = a.kh * a.kw * a.c * 16;
   const int64_t xs = a.sw * a.c;
   for (int64_t ky = 0; ky < a.kh; ++ky) {
