@@ -193,6 +193,8 @@ static inline void stem_tile(const StemArgs& a, const float* x, T* y, int64_t ob
     const __m512 bias = _mm512_loadu_ps(a.bias + (ob0 + b) * 16);
     for (int j = 0; j < NW; ++j) acc[b][j] = bias;
   }
+  for (int j = 2 * NW; j < 3 * NW; ++j)  // the output two tiles on, asked for ahead (as the direct kernel's tile)
+    for (int b = 0; b < NB; ++b) _mm_prefetch(reinterpret_cast<const char*>(y + j * a.oc + (ob0 + b) * 16), _MM_HINT_ET0);
   const float* w = a.w + ob0 * a.taps * 16;
   for (int64_t t = 0; t < a.taps; ++t) {
     const float* xp = x + a.offsets[t];
@@ -322,12 +324,16 @@ static void max_pool_nhwc(const PoolArgs& a, int64_t threads) {
       taps_inside(win.x0, a.kw, a.dw, 0, a.w_, &win.kx0, &win.kx1);
       T* out = y + ((n * a.oh + oy) * a.ow + ox) * a.c;
       if (ox + PREFETCH_PIXELS < a.ow) {
+        // the input pixels that the window PREFETCH_PIXELS on adds in each of its rows, and that pixel's output,
+        // asked for ahead: a pool over an input that has left the cache (a batch of 8) waited on every row's misses
         const int64_t px = win.x0 + PREFETCH_PIXELS * a.sw + (a.kw - 1) * a.dw, pn = a.sw * a.c * (int64_t)sizeof(T);
         if (px >= 0 && px < a.w_)
           for (int64_t ky = win.ky0; ky < win.ky1; ++ky) {
             const char* line = reinterpret_cast<const char*>(image + ((win.y0 + ky * a.dh) * a.w_ + px) * a.c);
             for (int64_t off = 0; off < pn; off += 64) _mm_prefetch(line - off, _MM_HINT_T0);
           }
+        const char* ahead = reinterpret_cast<const char*>(out + PREFETCH_PIXELS * a.c);
+        for (int64_t off = 0; off < a.c * (int64_t)sizeof(T); off += 64) _mm_prefetch(ahead + off, _MM_HINT_ET0);
       }
       int64_t b = 0;
       for (; b + 4 < blocks; b += 4) window_max<4, T>(a, image + b * 16, win, 0xFFFF, out + b * 16);
