@@ -731,6 +731,40 @@ def test_the_build_times_both_tactics_and_a_loaded_engine_follows_its_choice(mon
     assert loaded.program.layer_info[three_by_three]["tactic"] == "onednn-packed"
 
 
+@needs_native
+def test_the_whole_engine_race_times_each_engine_with_its_concatenation_in_place(monkeypatch):
+    """The whole-engine race times each candidate as it will be built: the native and the mixed engines with their
+    convolutions writing into the concatenation's buffer, and all three computing what the built engine computes."""
+    from kiln.backends.cpu import select
+
+    model, x = fire_module()
+    graph_nodes = kiln.build(model, kiln.BuilderConfig()).plan.graph.nodes
+    three_by_three = next(n.name for n in graph_nodes if n.op_key == "kiln::Conv" and n.attrs["kernel_shape"] == [3, 3])
+    concat = next(n.name for n in graph_nodes if n.op_key == "Concat")
+    fastest = select.fastest
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: {
+        name: select.ONEDNN if name == three_by_three else select.NATIVE for name in fastest(programs, feed, layers)})
+    raced = {}
+
+    def record(programs, feed):
+        raced.update(programs)
+        return select.NATIVE
+
+    monkeypatch.setattr(select, "fastest_engine", record)
+    engine = kiln.build(model, kiln.BuilderConfig())
+    assert sorted(raced) == sorted([select.NATIVE, select.ONEDNN, select.MIXED])
+    feed = {"x": torch.from_numpy(x)}
+    expected = np.asarray(engine.run(feed)["y"])
+    for key, program in raced.items():
+        step = next(step for step in program.steps if step.name == concat)
+        # the chain's Concat takes the run's buffer (it wants the run's environment); a plain Concat copies
+        assert step.wants_env == (key != select.ONEDNN), key
+        with torch.inference_mode():
+            np.testing.assert_allclose(np.asarray(program.execute(dict(feed))["y"]), expected, rtol=1e-5, atol=1e-5)
+    # the engine built from the race keeps its own steps: the copies timed there were not the program's
+    assert engine.plan.layers[concat]["tactic"] == "native-in-place"
+
+
 def test_timing_needs_float_inputs_of_known_shape():
     from kiln.backends.cpu import select
 
