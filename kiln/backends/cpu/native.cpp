@@ -46,14 +46,17 @@ __attribute__((always_inline)) static inline void accumulate(__m512 (&acc)[NB][N
 }
 
 // Each branch of the tile (first pass or not, one tap or several, last pass with or without a residual) is taken once
-// per tile, outside the loops over its accumulators.
+// per tile, outside the loops over its accumulators. What the stores address is read into locals first: a vector store
+// may alias anything, and the compiler read the arguments again from memory for each of the 24 stores.
 template <int NB, int NW, bool EDGE>
 static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
   __m512 acc[NB][NW];
-  const int64_t pixel0 = (s.n * a.oh + s.oy) * a.ow + ox0;
-  const int64_t out0 = pixel0 * a.ldy;
+  const int64_t pixel0 = (s.n * a.oh + s.oy) * a.ow + ox0, ldy = a.ldy, oc = a.oc;
+  float* const y = a.y + pixel0 * ldy + s.ob0 * 16;  // the tile's first pixel, its first output channel
+  const float* const residual = a.residual ? a.residual + pixel0 * oc + s.ob0 * 16 : nullptr;
+  const bool last = s.last;
   __mmask16 mask[NB];
-  UNROLLED for (int b = 0; b < NB; ++b) mask[b] = first_lanes(a.oc - (s.ob0 + b) * 16);
+  UNROLLED for (int b = 0; b < NB; ++b) mask[b] = first_lanes(oc - (s.ob0 + b) * 16);
   if (s.first) {
     UNROLLED for (int b = 0; b < NB; ++b) {
       const __m512 bias = _mm512_loadu_ps(a.bias + (s.ob0 + b) * 16);
@@ -61,17 +64,15 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
     }
   } else {
     UNROLLED for (int b = 0; b < NB; ++b)
-      UNROLLED for (int j = 0; j < NW; ++j)
-        acc[b][j] = _mm512_maskz_loadu_ps(mask[b], a.y + out0 + j * a.ldy + (s.ob0 + b) * 16);
+      UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_maskz_loadu_ps(mask[b], y + j * ldy + b * 16);
   }
-  if (!EDGE && s.last) {
+  if (!EDGE && last) {
     // the output lines (and the residual's) two tiles on, asked for ahead: a layer whose output does not fit
     // in cache otherwise waits on a write-allocate miss per store (ResNet-50 b8's 64->256 1x1: 3.3 -> 2.0 ms)
     UNROLLED for (int j = 2 * NW; j < 3 * NW; ++j)
       UNROLLED for (int b = 0; b < NB; ++b) {
-        const int64_t oc0 = (s.ob0 + b) * 16;
-        _mm_prefetch(reinterpret_cast<const char*>(a.y + out0 + j * a.ldy + oc0), _MM_HINT_ET0);
-        if (a.residual) _mm_prefetch(reinterpret_cast<const char*>(a.residual + (pixel0 + j) * a.oc + oc0), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(y + j * ldy + b * 16), _MM_HINT_ET0);
+        if (residual) _mm_prefetch(reinterpret_cast<const char*>(residual + j * oc + b * 16), _MM_HINT_T0);
       }
   }
   const int64_t wblock = a.kh * a.kw * a.c * 16;
@@ -98,19 +99,17 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
       }
     }
   }
-  if (s.last) {
-    if (a.residual)
+  if (last) {
+    if (residual)
       UNROLLED for (int j = 0; j < NW; ++j)
         UNROLLED for (int b = 0; b < NB; ++b)
-          acc[b][j] = _mm512_add_ps(acc[b][j],
-                                    _mm512_maskz_loadu_ps(mask[b], a.residual + (pixel0 + j) * a.oc + (s.ob0 + b) * 16));
+          acc[b][j] = _mm512_add_ps(acc[b][j], _mm512_maskz_loadu_ps(mask[b], residual + j * oc + b * 16));
     const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
     UNROLLED for (int j = 0; j < NW; ++j)
       UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_min_ps(_mm512_max_ps(acc[b][j], lo), hi);
   }
   UNROLLED for (int j = 0; j < NW; ++j)
-    UNROLLED for (int b = 0; b < NB; ++b)
-      _mm512_mask_storeu_ps(a.y + out0 + j * a.ldy + (s.ob0 + b) * 16, mask[b], acc[b][j]);
+    UNROLLED for (int b = 0; b < NB; ++b) _mm512_mask_storeu_ps(y + j * ldy + b * 16, mask[b], acc[b][j]);
 }
 
 template <int NB, int NW, bool EDGE>
