@@ -305,19 +305,19 @@ static inline void window_max(const PoolArgs& a, const T* base, const Window& wi
   __m512 best[NB], probe[NB];
   const int64_t ky0 = K ? 0 : win.ky0, ky1 = K ? K : win.ky1, kx0 = K ? 0 : win.kx0, kx1 = K ? K : win.kx1;
   const int64_t dh = K ? 1 : a.dh, dw = K ? 1 : a.dw;
-  for (int b = 0; b < NB; ++b) best[b] = _mm512_set1_ps(-__builtin_inff()), probe[b] = _mm512_setzero_ps();
+  UNROLLED for (int b = 0; b < NB; ++b) best[b] = _mm512_set1_ps(-__builtin_inff()), probe[b] = _mm512_setzero_ps();
   for (int64_t ky = ky0; ky < ky1; ++ky) {
     const T* in = base + ((win.y0 + ky * dh) * a.w_ + win.x0) * a.c;
     for (int64_t kx = kx0; kx < kx1; ++kx) {
       const T* tap = in + kx * dw * a.c;
-      for (int b = 0; b < NB; ++b) {
+      UNROLLED for (int b = 0; b < NB; ++b) {
         const __m512 v = load16(tap + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF);
         best[b] = _mm512_max_ps(best[b], v);
         probe[b] = _mm512_add_ps(probe[b], v);
       }
     }
   }
-  for (int b = 0; b < NB; ++b) {
+  UNROLLED for (int b = 0; b < NB; ++b) {
     const __mmask16 mask = b == NB - 1 ? last_mask : (__mmask16)0xFFFF;
     const __mmask16 nan = _mm512_cmp_ps_mask(probe[b], probe[b], _CMP_UNORD_Q);
     if (nan) {  // rare: reduce this block again, tap by tap, marking the lanes that met a NaN
@@ -443,11 +443,11 @@ static const int64_t MEAN_BLOCKS = 8;
 template <int NB, typename T>
 static inline void blocks_mean(const MeanArgs& a, const T* in, T* out, __mmask16 last_mask, __m512 scale) {
   __m512 sum[NB];
-  for (int b = 0; b < NB; ++b) sum[b] = _mm512_setzero_ps();
+  UNROLLED for (int b = 0; b < NB; ++b) sum[b] = _mm512_setzero_ps();
   for (int64_t p = 0; p < a.pixels; ++p)
-    for (int b = 0; b < NB; ++b)
+    UNROLLED for (int b = 0; b < NB; ++b)
       sum[b] = _mm512_add_ps(sum[b], load16(in + p * a.c + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF));
-  for (int b = 0; b < NB; ++b)
+  UNROLLED for (int b = 0; b < NB; ++b)
     store16(out + b * 16, b == NB - 1 ? last_mask : (__mmask16)0xFFFF, _mm512_mul_ps(sum[b], scale));
 }
 
