@@ -15,11 +15,12 @@ FLOAT_TYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf
 rng = np.random.default_rng(0)
 
 # (batch, in, out, size, kernel, stride, pad, dilation): 1x1s (one flat pixel row), padded 3x3s narrower than a tile
-# (7x7) and wider, strided, dilated, a 7x7 kernel, output channels off the 16-channel block (1000, 24), rectangles
+# (7x7) and wider, strided, dilated, a 7x7 kernel, output channels off the 16-channel block (1000, 24), rectangles, a
+# 3x3 whose weights take two passes over the input channels (partial sums kept in the output between them)
 SHAPES = [(1, 64, 16, 55, 1, 1, 0, 1), (2, 16, 24, 6, 1, 1, 0, 1), (1, 512, 1000, 13, 1, 1, 0, 1),
           (1, 32, 128, 27, 3, 1, 1, 1), (2, 64, 64, 7, 3, 1, 1, 1), (1, 16, 40, 9, 3, 2, 1, 1),
           (1, 24, 32, 12, 3, 1, 2, 2), (1, 16, 16, 15, 7, 2, 3, 1), (3, 48, 80, (5, 11), 3, 1, 1, 1),
-          (1, 128, 64, 14, 1, 2, 0, 1), (1, 16, 17, 1, 3, 1, 1, 1)]
+          (1, 128, 64, 14, 1, 2, 0, 1), (1, 16, 17, 1, 3, 1, 1, 1), (1, 512, 72, 9, 3, 1, 1, 1)]
 
 
 def conv_shape_id(s) -> str:
