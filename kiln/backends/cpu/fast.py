@@ -639,7 +639,7 @@ def lower(plan, profile: int = 0, shares=None):
                 candidates[select.MIXED] = (mixed, {id(node): (onednn_chosen if node.name in use_onednn else chosen)[id(node)]
                                                     for node in graph.nodes})
             # each engine timed as it would be built: with its concatenation chains in place (without them, the
-            # native engine of SqueezeNet b8 ran 0.98x oneDNN's in the race against 0.87x as built)
+            # native engine of SqueezeNet b8 ran 0.96-1.03x oneDNN's in the race against 0.87x as built)
             winner = select.fastest_engine({key: _with_chains_in_place(candidate, tactics)
                                             for key, (candidate, tactics) in candidates.items()}, feed)
             use_onednn = {select.NATIVE: set(), select.ONEDNN: set(undecided), select.MIXED: use_onednn}[winner]
