@@ -134,15 +134,15 @@ def build(model, config: BuilderConfig | None = None, **options):
         plan.build_info["counters"] = dict(ctx.counters)
         if "quantization" in config.extra:  # what the int8 pass chose and measured (kiln/quant/lower.py)
             plan.build_info["quantization"] = config.extra.pop("quantization")
-        engine = Engine(plan)
-        engine.program  # lower now, so a build that cannot run fails here and not at the first run  # noqa: B018
-        for name, info in getattr(engine.program, "layer_info", {}).items():
-            plan.layers.setdefault(name, {}).update(info)
-        if config.device == "cpu":
+        if config.device == "cpu":  # planned before lowering: the CPU program sizes malloc's kept memory by it
             from .engine.memory import plan_memory
             from .engine.profiles import largest_sizes
 
             plan.memory = plan_memory(graph, largest_sizes([graph.value(v.name) for v in graph.inputs], profiles))
+        engine = Engine(plan)
+        engine.program  # lower now, so a build that cannot run fails here and not at the first run  # noqa: B018
+        for name, info in getattr(engine.program, "layer_info", {}).items():
+            plan.layers.setdefault(name, {}).update(info)
         bar.advance("lowered")
     plan.build_info["build_seconds"] = round(time.perf_counter() - started, 3)
     stages["lower"] = round(plan.build_info["build_seconds"] - sum(stages.values()), 3)

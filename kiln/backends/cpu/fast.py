@@ -590,7 +590,10 @@ def lower(plan, profile: int = 0, shares=None):
     from .concat import fill_in_place
     from .program import CpuProgram
 
+    from .heap import keep_for_plan
+
     graph = plan.graph
+    keep_for_plan(getattr(plan, "memory", None) or {})  # before the race below, which times runs as they will be
     bf16 = bool(plan.config.get("bf16")) and plan.config.get("device", "cpu") == "cpu"
     if bf16:
         check_bf16()
