@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...ir import Graph, Node
+from .native import note_view_step
 
 
 @dataclass
@@ -99,12 +100,14 @@ def fill_in_place(program, direct: dict[str, object]) -> list[str]:
         for producer, offset in chain.writers.items():
             program.steps[producer].run = _writer(direct[program.steps[producer].name], key, offset, width)
             program.steps[producer].wants_env = True
+            program.steps[producer].chain = key
         writer_dtype = next((direct[program.steps[p].name].dtype for p in chain.writers), None)
         for position, index in enumerate(chain.concats):
             last = position == len(chain.concats) - 1
             step = program.steps[index]
             step.run = _concatenation(key, chain.offsets[position], chain.widths[position], width, writer_dtype, last)
             step.wants_env = True
+            step.chain = key
             filled.append(step.name)
     return filled
 
@@ -137,11 +140,15 @@ def _concatenation(key: str, offsets: list[int], channels: int, width: int, dtyp
         # an input already at its slice starts there with the buffer's strides (a channel slice keeps them): told
         # from its pointer, without building the slice
         start, strides, element = buffer.data_ptr(), buffer.stride(), buffer.element_size()
+        copied = False
         for tensor, offset in zip(inputs, offsets):
             in_place = tensor.data_ptr() == start + offset * element and tensor.stride() == strides \
                 and tensor.dtype == buffer.dtype
             if not in_place:
                 buffer.narrow(1, offset, tensor.shape[1]).copy_(tensor)
+                copied = True
+        if not copied:  # the kernels before it did all its work: a replay may skip it (replay.py)
+            note_view_step()
         if last:
             _env.pop(key, None)
             return buffer

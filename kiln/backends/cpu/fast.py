@@ -19,6 +19,7 @@ from typing import Callable
 
 from ...errors import PrecisionError
 from ...ir import DType, Graph, Node, last_uses
+from . import replay
 from .kernels import bind_kernel
 
 # kiln activation -> (oneDNN post-op name, algorithm)
@@ -643,7 +644,7 @@ def lower(plan, profile: int = 0, shares=None):
                                                     for node in graph.nodes})
             # each engine timed as it would be built: with its concatenation chains in place (without them, the
             # native engine of SqueezeNet b8 ran 0.96-1.03x oneDNN's in the race against 0.87x as built)
-            winner = select.fastest_engine({key: _with_chains_in_place(candidate, tactics)
+            winner = select.fastest_engine({key: _as_built(candidate, tactics)
                                             for key, (candidate, tactics) in candidates.items()}, feed)
             use_onednn = {select.NATIVE: set(), select.ONEDNN: set(undecided), select.MIXED: use_onednn}[winner]
         for index, node in enumerate(graph.nodes):
@@ -654,6 +655,7 @@ def lower(plan, profile: int = 0, shares=None):
                           for node in graph.nodes if id(node) in chosen}
     for name in fill_in_place(program, _direct_writers(graph, chosen)):
         program.layer_info[name]["tactic"] = "native-in-place"
+    replay.install(program)
     if bf16:
         _deliver_fp32(program, [v.name for v in graph.outputs if graph.value(v.name).dtype is DType.float32])
     return program
@@ -664,14 +666,15 @@ def _direct_writers(graph: Graph, tactics: dict[int, Tactic]) -> dict[str, objec
     return {node.name: tactics[id(node)].direct for node in graph.nodes if tactics[id(node)].direct is not None}
 
 
-def _with_chains_in_place(program, tactics: dict[int, Tactic]):
-    """A copy of `program` (its steps copied, everything else shared) with its concatenation chains built in one
-    buffer, as the lowering builds the chosen program's."""
+def _as_built(program, tactics: dict[int, Tactic]):
+    """A copy of `program` (its steps copied, everything else shared) as the lowering builds the chosen one: its
+    concatenation chains in one buffer each, its native layers replayed."""
     from .concat import fill_in_place
 
     built = copy.copy(program)
     built.steps = [copy.copy(step) for step in program.steps]
     fill_in_place(built, _direct_writers(program.graph, tactics))
+    replay.install(built)
     return built
 
 

@@ -784,3 +784,31 @@ extern "C" void kiln_prepare_phases(const PrepareArgs* args, int64_t threads) {
 extern "C" int kiln_amx_init() { return 0; }
 extern "C" int kiln_native_amx() { return 0; }
 #endif
+
+// Replaying a recorded run (replay.py): each call is a kernel entry point above, its argument structure (whose
+// activation pointers were fixed when the run was planned) and its trailing integers. Patches first set the pointers
+// that change from run to run (the engine's inputs, the outputs of layers that run in Python) from `sources`.
+struct ReplayCall { const void* function; char* args; int64_t params[5]; int64_t param_count; };
+struct ReplayPatch { int64_t call, field, source, delta; };
+
+typedef void (*Kernel1)(const void*, int64_t);
+typedef void (*Kernel2)(const void*, int64_t, int64_t);
+typedef void (*Kernel5)(const void*, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+extern "C" void kiln_replay(ReplayCall* calls, int64_t count, const ReplayPatch* patches, int64_t patch_count,
+                            const int64_t* sources) {
+  for (int64_t i = 0; i < patch_count; ++i) {
+    const ReplayPatch& p = patches[i];
+    *reinterpret_cast<int64_t*>(calls[p.call].args + p.field) = sources[p.source] + p.delta;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const ReplayCall& c = calls[i];
+    const int64_t* q = c.params;
+    switch (c.param_count) {
+      case 1: reinterpret_cast<Kernel1>(c.function)(c.args, q[0]); break;
+      case 2: reinterpret_cast<Kernel2>(c.function)(c.args, q[0], q[1]); break;
+      case 5: reinterpret_cast<Kernel5>(c.function)(c.args, q[0], q[1], q[2], q[3], q[4]); break;
+      default: __builtin_trap();  // replay.py records only the kernels above
+    }
+  }
+}

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,6 +37,7 @@ REQUIRED_FEATURES = {"avx512f"}
 
 class _ConvArgs(ctypes.Structure):
     """native.cpp's ConvArgs, field for field."""
+    activations = ("x", "residual", "y")  # the pointer fields that address activations (the rest: weights, tables)
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "residual", "y")] + \
                [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "oc", "ldy",
                                                      "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")] + \
@@ -44,12 +46,14 @@ class _ConvArgs(ctypes.Structure):
 
 class _PoolArgs(ctypes.Structure):
     """native.cpp's PoolArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
                [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw")]
 
 
 class _AmxConvArgs(ctypes.Structure):
     """native.cpp's AmxConvArgs, field for field."""
+    activations = ("x", "residual", "y")
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "residual", "y", "taps")] + \
                [(name, ctypes.c_int64) for name in ("n", "c", "pixels", "image_pixels", "wv", "tap_count",
                                                      "oh", "ow", "oc", "ldy", "residual_bf16")] + \
@@ -58,6 +62,7 @@ class _AmxConvArgs(ctypes.Structure):
 
 class _PrepareArgs(ctypes.Structure):
     """native.cpp's PrepareArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
                [(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "sn", "sc", "sh", "sw", "ph", "pw", "s", "pa", "pb",
                                                      "hq", "wq", "tail")]
@@ -65,6 +70,7 @@ class _PrepareArgs(ctypes.Structure):
 
 class _AvgPoolArgs(ctypes.Structure):
     """native.cpp's AvgPoolArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
                [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "kh", "kw", "sh", "sw", "ph", "pw",
                                                      "ph_end", "pw_end", "count_include_pad")]
@@ -72,6 +78,7 @@ class _AvgPoolArgs(ctypes.Structure):
 
 class _StemArgs(ctypes.Structure):
     """native.cpp's StemArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "y", "offsets")] + \
                [(name, ctypes.c_int64) for name in ("n", "image", "wp", "taps", "oh", "ow", "oc", "sh", "sw")] + \
                [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
@@ -79,11 +86,13 @@ class _StemArgs(ctypes.Structure):
 
 class _MeanArgs(ctypes.Structure):
     """native.cpp's MeanArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + [(name, ctypes.c_int64) for name in ("n", "pixels", "c")]
 
 
 class _LrnArgs(ctypes.Structure):
     """native.cpp's LrnArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + \
                [(name, ctypes.c_int64) for name in ("pixels", "c", "before", "after")] + \
                [("scale", ctypes.c_float), ("bias", ctypes.c_float), ("power", ctypes.c_int64)]
@@ -91,8 +100,74 @@ class _LrnArgs(ctypes.Structure):
 
 class _AffineArgs(ctypes.Structure):
     """native.cpp's AffineArgs, field for field."""
+    activations = ("x", "y")
     _fields_ = [(name, ctypes.c_void_p) for name in ("x", "y", "scale", "shift")] + \
                [(name, ctypes.c_int64) for name in ("outer", "c", "inner", "ldx")] + [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+
+
+class ReplayCall(ctypes.Structure):
+    """native.cpp's ReplayCall: one recorded kernel launch (its entry point, arguments and trailing integers)."""
+    _fields_ = [("function", ctypes.c_void_p), ("args", ctypes.c_void_p), ("params", ctypes.c_int64 * 5),
+                ("param_count", ctypes.c_int64)]
+
+
+class ReplayPatch(ctypes.Structure):
+    """native.cpp's ReplayPatch: before a replay, pointer field `field` (a byte offset) of call `call`'s arguments
+    is set to sources[source] + delta."""
+    _fields_ = [(name, ctypes.c_int64) for name in ("call", "field", "source", "delta")]
+
+
+class Launch(NamedTuple):
+    """One kernel launch as recorded: the ctypes function, its argument structure, its trailing integers, and the
+    tensor behind each of the structure's activation fields (None for a null pointer)."""
+    function: object
+    args: ctypes.Structure
+    params: tuple
+    tensors: dict
+
+
+class Recorder:
+    """The native kernels a run launched, by step index (replay.py turns them into replays), and the steps that
+    declared all their work done without a kernel (a concatenation whose inputs are already in its buffer)."""
+
+    def __init__(self):
+        self.step = -1
+        self.launches: dict[int, list[Launch]] = {}
+        self.views: set[int] = set()
+
+
+_recording = threading.local()
+
+
+class recording:
+    """Within `with recording(recorder):`, the native kernels launched on this thread are also recorded."""
+
+    def __init__(self, recorder: Recorder):
+        self.recorder = recorder
+
+    def __enter__(self) -> Recorder:
+        _recording.recorder = self.recorder
+        return self.recorder
+
+    def __exit__(self, *exc) -> None:
+        _recording.recorder = None
+
+
+def _launch(function, args, *params, **tensors) -> None:
+    """Run a kernel on `args`; `tensors` names the tensor behind each of its activation fields, for a recorder."""
+    function(ctypes.byref(args), *params)
+    recorder = getattr(_recording, "recorder", None)
+    if recorder is not None:
+        assert set(tensors) == set(type(args).activations), f"{type(args).__name__} launched with {sorted(tensors)}"
+        recorder.launches.setdefault(recorder.step, []).append(Launch(function, args, params, tensors))
+
+
+def note_view_step() -> None:
+    """Tell a recorder that the current step did all its work without a kernel: its outputs are views of buffers
+    that kernels already wrote (replay.py may then skip it)."""
+    recorder = getattr(_recording, "recorder", None)
+    if recorder is not None:
+        recorder.views.add(recorder.step)
 
 
 def cache_dir() -> Path:
@@ -150,6 +225,9 @@ def _declare(library) -> None:
     (not on AMD's Zen 4, which has AVX512-BF16 without it), the _bf16 ones only where it targets AVX512-BF16."""
     library.kiln_conv_nhwc.argtypes = [ctypes.POINTER(_ConvArgs)] + [ctypes.c_int64] * 5
     library.kiln_conv_nhwc.restype = None
+    library.kiln_replay.argtypes = [ctypes.POINTER(ReplayCall), ctypes.c_int64, ctypes.POINTER(ReplayPatch), ctypes.c_int64,
+                                    ctypes.POINTER(ctypes.c_int64)]
+    library.kiln_replay.restype = None
     for name, args in (("kiln_max_pool_nhwc", _PoolArgs), ("kiln_channel_affine", _AffineArgs), ("kiln_pixel_mean", _MeanArgs)):
         for function in (name, name + "_bf16") if library.kiln_native_bf16() else (name,):
             getattr(library, function).argtypes = [ctypes.POINTER(args), ctypes.c_int64]
@@ -288,7 +366,7 @@ class DirectConvolution:
             y, ldy = _output(plan.shape, torch.float32, out)
         args = _ConvArgs(x.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                          y.data_ptr(), *plan.geometry, ldy, *self._window, *self.clamp)
-        self._library.kiln_conv_nhwc(ctypes.byref(args), *plan.schedule, threads)
+        _launch(self._library.kiln_conv_nhwc, args, *plan.schedule, threads, x=x, residual=residual, y=y)
         return y
 
     def _plan_for(self, input_shape, threads: int) -> "_DirectPlan":
@@ -392,7 +470,7 @@ class StemConvolution:
             args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(),
                              offsets.data_ptr(), shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2],
                              shape[3], self.out_channels, sh, sw, *self.clamp)
-            self._convolve(ctypes.byref(args), torch.get_num_threads())
+            _launch(self._convolve, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -491,7 +569,7 @@ class MaxPool:
         y = torch.empty_strided(*output, dtype=x.dtype)
         n, c, h, w = x.shape
         args = _PoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output[0][2:], *self._window)
-        pool(ctypes.byref(args), torch.get_num_threads())
+        _launch(pool, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -525,7 +603,7 @@ class AveragePool:
         if y.numel():
             args = _AvgPoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output_size, *self.kernel, *self.strides,
                                 ph, pw, ph_end, pw_end, self.count_include_pad)
-            pool(ctypes.byref(args), torch.get_num_threads())
+            _launch(pool, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -542,7 +620,7 @@ def global_average_pool(x):
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.empty(n, c, 1, 1, dtype=x.dtype)
     if x.numel():
-        mean(ctypes.byref(_MeanArgs(x.data_ptr(), y.data_ptr(), n, h * w, c)), torch.get_num_threads())
+        _launch(mean, _MeanArgs(x.data_ptr(), y.data_ptr(), n, h * w, c), torch.get_num_threads(), x=x, y=y)
     return y
 
 
@@ -586,7 +664,7 @@ class LocalResponseNorm:
         if x.numel():
             args = _LrnArgs(x.data_ptr(), y.data_ptr(), n * h * w, c, before, self.size - 1 - before,
                             self.scale, self.bias, self.power)
-            lrn(ctypes.byref(args), torch.get_num_threads())
+            _launch(lrn, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -627,7 +705,7 @@ class ChannelAffine:
             y = torch.empty_like(x)
         args = _AffineArgs(x.data_ptr(), y.data_ptr(), *self._pointers, outer, c, inner, ldx, *self.clamp)
         if x.numel():
-            affine(ctypes.byref(args), torch.get_num_threads())
+            _launch(affine, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -710,7 +788,7 @@ class AmxConvolution:
             y, ldy = _output(plan.shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                             y.data_ptr(), plan.taps.data_ptr(), *plan.geometry, ldy, bf16_residual, *self.clamp)
-        self._library.kiln_conv_amx(ctypes.byref(args), plan.pairs_per_task, threads)
+        _launch(self._library.kiln_conv_amx, args, plan.pairs_per_task, threads, x=source, residual=residual, y=y)
         return y
 
     def _prepared(self, x, plan):
@@ -722,7 +800,7 @@ class AmxConvolution:
             return x.contiguous(memory_format=torch.channels_last)
         phases = torch.empty(plan.prepared_pixels, self.in_channels, dtype=torch.bfloat16)
         prepare = _PrepareArgs(x.data_ptr(), phases.data_ptr(), *x.shape, *x.stride(), *self.pads, *plan.prepare)
-        self._library.kiln_prepare_phases(ctypes.byref(prepare), plan.threads)
+        _launch(self._library.kiln_prepare_phases, prepare, plan.threads, x=x, y=phases)
         return phases
 
     def _plan_for(self, input_shape, threads: int) -> "_AmxPlan":

@@ -20,6 +20,7 @@ class Step:
     release: tuple[str, ...] = ()
     wants_env: bool = False
     returns_sequence: bool = False  # its one output is a sequence: a list result is that output, not several
+    chain: str = ""  # the concatenation chain whose buffer it shares through the run's environment (concat.py)
 
 
 def _returns_sequence(node, graph: Graph) -> bool:
@@ -56,27 +57,39 @@ class CpuProgram:
 
         `on_step(step, env)`, when given, is called after each step with the values in scope (read them,
         never change them): `kiln bench` times layers with it and `kiln compare --layerwise` reads intermediates."""
-        env = dict(self.constants)
-        env.update(feed)
+        env = self.environment(feed)
         for step in self.steps:
-            args = [env[name] if name else None for name in step.inputs]
-            try:
-                result = step.run(*args, _env=env) if step.wants_env else step.run(*args)
-            except BuildError:
-                raise  # the kernel found the model unsupported, whatever the data (Gradient through a numpy kernel)
-            except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
-                shapes = ", ".join(f"{n}: {tuple(a.shape)}" if hasattr(a, "shape") else f"{n}: -" for n, a in zip(step.inputs, args))
-                raise BindingError(f"layer {step.name!r} ({step.op}) failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
-                                   code="KILN-E407", where=f"{step.name} with inputs {shapes}",
-                                   hint="the inputs' values or shapes are inconsistent with the model; "
-                                        "run `kiln compare` to check the model itself") from None
-            several = isinstance(result, tuple) or (isinstance(result, list) and not step.returns_sequence)
-            outputs = result if several else (result,)
-            for name, value in zip(step.outputs, outputs):
-                if name:
-                    env[name] = value
+            self.run_step(step, env)
             if on_step is not None:
                 on_step(step, env)
             for name in step.release:
                 env.pop(name, None)
+        return self.outputs(env)
+
+    def environment(self, feed: dict) -> dict:
+        """The values in scope before the first step: the constants and `feed`."""
+        env = dict(self.constants)
+        env.update(feed)
+        return env
+
+    def run_step(self, step: Step, env: dict) -> None:
+        """Run `step` on its inputs in `env` and bind its outputs there."""
+        args = [env[name] if name else None for name in step.inputs]
+        try:
+            result = step.run(*args, _env=env) if step.wants_env else step.run(*args)
+        except BuildError:
+            raise  # the kernel found the model unsupported, whatever the data (Gradient through a numpy kernel)
+        except Exception as error:  # noqa: BLE001 (a layer failing on the user's data is reported as that layer)
+            shapes = ", ".join(f"{n}: {tuple(a.shape)}" if hasattr(a, "shape") else f"{n}: -" for n, a in zip(step.inputs, args))
+            raise BindingError(f"layer {step.name!r} ({step.op}) failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                               code="KILN-E407", where=f"{step.name} with inputs {shapes}",
+                               hint="the inputs' values or shapes are inconsistent with the model; "
+                                    "run `kiln compare` to check the model itself") from None
+        several = isinstance(result, tuple) or (isinstance(result, list) and not step.returns_sequence)
+        outputs = result if several else (result,)
+        for name, value in zip(step.outputs, outputs):
+            if name:
+                env[name] = value
+
+    def outputs(self, env: dict) -> dict:
         return {name: env[name] for name in self.graph.output_names()}
