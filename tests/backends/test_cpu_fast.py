@@ -5,12 +5,13 @@ import pytest
 import torch
 
 import kiln
-from kiln.backends.cpu import fast
+from kiln.backends.cpu import fast, onednn
 from kiln.errors import PrecisionError
 from kiln.ir import DType, Graph, Node, Value
 from kiln.ops import fused
 
 rng = np.random.default_rng(0)
+needs_own_onednn = pytest.mark.skipif(not onednn.available()[0], reason=f"kiln's oneDNN unavailable: {onednn.available()[1]}")
 ACTIVATIONS = [("", []), ("relu", []), ("leaky_relu", [0.1]), ("clip", [-0.5, 0.5]), ("clip", [0.0, float("inf")]),
                ("sigmoid", []), ("tanh", []), ("gelu", []), ("gelu_tanh", []), ("silu", []), ("hardswish", [])]
 
@@ -34,12 +35,16 @@ def reference(graph, feed):
     return kernel(*args, **node.attrs)
 
 
+@pytest.mark.parametrize("own", [pytest.param(True, marks=needs_own_onednn), False], ids=["kiln's primitive", "torch's call"])
 @pytest.mark.parametrize("activation, params", ACTIVATIONS, ids=[f"{a or 'none'}{p}" for a, p in ACTIVATIONS])
-def test_onednn_conv_matches_reference(activation, params):
+def test_onednn_conv_matches_reference(activation, params, own, monkeypatch):
+    if not own:
+        monkeypatch.setattr(onednn, "available", lambda: (False, "disabled by the test"))
     graph = conv_graph(activation, params, residual=activation == "relu")
     feed = {name: torch.randn(2, 8, 10, 10) for name in ("x", "r")}
     tactic = fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False)
-    assert tactic.name == "onednn-packed"
+    # kiln's primitive sums a residual only into a buffer nothing reads after it: a graph input's stays torch's
+    assert tactic.name == ("onednn-primitive" if own and activation != "relu" else "onednn-packed")
     with torch.inference_mode():
         actual = tactic.run(*[feed.get(n) for n in graph.nodes[0].inputs])
     torch.testing.assert_close(actual, reference(graph, feed), rtol=1e-4, atol=1e-4)
@@ -194,11 +199,12 @@ def pointwise_graph(activation, bias=True, channels=(16, 24), size=6, batch=2):
 
 @pytest.fixture
 def without_native(monkeypatch):
-    """The oneDNN tactics kiln falls back to where its native kernels cannot be built (tests/backends/test_cpu_native.py
-    covers the native ones)."""
+    """The torch oneDNN tactics kiln falls back to where its compiled libraries (native kernels, its own oneDNN
+    primitives) cannot be built (tests/backends/test_cpu_native.py and test_cpu_onednn.py cover those)."""
     from kiln.backends.cpu import native
 
     monkeypatch.setattr(native, "available", lambda: (False, "disabled by the test"))
+    monkeypatch.setattr(onednn, "available", lambda: (False, "disabled by the test"))
 
 
 @pytest.mark.usefixtures("without_native")

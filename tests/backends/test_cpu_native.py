@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 
 import kiln
-from kiln.backends.cpu import fast, native
+from kiln.backends.cpu import fast, native, onednn
 from kiln.ir import DType, Graph, Node, Value
 
 needs_native = pytest.mark.skipif(not native.available()[0], reason=f"native kernels unavailable: {native.available()[1]}")
 needs_native_bf16 = pytest.mark.skipif(not native.bf16_available(), reason="no native bf16 kernels (no AVX512-BF16)")
 FLOAT_TYPES = [torch.float32, pytest.param(torch.bfloat16, marks=needs_native_bf16)]
 rng = np.random.default_rng(0)
+# what an fp32 convolution that stays on oneDNN runs: kiln's own primitive where it builds, else torch's call
+ONEDNN_FP32 = "onednn-primitive" if onednn.available()[0] else "onednn-packed"
 
 # (batch, in, out, size, kernel, stride, pad, dilation): 1x1s (one flat pixel row), padded 3x3s narrower than a tile
 # (7x7) and wider, strided, dilated, a 7x7 kernel, output channels off the 16-channel block (1000, 24), rectangles, a
@@ -195,9 +197,12 @@ def test_which_convolutions_take_the_native_kernel():
         assert fast.choose(graph.nodes[0], graph, bf16=False).name == "native-direct"
     # the 3-channel stems take the stem kernel, in both precisions, unless they add a residual
     assert fast.choose(conv_node_graph(cin=3).nodes[0], conv_node_graph(cin=3), bf16=False).name == "native-stem"
-    # oneDNN keeps grouped convolutions, activations other than a clamp, and residual stems
-    for graph in (conv_node_graph(group=2), conv_node_graph(activation="sigmoid"), conv_node_graph(cin=3, residual=True)):
-        assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
+    # oneDNN keeps grouped convolutions, activations other than a clamp, and residual stems (a residual that is a
+    # graph input, which kiln's primitive would sum into: torch's call)
+    for graph in (conv_node_graph(group=2), conv_node_graph(activation="sigmoid")):
+        assert fast.choose(graph.nodes[0], graph, bf16=False).name == ONEDNN_FP32
+    assert fast.choose(conv_node_graph(cin=3, residual=True).nodes[0], conv_node_graph(cin=3, residual=True),
+                       bf16=False).name == "onednn-packed"
     if fast.bf16_supported():  # bf16: the AMX kernel where it runs
         assert fast.choose(conv_node_graph().nodes[0], conv_node_graph(), bf16=True).name == \
             ("native-amx" if native.amx_available() else "onednn-packed")
@@ -221,18 +226,21 @@ def test_native_tactic_runs_the_fused_layer():
 
 @pytest.fixture
 def fresh_library(monkeypatch):
-    """native's library loaded again under the test's environment, and again after it."""
+    """kiln's compiled libraries (the native kernels, its own oneDNN) loaded again under the test's environment, and
+    again after it."""
     native._load.cache_clear()
+    onednn._load.cache_clear()
     yield monkeypatch
     monkeypatch.undo()
     native._load.cache_clear()
+    onednn._load.cache_clear()
 
 
 def test_opting_out_keeps_onednn(fresh_library):
     fresh_library.setenv("KILN_NATIVE", "0")
     assert native.available() == (False, "KILN_NATIVE=0")
     graph = conv_node_graph()
-    assert fast.choose(graph.nodes[0], graph, bf16=False).name == "onednn-packed"
+    assert fast.choose(graph.nodes[0], graph, bf16=False).name == ONEDNN_FP32
 
 
 def test_no_compiler_is_a_reason_not_a_failure(fresh_library):
@@ -720,16 +728,16 @@ def test_the_build_times_both_tactics_and_a_loaded_engine_follows_its_choice(mon
     engine = kiln.build(model, kiln.BuilderConfig())
     assert len(calls) == 1 and three_by_three in calls[0] and len(calls[0]) == 3
     layers = engine.plan.layers
-    assert layers[three_by_three]["tactic"] == "onednn-packed"
+    assert layers[three_by_three]["tactic"] == ONEDNN_FP32
     assert sorted(layer["tactic"] for layer in layers.values() if layer["op"] == "kiln::Conv") == \
-        ["native-direct", "native-direct", "onednn-packed"]
+        ["native-direct", "native-direct", ONEDNN_FP32]
     # one producer is oneDNN's: its output is copied into the concatenation's buffer, the other writes there
     assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] == "native-in-place"
     engine.save(tmp_path / "fire.kiln")
     loaded = kiln.load(tmp_path / "fire.kiln")
     np.testing.assert_allclose(np.asarray(loaded.run({"x": x})["y"]), run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
     assert len(calls) == 1, "the loaded engine did not time again"
-    assert loaded.program.layer_info[three_by_three]["tactic"] == "onednn-packed"
+    assert loaded.program.layer_info[three_by_three]["tactic"] == ONEDNN_FP32
 
 
 @needs_native

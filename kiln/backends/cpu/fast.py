@@ -140,6 +140,10 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
         if native_conv else None
     if native is not None:
         return native
+    if not bf16:
+        primitive = _onednn_primitive(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, example)
+        if primitive is not None:
+            return primitive
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
     if _small_pointwise(node, weight, example, bf16):
@@ -186,8 +190,33 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
 
+def _onednn_primitive(node: Node, graph: Graph, weight, bias, example) -> Tactic | None:
+    """kiln's own oneDNN primitive (onednn.py) for an fp32 convolution with no residual or one whose buffer it may
+    sum into; None where the library is absent, the activation is not one of its post-ops, or oneDNN refuses the
+    layer at its example shape or offers only a reference kernel for it (torch's call then runs it)."""
+    from ... import log
+    from . import onednn
+
+    activation = node.attrs.get("activation", "")
+    has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
+    if not onednn.available()[0] or not onednn.takes(activation) or (has_residual and not _residual_dies_here(node, graph)):
+        return None
+    convolution = onednn.Convolution(weight, bias, node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"],
+                                     int(node.attrs["group"]), activation, node.attrs.get("activation_params", []), has_residual)
+    try:
+        convolution.primitive(example)
+    except ValueError as error:
+        log.verbose("%s keeps torch's oneDNN call: %s", node.name, error)
+        return None
+
+    def run(x, w_unused=None, b_unused=None, residual=None):
+        return convolution(x, residual)
+
+    return Tactic(run, "onednn-primitive", "fp32")
+
+
 # What a convolution oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on oneDNN)
-ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear"}
+ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear", "onednn-primitive"}
 # Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
 

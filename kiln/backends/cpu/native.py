@@ -153,7 +153,7 @@ class recording:
         _recording.recorder = None
 
 
-def _launch(function, args, *params, **tensors) -> None:
+def launch(function, args, *params, **tensors) -> None:
     """Run a kernel on `args`; `tensors` names the tensor behind each of its activation fields, for a recorder."""
     function(ctypes.byref(args), *params)
     recorder = getattr(_recording, "recorder", None)
@@ -197,6 +197,15 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
     missing = REQUIRED_FEATURES - cpu_features()
     if missing:
         return None, f"this CPU lacks {', '.join(sorted(missing))}"
+    library, reason = compiled(SOURCE, FLAGS)
+    if library is not None:
+        _declare(library)
+    return library, reason
+
+
+def compiled(source: Path, flags: list[str], name: str = "native") -> tuple[ctypes.CDLL | None, str]:
+    """`source` compiled with `flags` into the cache (once per source, compiler, flags and CPU) and loaded, or None
+    and the reason."""
     compiler = _compiler()
     if compiler is None:
         return None, "no C++ compiler found (set CXX, or install g++)"
@@ -204,20 +213,17 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"{compiler} does not run: {error}"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + version.encode() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(source.read_bytes() + version.encode() + " ".join(flags).encode()
                          + " ".join(sorted(cpu_features())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"native-{key}.so"
+    target = cache_dir() / f"{name}-{key}.so"
     if not target.exists():
-        reason = _compile(compiler, target)
+        reason = _compile(compiler, source, flags, target)
         if reason:
             return None, reason
     try:
-        library = ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target)), ""
     except OSError as error:
         return None, f"{target} does not load: {error}"
-    _declare(library)
-    return library, ""
 
 
 def _declare(library) -> None:
@@ -239,10 +245,10 @@ def _declare(library) -> None:
         library.kiln_prepare_phases.restype = None
 
 
-def _compile(compiler: str, target: Path) -> str:
-    """Compile SOURCE into `target` (written under a temporary name and renamed, so that concurrent builds never
+def _compile(compiler: str, source: Path, flags: list[str], target: Path) -> str:
+    """Compile `source` into `target` (written under a temporary name and renamed, so that concurrent builds never
     load half a file); the reason on failure, else ''."""
-    message = f"compiling kiln's native CPU kernels (once per machine; about 20 s) into {target}"
+    message = f"compiling kiln's {source.name} (once per machine; about 20 s) into {target}"
     log.info(message)
     if interactive():  # a first build on a terminal would otherwise pause without a word
         print(f"kiln: {message}", file=sys.stderr, flush=True)
@@ -251,16 +257,16 @@ def _compile(compiler: str, target: Path) -> str:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as file:
             partial = file.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
+        result = subprocess.run([compiler, str(source), *flags, "-o", partial], capture_output=True, text=True,
                                 timeout=600)
         if result.returncode != 0:
             last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
-            return f"compiling {SOURCE.name} failed: {last}"
+            return f"compiling {source.name} failed: {last}"
         os.replace(partial, target)
         partial = None
         return ""
     except (OSError, subprocess.SubprocessError) as error:
-        return f"compiling {SOURCE.name} failed: {error}"
+        return f"compiling {source.name} failed: {error}"
     finally:  # a failed or timed-out compile leaves no half-written library behind
         if partial is not None and os.path.exists(partial):
             os.unlink(partial)
@@ -366,7 +372,7 @@ class DirectConvolution:
             y, ldy = _output(plan.shape, torch.float32, out)
         args = _ConvArgs(x.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                          y.data_ptr(), *plan.geometry, ldy, *self._window, *self.clamp)
-        _launch(self._library.kiln_conv_nhwc, args, *plan.schedule, threads, x=x, residual=residual, y=y)
+        launch(self._library.kiln_conv_nhwc, args, *plan.schedule, threads, x=x, residual=residual, y=y)
         return y
 
     def _plan_for(self, input_shape, threads: int) -> "_DirectPlan":
@@ -470,7 +476,7 @@ class StemConvolution:
             args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(),
                              offsets.data_ptr(), shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2],
                              shape[3], self.out_channels, sh, sw, *self.clamp)
-            _launch(self._convolve, args, torch.get_num_threads(), x=x, y=y)
+            launch(self._convolve, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -569,7 +575,7 @@ class MaxPool:
         y = torch.empty_strided(*output, dtype=x.dtype)
         n, c, h, w = x.shape
         args = _PoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output[0][2:], *self._window)
-        _launch(pool, args, torch.get_num_threads(), x=x, y=y)
+        launch(pool, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -603,7 +609,7 @@ class AveragePool:
         if y.numel():
             args = _AvgPoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output_size, *self.kernel, *self.strides,
                                 ph, pw, ph_end, pw_end, self.count_include_pad)
-            _launch(pool, args, torch.get_num_threads(), x=x, y=y)
+            launch(pool, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -620,7 +626,7 @@ def global_average_pool(x):
     x = x.contiguous(memory_format=torch.channels_last)
     y = torch.empty(n, c, 1, 1, dtype=x.dtype)
     if x.numel():
-        _launch(mean, _MeanArgs(x.data_ptr(), y.data_ptr(), n, h * w, c), torch.get_num_threads(), x=x, y=y)
+        launch(mean, _MeanArgs(x.data_ptr(), y.data_ptr(), n, h * w, c), torch.get_num_threads(), x=x, y=y)
     return y
 
 
@@ -664,7 +670,7 @@ class LocalResponseNorm:
         if x.numel():
             args = _LrnArgs(x.data_ptr(), y.data_ptr(), n * h * w, c, before, self.size - 1 - before,
                             self.scale, self.bias, self.power)
-            _launch(lrn, args, torch.get_num_threads(), x=x, y=y)
+            launch(lrn, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -705,7 +711,7 @@ class ChannelAffine:
             y = torch.empty_like(x)
         args = _AffineArgs(x.data_ptr(), y.data_ptr(), *self._pointers, outer, c, inner, ldx, *self.clamp)
         if x.numel():
-            _launch(affine, args, torch.get_num_threads(), x=x, y=y)
+            launch(affine, args, torch.get_num_threads(), x=x, y=y)
         return y
 
 
@@ -788,7 +794,7 @@ class AmxConvolution:
             y, ldy = _output(plan.shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                             y.data_ptr(), plan.taps.data_ptr(), *plan.geometry, ldy, bf16_residual, *self.clamp)
-        _launch(self._library.kiln_conv_amx, args, plan.pairs_per_task, threads, x=source, residual=residual, y=y)
+        launch(self._library.kiln_conv_amx, args, plan.pairs_per_task, threads, x=source, residual=residual, y=y)
         return y
 
     def _prepared(self, x, plan):
@@ -800,7 +806,7 @@ class AmxConvolution:
             return x.contiguous(memory_format=torch.channels_last)
         phases = torch.empty(plan.prepared_pixels, self.in_channels, dtype=torch.bfloat16)
         prepare = _PrepareArgs(x.data_ptr(), phases.data_ptr(), *x.shape, *x.stride(), *self.pads, *plan.prepare)
-        _launch(self._library.kiln_prepare_phases, prepare, plan.threads, x=x, y=phases)
+        launch(self._library.kiln_prepare_phases, prepare, plan.threads, x=x, y=phases)
         return phases
 
     def _plan_for(self, input_shape, threads: int) -> "_AmxPlan":

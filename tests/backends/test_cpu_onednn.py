@@ -1,0 +1,138 @@
+"""kiln's own oneDNN convolutions (kiln/backends/cpu/onednn.py) against float64 torch, the layers that take them, and
+the fallback to torch's oneDNN call where the library is absent or oneDNN offers only a reference kernel."""
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kiln
+from kiln.backends.cpu import fast, onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available()[0], reason=f"kiln's oneDNN unavailable: {onednn.available()[1]}")
+rng = np.random.default_rng(0)
+
+ACTIVATIONS = {"": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
+               "clip": lambda t: t.clamp(-0.5, 0.5), "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+               "hardswish": F.hardswish, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
+PARAMS = {"leaky_relu": [0.1], "clip": [-0.5, 0.5]}
+# (batch, in, out, size, kernel, stride, pads [t, l, b, r], dilation, groups): 1x1, padded 3x3, strided, dilated,
+# grouped and depthwise, asymmetric padding, output channels off any block size, a 7x7 stem on 3 channels
+SHAPES = [(1, 64, 16, 13, 1, 1, (0, 0, 0, 0), 1, 1), (2, 16, 24, 9, 3, 1, (1, 1, 1, 1), 1, 1),
+          (1, 32, 40, 15, 3, 2, (1, 1, 1, 1), 1, 1), (1, 24, 32, 12, 3, 1, (2, 2, 2, 2), 2, 1),
+          (1, 32, 32, 10, 3, 1, (1, 1, 1, 1), 1, 32), (2, 16, 24, 8, 3, 1, (1, 1, 1, 1), 1, 4),
+          (1, 16, 17, 7, 3, 1, (0, 1, 2, 1), 1, 1), (1, 3, 64, 32, 7, 2, (3, 3, 3, 3), 1, 1)]
+
+
+def float64_conv(x, w, b, stride, pads, dilation, groups):
+    top, left, bottom, right = pads
+    x = F.pad(x.double(), (left, right, top, bottom))
+    return F.conv2d(x, torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride, 0, dilation, groups)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_convolution_matches_float64(shape, residual):
+    n, cin, cout, size, k, stride, pads, dilation, groups = shape
+    w = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(cin // groups * k * k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    x = torch.randn(n, cin, size, size)
+    expected = float64_conv(x, w, b, stride, pads, dilation, groups)
+    r = torch.randn(expected.shape).contiguous(memory_format=torch.channels_last) if residual else None
+    if residual:
+        expected = expected + r.double()
+    expected = F.relu(expected)
+    conv = onednn.Convolution(w, b, [stride] * 2, list(pads), [dilation] * 2, groups, "relu", [], residual)
+    y = conv(x, r.clone(memory_format=torch.channels_last) if residual else None)
+    assert y.shape == expected.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert (y.double() - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=lambda a: a or "none")
+def test_every_activation_post_op(activation):
+    w = (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    x = torch.randn(2, 16, 9, 9)
+    conv = onednn.Convolution(w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, activation, PARAMS.get(activation, []), False)
+    expected = ACTIVATIONS[activation](float64_conv(x, w, b, 1, (1, 1, 1, 1), 1, 1))
+    assert (conv(x).double() - expected).abs().max().item() < 1e-4
+
+
+def test_the_residual_is_summed_into_its_own_buffer():
+    w = (rng.standard_normal((16, 16, 1, 1)) * 0.2).astype(np.float32)
+    conv = onednn.Convolution(w, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, "", [], True)
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    expected = float64_conv(x, w, np.zeros(16, np.float32), 1, (0, 0, 0, 0), 1, 1) + residual.double()
+    y = conv(x, residual)
+    assert y.data_ptr() == residual.data_ptr()
+    assert (y.double() - expected).abs().max().item() < 1e-5
+    # a residual that is the input itself is summed into a copy: the input is read whole first
+    expected = float64_conv(x, w, np.zeros(16, np.float32), 1, (0, 0, 0, 0), 1, 1) + x.double()
+    y = conv(x, x)
+    assert y.data_ptr() != x.data_ptr() and (y.double() - expected).abs().max().item() < 1e-5
+
+
+def test_a_shape_it_cannot_take_is_a_clear_value_error():
+    conv = onednn.Convolution(np.ones((8, 4, 3, 3), np.float32), None, [1, 1], [0, 0, 0, 0], [1, 1], 1, "", [], False)
+    with pytest.raises(ValueError, match="does not fit"):
+        conv.primitive((1, 5, 8, 8))
+
+
+def test_concurrent_calls_of_one_convolution():
+    w = (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(32).astype(np.float32)
+    conv = onednn.Convolution(w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, "relu", [], False)
+    inputs = [torch.randn(1, 32, 12, 12) for _ in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(conv, inputs * 4))
+    for x, y in zip(inputs * 4, outputs):
+        assert (y.double() - F.relu(float64_conv(x, w, b, 1, (1, 1, 1, 1), 1, 1))).abs().max().item() < 1e-4
+
+
+def conv_graph(activation="relu"):
+    from kiln.ir import DType, Graph, Node, Value
+
+    node = Node("Conv", ("x", "w", "b"), ("y",), {"dilations": [1, 1], "group": 1, "kernel_shape": [3, 3], "pads": [1, 1, 1, 1],
+                                                  "strides": [1, 1], "activation": activation, "activation_params": []},
+                name="conv", domain="kiln")
+    return Graph([node], [Value("x", DType.float32, (1, 16, 8, 8))], [Value("y", DType.float32, (1, 24, 8, 8))],
+                 initializers={"w": (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32),
+                               "b": rng.standard_normal(24).astype(np.float32)}, opsets={"": 18, "kiln": 1})
+
+
+def test_a_layer_with_only_a_reference_kernel_keeps_torchs_call(monkeypatch):
+    graph = conv_graph("sigmoid")
+    assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-primitive"
+
+    def refused(self, input_shape):
+        raise ValueError("oneDNN refused the convolution: only a reference kernel (ref:any) runs it")
+
+    monkeypatch.setattr(onednn.Convolution, "primitive", refused)
+    assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-packed"
+
+
+def test_opting_out(monkeypatch):
+    monkeypatch.setenv("KILN_ONEDNN", "0")
+    onednn._load.cache_clear()
+    try:
+        assert onednn.available() == (False, "KILN_ONEDNN=0")
+        graph = conv_graph("sigmoid")
+        assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-packed"
+    finally:
+        monkeypatch.delenv("KILN_ONEDNN")
+        onednn._load.cache_clear()
+
+
+def test_an_engine_on_its_primitives_matches_onnxruntime():
+    from backends.test_cpu_fast import residual_block_model
+    from helpers import run_onnxruntime
+
+    model = residual_block_model(False)
+    engine = kiln.build(model, kiln.BuilderConfig())
+    assert "onednn-primitive" in {layer["tactic"] for layer in engine.plan.layers.values()}
+    for _ in range(3):
+        x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(engine.run({"x": x})["y"]), run_onnxruntime(model, {"x": x})["y"],
+                                   rtol=1e-5, atol=1e-5)
