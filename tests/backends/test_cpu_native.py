@@ -441,6 +441,17 @@ def test_a_batch_normalization_and_relu_and_the_pools_run_native(bf16):
     assert relative < (1e-2 if bf16 else 1e-6)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 3, 17, 19), (1, 70, 5, 9), (1, 1, 1, 300)], ids=str)
+def test_nchw_to_channels_last_equals_torch(shape, dtype):
+    x = torch.randn(shape).to(dtype)
+    y = native.channels_last(x)
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, x)
+    assert native.channels_last(y) is y  # already NHWC: itself
+    strided = torch.randn(shape[0], shape[1], shape[2], shape[3] * 2)[..., ::2]  # neither layout: torch copies it
+    assert torch.equal(native.channels_last(strided), strided)
+
+
 def float64_lrn(x, size, alpha, beta, bias):
     """ONNX's LRN in float64: each channel over the squares of channels [c - (size-1)//2, c + size-1 - (size-1)//2]."""
     x = x.double()

@@ -72,13 +72,14 @@ def test_a_replay_equals_the_plain_run_bit_for_bit(python_layer):
     np.testing.assert_allclose(outputs[0].numpy(), run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
     [recorded] = replayer.recordings
     program = engine.select(feeds[0])
-    # every native layer replays but the first (it reads the NCHW input through a channels-last copy that torch
-    # makes) and the last (the graph output's), and where there is one, the torch layer does not
+    # every native layer replays but the last (the graph output's), the first too (it reads the NCHW input through a
+    # native transposition), and where there is one, the torch layer does not
     in_python = [item.name for item in recorded.items if not isinstance(item, replay._Segment)]
-    assert in_python == [program.steps[0].name] + (["Sin_7"] if python_layer else []) + [program.steps[-1].name]
+    assert in_python == (["Sin_7"] if python_layer else []) + [program.steps[-1].name]
     assert recorded.replayed_steps == len(program.steps) - len(in_python)
     segments = [item for item in recorded.items if isinstance(item, replay._Segment)]
     assert len(segments) == (2 if python_layer else 1)
+    assert segments[0].source_names == ["x"]  # the engine's input: patched in at each run
     if python_layer:  # the layer after the Python one reads its fresh output at each run: a patched pointer
         assert segments[1].source_names and segments[1].patch_count >= 1
     # each run's output is its own: a later run leaves an earlier result as it was

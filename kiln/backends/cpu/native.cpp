@@ -479,6 +479,29 @@ static void pixel_mean(const MeanArgs& a, int64_t threads) {
 
 KILN_TYPED(kiln_pixel_mean, pixel_mean, MeanArgs)
 
+// NCHW to NHWC (an engine's input image before its first convolution): a task takes a run of pixels of one image,
+// reading each channel's run contiguously and writing each pixel's channels together
+struct TransposeArgs { const void* x; void* y; int64_t n, c, pixels; };
+
+static const int64_t TRANSPOSE_PIXELS = 256;
+
+template <typename T>
+static void nchw_to_nhwc(const TransposeArgs& a, int64_t threads) {
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const int64_t runs = (a.pixels + TRANSPOSE_PIXELS - 1) / TRANSPOSE_PIXELS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < a.n * runs; ++t) {
+    const int64_t image = t / runs, p0 = t % runs * TRANSPOSE_PIXELS;
+    const int64_t p1 = p0 + TRANSPOSE_PIXELS < a.pixels ? p0 + TRANSPOSE_PIXELS : a.pixels;
+    const T* in = x + image * a.c * a.pixels;
+    T* out = y + image * a.pixels * a.c;
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t c = 0; c < a.c; ++c) out[p * a.c + c] = in[c * a.pixels + p];
+  }
+}
+KILN_TYPED(kiln_nchw_to_nhwc, nchw_to_nhwc, TransposeArgs)
+
 // Local response normalization across the channels of NHWC `x` (ONNX's LRN): y = x * (bias + scale * s)^-beta, s the
 // sum of squares over channels [c - before, c + after] inside the image's channels, in one pass: each 16-channel
 // block sums before + after + 1 shifted loads, the lanes outside the channels masked off. beta is 0.75 (AlexNet's

@@ -105,6 +105,12 @@ class _AffineArgs(ctypes.Structure):
                [(name, ctypes.c_int64) for name in ("outer", "c", "inner", "ldx")] + [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
 
+class _TransposeArgs(ctypes.Structure):
+    """native.cpp's TransposeArgs, field for field."""
+    activations = ("x", "y")
+    _fields_ = [("x", ctypes.c_void_p), ("y", ctypes.c_void_p)] + [(name, ctypes.c_int64) for name in ("n", "c", "pixels")]
+
+
 class ReplayCall(ctypes.Structure):
     """native.cpp's ReplayCall: one recorded kernel launch (its entry point, arguments and trailing integers)."""
     _fields_ = [("function", ctypes.c_void_p), ("args", ctypes.c_void_p), ("params", ctypes.c_int64 * 5),
@@ -234,7 +240,8 @@ def _declare(library) -> None:
     library.kiln_replay.argtypes = [ctypes.POINTER(ReplayCall), ctypes.c_int64, ctypes.POINTER(ReplayPatch), ctypes.c_int64,
                                     ctypes.POINTER(ctypes.c_int64)]
     library.kiln_replay.restype = None
-    for name, args in (("kiln_max_pool_nhwc", _PoolArgs), ("kiln_channel_affine", _AffineArgs), ("kiln_pixel_mean", _MeanArgs)):
+    for name, args in (("kiln_max_pool_nhwc", _PoolArgs), ("kiln_channel_affine", _AffineArgs), ("kiln_pixel_mean", _MeanArgs),
+                       ("kiln_nchw_to_nhwc", _TransposeArgs)):
         for function in (name, name + "_bf16") if library.kiln_native_bf16() else (name,):
             getattr(library, function).argtypes = [ctypes.POINTER(args), ctypes.c_int64]
             getattr(library, function).restype = None
@@ -359,7 +366,7 @@ class DirectConvolution:
             raise ValueError(f"expected {self.in_channels} float32 channels, got {tuple(x.shape)} {x.dtype}")
         threads = torch.get_num_threads()
         plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         if residual is not None:
             if residual.shape != plan.shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
@@ -611,6 +618,25 @@ class AveragePool:
                                 ph, pw, ph_end, pw_end, self.count_include_pad)
             launch(pool, args, torch.get_num_threads(), x=x, y=y)
         return y
+
+
+def channels_last(x):
+    """`x` (4-D) as an NHWC tensor: itself where it is one; an NCHW-contiguous fp32 or bf16 one transposed by
+    native.cpp (a launch, which a replay repeats: replay.py), where the library runs; anything else by torch."""
+    import torch
+
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    library = _load()[0]
+    if library is None or not x.is_contiguous() or x.dtype not in (torch.float32, torch.bfloat16) \
+            or (x.dtype == torch.bfloat16 and not library.kiln_native_bf16()):
+        return x.contiguous(memory_format=torch.channels_last)
+    n, c, h, w = x.shape
+    y = torch.empty_strided(x.shape, _channels_last_strides(x.shape), dtype=x.dtype)
+    if x.numel():
+        launch(_typed(library, "kiln_nchw_to_nhwc", x.dtype), _TransposeArgs(x.data_ptr(), y.data_ptr(), n, c, h * w),
+               torch.get_num_threads(), x=x, y=y)
+    return y
 
 
 def global_average_pool(x):

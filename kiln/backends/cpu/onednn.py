@@ -135,7 +135,7 @@ class Convolution:
         import torch
 
         handle, shape = self.primitive(x.shape)
-        x = x.to(torch.float32).contiguous(memory_format=torch.channels_last)
+        x = native.channels_last(x.to(torch.float32))
         if self.residual:
             if residual is None or tuple(residual.shape) != shape:
                 raise ValueError(f"expected a residual of shape {shape}, got {None if residual is None else tuple(residual.shape)}")
