@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import kiln
 from kiln.backends.cpu import fast, onednn
 
-pytestmark = pytest.mark.skipif(not onednn.available()[0], reason=f"kiln's oneDNN unavailable: {onednn.available()[1]}")
+needs_onednn = pytest.mark.skipif(not onednn.available()[0], reason=f"kiln's oneDNN unavailable: {onednn.available()[1]}")
 rng = np.random.default_rng(0)
 
 ACTIVATIONS = {"": lambda t: t, "relu": F.relu, "leaky_relu": lambda t: F.leaky_relu(t, 0.1),
@@ -31,6 +31,7 @@ def float64_conv(x, w, b, stride, pads, dilation, groups):
     return F.conv2d(x, torch.from_numpy(w).double(), torch.from_numpy(b).double(), stride, 0, dilation, groups)
 
 
+@needs_onednn
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
 @pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
 def test_convolution_matches_float64(shape, residual):
@@ -49,6 +50,7 @@ def test_convolution_matches_float64(shape, residual):
     assert (y.double() - expected).abs().max().item() < 1e-4
 
 
+@needs_onednn
 @pytest.mark.parametrize("activation", list(ACTIVATIONS), ids=lambda a: a or "none")
 def test_every_activation_post_op(activation):
     w = (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32)
@@ -59,6 +61,7 @@ def test_every_activation_post_op(activation):
     assert (conv(x).double() - expected).abs().max().item() < 1e-4
 
 
+@needs_onednn
 def test_the_residual_is_summed_into_its_own_buffer():
     w = (rng.standard_normal((16, 16, 1, 1)) * 0.2).astype(np.float32)
     conv = onednn.Convolution(w, None, [1, 1], [0, 0, 0, 0], [1, 1], 1, "", [], True)
@@ -74,12 +77,14 @@ def test_the_residual_is_summed_into_its_own_buffer():
     assert y.data_ptr() != x.data_ptr() and (y.double() - expected).abs().max().item() < 1e-5
 
 
+@needs_onednn
 def test_a_shape_it_cannot_take_is_a_clear_value_error():
     conv = onednn.Convolution(np.ones((8, 4, 3, 3), np.float32), None, [1, 1], [0, 0, 0, 0], [1, 1], 1, "", [], False)
     with pytest.raises(ValueError, match="does not fit"):
         conv.primitive((1, 5, 8, 8))
 
 
+@needs_onednn
 def test_concurrent_calls_of_one_convolution():
     w = (rng.standard_normal((32, 32, 3, 3)) * 0.1).astype(np.float32)
     b = rng.standard_normal(32).astype(np.float32)
@@ -102,6 +107,7 @@ def conv_graph(activation="relu"):
                                "b": rng.standard_normal(24).astype(np.float32)}, opsets={"": 18, "kiln": 1})
 
 
+@needs_onednn
 def test_a_layer_with_only_a_reference_kernel_keeps_torchs_call(monkeypatch):
     graph = conv_graph("sigmoid")
     assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-primitive"
@@ -113,6 +119,7 @@ def test_a_layer_with_only_a_reference_kernel_keeps_torchs_call(monkeypatch):
     assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-packed"
 
 
+@needs_onednn
 def test_opting_out(monkeypatch):
     monkeypatch.setenv("KILN_ONEDNN", "0")
     onednn._load.cache_clear()
@@ -125,6 +132,7 @@ def test_opting_out(monkeypatch):
         onednn._load.cache_clear()
 
 
+@needs_onednn
 def test_an_engine_on_its_primitives_matches_onnxruntime():
     from backends.test_cpu_fast import residual_block_model
     from helpers import run_onnxruntime
@@ -136,3 +144,44 @@ def test_an_engine_on_its_primitives_matches_onnxruntime():
         x = rng.standard_normal((1, 8, 6, 6)).astype(np.float32)
         np.testing.assert_allclose(np.asarray(engine.run({"x": x})["y"]), run_onnxruntime(model, {"x": x})["y"],
                                    rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_a_fire_modules_primitives_write_into_its_concatenation(monkeypatch):
+    """Where oneDNN wins the race, its convolutions write their slices of the concatenation's buffer themselves."""
+    from backends.test_cpu_native import fire_module
+    from helpers import run_onnxruntime
+
+    from kiln.backends.cpu import select
+
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: {name: select.ONEDNN for name in layers})
+    monkeypatch.setattr(select, "fastest_engine", lambda programs, feed: select.ONEDNN)
+    model, x = fire_module()
+    engine = kiln.build(model, kiln.BuilderConfig())
+    layers = engine.plan.layers
+    assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] == "native-in-place"
+    assert {layer["tactic"] for layer in layers.values() if layer["op"] == "kiln::Conv"} == {"onednn-primitive"}
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    for _ in range(2):
+        np.testing.assert_allclose(np.asarray(engine.run({"x": x})["y"]), expected, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_writing_into_a_slice_of_a_wider_buffer():
+    w = (rng.standard_normal((24, 16, 3, 3)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    conv = onednn.Convolution(w, b, [1, 1], [1, 1, 1, 1], [1, 1], 1, "relu", [], False)
+    x = torch.randn(2, 16, 7, 7)
+    buffer = torch.full((2, 40, 7, 7), -7.0).contiguous(memory_format=torch.channels_last)
+    y = conv(x, out=buffer[:, 8:32])
+    assert y.data_ptr() == buffer[:, 8:32].data_ptr()
+    assert (buffer[:, 8:32].double() - F.relu(float64_conv(x, w, b, 1, (1, 1, 1, 1), 1, 1))).abs().max().item() < 1e-4
+    assert (buffer[:, :8] == -7).all() and (buffer[:, 32:] == -7).all()  # the rest of the buffer untouched
+
+
+def test_it_builds_wherever_its_wheel_is_installed():
+    """The other tests here skip where the library is unavailable: where the wheel is installed (as `make` installs it
+    on Linux x86-64), unavailable means it failed to build, which must fail a test instead of skipping them."""
+    include, lib = onednn._prefix()
+    if (include / "oneapi" / "dnnl" / "dnnl.hpp").exists():
+        assert onednn.available() == (True, "")

@@ -212,7 +212,7 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example) -> Tactic
     def run(x, w_unused=None, b_unused=None, residual=None):
         return convolution(x, residual)
 
-    return Tactic(run, "onednn-primitive", "fp32")
+    return Tactic(run, "onednn-primitive", "fp32", direct=None if has_residual else convolution)
 
 
 # What a convolution oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on oneDNN)
@@ -660,7 +660,10 @@ def lower(plan, profile: int = 0, shares=None):
         # only the undecided convolutions are packed again, for oneDNN; every other layer lends its tactic
         settled = {id(node): chosen[id(node)] for node in graph.nodes if node.name not in set(undecided)}
         onednn = program_with(keep_onednn | set(undecided), onednn_chosen, reuse=settled)
-        per_layer = select.fastest({select.NATIVE: program, select.ONEDNN: onednn}, feed, undecided)
+        # each layer timed as it will run: writing into its concatenation's buffer where it can (a oneDNN 1x1 that
+        # cannot write a slice itself copies its output there)
+        per_layer = select.fastest({select.NATIVE: _as_built(program, chosen), select.ONEDNN: _as_built(onednn, onednn_chosen)},
+                                   feed, undecided)
         use_onednn = set()
         if per_layer is not None:  # else the random feed cannot run the model: keep the rule's choice
             use_onednn = {name for name, key in per_layer.items() if key == select.ONEDNN}

@@ -376,7 +376,7 @@ class DirectConvolution:
                 and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
         else:
-            y, ldy = _output(plan.shape, torch.float32, out)
+            y, ldy = output_buffer(plan.shape, torch.float32, out)
         args = _ConvArgs(x.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                          y.data_ptr(), *plan.geometry, ldy, *self._window, *self.clamp)
         launch(self._library.kiln_conv_nhwc, args, *plan.schedule, threads, x=x, residual=residual, y=y)
@@ -478,7 +478,7 @@ class StemConvolution:
             taps = [c * hp * wp + ky * dh * wp + kx * dw
                     for c in range(self.in_channels) for ky in range(kh) for kx in range(kw)]
             offsets = self._offsets[(hp, wp)] = torch.tensor(taps, dtype=torch.int64)
-        y = _output(shape, self.dtype)[0]
+        y = output_buffer(shape, self.dtype)[0]
         if y.numel():
             args = _StemArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(),
                              offsets.data_ptr(), shape[0], self.in_channels * hp * wp, wp, offsets.numel(), shape[2],
@@ -502,7 +502,7 @@ def _blocked(weight, bias):
     return w, b
 
 
-def _output(shape, dtype, out=None):
+def output_buffer(shape, dtype, out=None):
     """(the tensor a kernel writes, elements between its pixels): `out` where given, which must be `shape`, `dtype`,
     and NHWC pixels at one stride (a channel slice of a wider NHWC buffer: how native.cpp writes), else a new
     channels-last tensor."""
@@ -817,7 +817,7 @@ class AmxConvolution:
         if out is None and in_place and bf16_residual and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
         else:
-            y, ldy = _output(plan.shape, torch.bfloat16, out)
+            y, ldy = output_buffer(plan.shape, torch.bfloat16, out)
         args = _AmxConvArgs(source.data_ptr(), *self._pointers, residual.data_ptr() if residual is not None else None,
                             y.data_ptr(), plan.taps.data_ptr(), *plan.geometry, ldy, bf16_residual, *self.clamp)
         launch(self._library.kiln_conv_amx, args, plan.pairs_per_task, threads, x=source, residual=residual, y=y)

@@ -29,6 +29,7 @@ struct ConvSpec {
   int64_t activation;                    // below: ACT_*
   float alpha, beta;                     // the activation's parameters
   int64_t residual;                      // 1: a sum post-op adds the destination's contents (the residual) first
+  int64_t ldy;                           // floats from one output pixel to the next: oc, or more in a wider buffer's slice
 };
 
 enum { ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_CLIP, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH, ACT_SILU, ACT_GELU_ERF,
@@ -38,7 +39,15 @@ struct Convolution {
   convolution_forward primitive;
   memory::desc src, dst, scratchpad;
   memory weights, bias;
+  int64_t pixels, oc, ldy;  // ldy > oc: the primitive writes dense pixels, copied out to the wider buffer's slice
 };
+
+// A dense output for a primitive whose destination is a slice that no optimized kernel writes, one per thread
+static float* thread_dense_output(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
 
 // The primitives' scratch space, one per thread: oneDNN's own (library-managed) scratchpad is shared by every
 // execution of a primitive, so two runs of one engine at once would overwrite each other's
@@ -73,7 +82,8 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
     using dt = memory::data_type;
     using tag = memory::format_tag;
     const memory::desc src({s.n, s.c, s.h, s.w}, dt::f32, tag::nhwc);
-    const memory::desc dst({s.n, s.oc, s.oh, s.ow}, dt::f32, tag::nhwc);
+    const memory::desc dense({s.n, s.oc, s.oh, s.ow}, dt::f32, tag::nhwc);
+    memory::desc dst({s.n, s.oc, s.oh, s.ow}, dt::f32, {s.oh * s.ow * s.ldy, 1, s.ow * s.ldy, s.ldy});
     const memory::desc bias_desc({s.oc}, dt::f32, tag::a);
     const bool grouped = s.groups > 1;
     const memory::dims weight_dims = grouped ? memory::dims{s.groups, s.oc / s.groups, s.c / s.groups, s.kh, s.kw}
@@ -86,9 +96,17 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
     primitive_attr attr;
     attr.set_post_ops(ops);
     attr.set_scratchpad_mode(scratchpad_mode::user);
-    const convolution_forward::primitive_desc descriptor(
-        cpu_engine(), prop_kind::forward_inference, algorithm::convolution_direct, src, any_weights, bias_desc, dst,
-        {s.sh, s.sw}, {s.dh - 1, s.dw - 1}, {s.pt, s.pl}, {s.pb, s.pr}, attr);
+    auto describe = [&](const memory::desc& output) {
+      return convolution_forward::primitive_desc(cpu_engine(), prop_kind::forward_inference, algorithm::convolution_direct,
+                                                 src, any_weights, bias_desc, output, {s.sh, s.sw}, {s.dh - 1, s.dw - 1},
+                                                 {s.pt, s.pl}, {s.pb, s.pr}, attr);
+    };
+    convolution_forward::primitive_desc descriptor = describe(dst);
+    const bool slice = s.ldy != s.oc;
+    if (slice && std::string(descriptor.impl_info_str()).rfind("ref", 0) == 0) {  // no optimized kernel writes this slice
+      dst = dense;
+      descriptor = describe(dst);
+    }
     // oneDNN falls back to a reference kernel where none of its optimized ones takes a layer (an NCHW 3-channel
     // input took one 1.8 s): torch's call runs such a layer instead
     const std::string kernel = descriptor.impl_info_str();
@@ -97,7 +115,8 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
       return nullptr;
     }
     auto* conv = new Convolution{convolution_forward(descriptor), src, dst, descriptor.scratchpad_desc(),
-                                 memory(descriptor.weights_desc(), cpu_engine()), memory(bias_desc, cpu_engine())};
+                                 memory(descriptor.weights_desc(), cpu_engine()), memory(bias_desc, cpu_engine()),
+                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc};
     memory given(user_weights, cpu_engine(), const_cast<float*>(weight));
     reorder(given, conv->weights).execute(cpu_stream(), given, conv->weights);
     std::memcpy(conv->bias.get_data_handle(), bias, s.oc * sizeof(float));
@@ -113,15 +132,22 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
 
 extern "C" void kiln_onednn_conv_destroy(void* conv) { delete static_cast<Convolution*>(conv); }
 
-// A launch (native.py's convention: the arguments, then the thread count, which oneDNN takes from OpenMP itself):
+// A launch (native.py's convention: the arguments, then the thread count; oneDNN takes its own from OpenMP):
 // y = activation(conv(x) + bias [+ y: the residual, summed in its own buffer]).
 struct OnednnConvArgs { const void* x; void* y; void* conv; };
 
 extern "C" void kiln_onednn_conv(const OnednnConvArgs* args, int64_t threads) {
-  (void)threads;
   Convolution& conv = *static_cast<Convolution*>(args->conv);
-  memory src(conv.src, cpu_engine(), const_cast<void*>(args->x)), dst(conv.dst, cpu_engine(), args->y);
+  const bool copy_out = conv.ldy != conv.oc;
+  float* const dense = copy_out ? thread_dense_output(conv.pixels * conv.oc) : nullptr;
+  memory src(conv.src, cpu_engine(), const_cast<void*>(args->x));
+  memory dst(conv.dst, cpu_engine(), copy_out ? dense : args->y);
   memory scratch(conv.scratchpad, cpu_engine(), thread_scratchpad(conv.scratchpad.get_size()));
   conv.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv.weights}, {DNNL_ARG_BIAS, conv.bias},
                                         {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  if (copy_out) {
+    float* const y = static_cast<float*>(args->y);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t p = 0; p < conv.pixels; ++p) std::memcpy(y + p * conv.ldy, dense + p * conv.oc, conv.oc * sizeof(float));
+  }
 }

@@ -34,7 +34,7 @@ class _ConvSpec(ctypes.Structure):
     """onednn.cpp's ConvSpec, field for field."""
     _fields_ = [(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "oc", "oh", "ow", "groups", "kh", "kw", "sh", "sw",
                                                      "pt", "pl", "pb", "pr", "dh", "dw", "activation")] + \
-               [("alpha", ctypes.c_float), ("beta", ctypes.c_float), ("residual", ctypes.c_int64)]
+               [("alpha", ctypes.c_float), ("beta", ctypes.c_float), ("residual", ctypes.c_int64), ("ldy", ctypes.c_int64)]
 
 
 class _ConvArgs(ctypes.Structure):
@@ -64,7 +64,7 @@ def _build_and_open() -> tuple[ctypes.CDLL | None, str]:
     include, lib = _prefix()
     if not (include / "oneapi" / "dnnl" / "dnnl.hpp").exists() or not (lib / "libdnnl.so.3").exists():
         return None, f"no oneDNN headers and library under {sys.prefix} (pip install onednn-devel-cpu-gomp==2023.2.0)"
-    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
+    flags = ["-O2", "-fopenmp", "-shared", "-fPIC", "-std=c++17", f"-I{include}", f"-L{lib}", "-ldnnl", f"-Wl,-rpath,{lib}"]
     library, reason = native.compiled(SOURCE, flags, "onednn")
     if library is None:
         return None, reason
@@ -89,30 +89,36 @@ def takes(activation: str) -> bool:
 
 class Convolution:
     """An fp32 NHWC convolution with bias, a residual summed in place into its buffer (where `residual`) and an
-    activation, on a oneDNN primitive kept per input shape."""
+    activation, on a oneDNN primitive kept per input shape and output pixel stride. Without a residual it can write
+    into a channel slice of a wider NHWC buffer (a concatenation's: concat.py), as native.DirectConvolution does."""
 
     def __init__(self, weight, bias, strides, pads, dilations, groups: int, activation: str, params, residual: bool):
+        import torch
+
         self._library = _load()[0]
         assert self._library is not None, "onednn.Convolution needs available()"
         self.weight = np.ascontiguousarray(weight, dtype=np.float32)
-        out_channels = self.weight.shape[0]
-        self.bias = np.ascontiguousarray(bias if bias is not None else np.zeros(out_channels), dtype=np.float32)
+        self.out_channels = self.weight.shape[0]
+        self.bias = np.ascontiguousarray(bias if bias is not None else np.zeros(self.out_channels), dtype=np.float32)
         self.strides, self.pads, self.dilations = [int(v) for v in strides], [int(v) for v in pads], [int(v) for v in dilations]
         self.groups, self.residual = int(groups), bool(residual)
         self.activation = ACTIVATIONS[activation]
         self.alpha, self.beta = _activation_parameters(activation, params)
-        self._primitives: dict[tuple, tuple[int, tuple]] = {}  # input shape -> (primitive, output shape)
+        self.dtype = torch.float32  # what it writes
+        self._primitives: dict[tuple, tuple[int, tuple]] = {}  # (input shape, ldy) -> (primitive, output shape)
 
-    def output_shape(self, input_shape) -> tuple:
-        n, _, h, w = input_shape
+    def output_shape(self, x) -> tuple:
+        """The output's shape for input `x` (a tensor or its shape)."""
+        n, _, h, w = getattr(x, "shape", x)
         (kh, kw), (sh, sw), (dh, dw) = self.weight.shape[2:], self.strides, self.dilations
         pt, pl, pb, pr = self.pads
-        return (n, self.weight.shape[0], (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
+        return (n, self.out_channels, (h + pt + pb - dh * (kh - 1) - 1) // sh + 1, (w + pl + pr - dw * (kw - 1) - 1) // sw + 1)
 
-    def primitive(self, input_shape) -> tuple[int, tuple]:
-        """The primitive for NHWC inputs of `input_shape`, created on first use; a ValueError says why oneDNN
-        refused it (or offers only a reference kernel)."""
-        known = self._primitives.get(tuple(input_shape))
+    def primitive(self, input_shape, ldy: int | None = None) -> tuple[int, tuple]:
+        """The primitive for NHWC inputs of `input_shape` writing pixels `ldy` floats apart (the output's channels by
+        default), created on first use; a ValueError says why oneDNN refused it (or offers only a reference kernel)."""
+        ldy = ldy or self.out_channels
+        known = self._primitives.get((tuple(input_shape), ldy))
         if known is not None:
             return known
         n, c, h, w = (int(d) for d in input_shape)
@@ -120,30 +126,32 @@ class Convolution:
         if c != self.weight.shape[1] * self.groups or min(shape) <= 0:
             raise ValueError(f"input {tuple(input_shape)} does not fit weights {self.weight.shape} in {self.groups} groups")
         spec = _ConvSpec(n, c, h, w, shape[1], shape[2], shape[3], self.groups, *self.weight.shape[2:], *self.strides,
-                         *self.pads, *self.dilations, self.activation, self.alpha, self.beta, int(self.residual))
+                         *self.pads, *self.dilations, self.activation, self.alpha, self.beta, int(self.residual), ldy)
         error = ctypes.create_string_buffer(512)
         handle = self._library.kiln_onednn_conv_create(ctypes.byref(spec), self.weight.ctypes.data, self.bias.ctypes.data,
                                                         error, len(error))
         if not handle:
             raise ValueError(f"oneDNN refused the convolution: {error.value.decode(errors='replace')}")
-        self._primitives[tuple(input_shape)] = (handle, shape)
+        self._primitives[(tuple(input_shape), ldy)] = (handle, shape)
         return handle, shape
 
-    def __call__(self, x, residual=None):
+    def __call__(self, x, residual=None, out=None):
         """conv(x) + bias, plus `residual` (summed into its own buffer, which is returned), then the activation, as
-        an NHWC tensor."""
+        an NHWC tensor; `out`, a channel slice of a wider NHWC buffer, takes the result instead of a new tensor."""
         import torch
 
-        handle, shape = self.primitive(x.shape)
         x = native.channels_last(x.to(torch.float32))
         if self.residual:
-            if residual is None or tuple(residual.shape) != shape:
-                raise ValueError(f"expected a residual of shape {shape}, got {None if residual is None else tuple(residual.shape)}")
+            handle, shape = self.primitive(x.shape)
+            if residual is None or tuple(residual.shape) != shape or out is not None:
+                raise ValueError(f"expected a residual of shape {shape} and no out, got "
+                                 f"{None if residual is None else tuple(residual.shape)}")
             y = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
             if y.data_ptr() == x.data_ptr():  # the sum would overwrite the input it reads
                 y = y.clone(memory_format=torch.channels_last)
         else:
-            y = torch.empty_strided(shape, (shape[1] * shape[2] * shape[3], 1, shape[3] * shape[1], shape[1]))
+            y, ldy = native.output_buffer(self.output_shape(x), torch.float32, out)
+            handle, shape = self.primitive(x.shape, ldy)
         native.launch(self._library.kiln_onednn_conv, _ConvArgs(x.data_ptr(), y.data_ptr(), handle), torch.get_num_threads(),
                       x=x, y=y)
         return y
