@@ -435,6 +435,28 @@ def check_native_kernels(engine) -> Finding:
                    "the build timed them against oneDNN's in the engine and kept the faster for each layer")
 
 
+def check_onednn_primitives(engine) -> Finding:
+    """Whether a CPU engine's fp32 convolutions that stay on oneDNN run kiln's own primitives (created once per layer:
+    kiln/backends/cpu/onednn.py) or torch's oneDNN call, which costs 20-22 us more per layer (about 5% of ResNet-50 at
+    batch 1), and why."""
+    from ..backends.cpu import onednn
+
+    layers = engine.plan.layers
+    on_onednn = [name for name, layer in layers.items() if layer.get("op") == "kiln::Conv" and layer.get("precision") == "fp32"
+                 and layer.get("tactic") in ("onednn-primitive", "onednn-packed")]
+    if engine.device != "cpu" or not on_onednn:
+        return Finding("oneDNN primitives", "n/a", "no fp32 convolution on oneDNN")
+    own = sum(layers[name].get("tactic") == "onednn-primitive" for name in on_onednn)
+    ok, reason = onednn.available()
+    if not ok:
+        return Finding("oneDNN primitives", "warning",
+                       f"{len(on_onednn)} convolution(s) run torch's oneDNN call: kiln's own primitives are unavailable ({reason})",
+                       "torch's call builds the primitive's descriptor on every run, 20-22 us a layer",
+                       "pip install onednn-devel-cpu-gomp==2023.2.0 (Linux x86-64), leave KILN_ONEDNN unset, and rebuild the engine")
+    return Finding("oneDNN primitives", "ok", f"{own} of {len(on_onednn)} oneDNN convolution(s) run kiln's own primitives "
+                   "(the rest: a residual summed into a buffer still read, or a layer oneDNN offers only a reference kernel for)")
+
+
 def layer_bytes(engine, feed: dict) -> dict[str, int]:
     """Bytes each layer reads and writes on `feed` (its input tensors, weights included, and its outputs), seen
     through `on_step` while the engine runs as built."""
@@ -528,6 +550,7 @@ def diagnose_engine(path: str, *, given: dict | None = None, shapes: dict | None
     asked = [name for name in ("tf32", "fp16", "bf16", "int8", "fp8") if engine.plan.config.get(name)]
     report.add(check_precision_fallback(engine, asked))
     report.add(check_native_kernels(engine))
+    report.add(check_onednn_primitives(engine))
     profile, feed, sizes = [], {}, {}
     with MemoryMonitor(device=engine.device) as monitor:
         try:
@@ -615,6 +638,7 @@ def diagnose(model_path: str, config, *, given: dict | None = None, shapes: dict
         if engine is not None:
             report.add(check_precision_fallback(engine, config.precisions()))
             report.add(check_native_kernels(engine))
+            report.add(check_onednn_primitives(engine))
             monitor.mark("profile run")
             try:
                 from .bench import benchmark

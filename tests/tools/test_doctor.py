@@ -312,3 +312,19 @@ def test_native_kernels_missing_is_a_warning_with_the_way_out(tmp_path, monkeypa
     finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["native kernels"]
     assert finding.status == "warning" and "no C++ compiler" in finding.symptom and "g++" in finding.fix
     assert by_check(doctor.diagnose(save(tmp_path, mlp()), BuilderConfig()))["native kernels"].status == "n/a"
+
+
+def test_onednn_primitives_missing_is_a_warning_with_the_way_out(tmp_path, monkeypatch):
+    from kiln.backends.cpu import native, onednn, select
+
+    # oneDNN wins every layer's race, so that the convolution stays on oneDNN
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: {name: select.ONEDNN for name in layers})
+    monkeypatch.setattr(select, "fastest_engine", lambda programs, feed: select.ONEDNN)
+    if onednn.available()[0]:
+        finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["oneDNN primitives"]
+        assert finding.status == "ok" and finding.symptom.startswith("1 of 1 oneDNN convolution")
+    monkeypatch.setattr(onednn, "available", lambda: (False, "no oneDNN headers and library under /venv"))
+    monkeypatch.setattr(native, "available", lambda: (False, "disabled by the test"))
+    finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["oneDNN primitives"]
+    assert finding.status == "warning" and "no oneDNN headers" in finding.symptom and "onednn-devel-cpu-gomp" in finding.fix
+    assert by_check(doctor.diagnose(save(tmp_path, mlp()), BuilderConfig()))["oneDNN primitives"].status == "n/a"
