@@ -1,6 +1,7 @@
-"""Fast CPU tactics: oneDNN's prepacked, fused convolution and linear kernels (the ones torch exposes
-under torch.ops.mkldnn and inductor's weight freezing uses), channels-last activations, and bf16
-matrix work on CPUs with AVX512-BF16 / AMX.
+"""Fast CPU tactics: oneDNN's prepacked, fused convolution and linear kernels (fp32 convolutions as kiln's own
+primitives, onednn.py; the rest through torch.ops.mkldnn, as inductor's weight freezing uses them), kiln's native
+kernels (native.py, raced against oneDNN per layer: select.py), channels-last activations, and bf16 matrix work on
+CPUs with AVX512-BF16 / AMX.
 
 Why: plain torch eager calls re-lay-out the weights on every call and run each bias/activation as a
 separate pass over memory; oneDNN with weights reordered once at lowering, the activation as a

@@ -3,7 +3,7 @@ reordered, bias, residual sum and activation inside, executed by a plain C call 
 
 Why: torch's oneDNN convolution builds the primitive's descriptor again on every call. That costs 20-22 us here, even
 on a 16-channel 4x4 input, against 1-2 us for a primitive kept. ResNet-50 at batch 1 runs 53 convolutions, of which
-the 1x1s take 0.2-0.3 ms each, so the calls alone cost it about 1 ms a run (docs/benchmarks.md, run S).
+the 1x1s take 0.2-0.3 ms each, so the calls alone cost it about 1 ms a run (docs/benchmarks.md, run T).
 
 It builds against the oneDNN of the `onednn-devel-cpu-gomp` wheel (headers, and libdnnl through its runtime wheel),
 whose OpenMP is the libgomp that torch loads first, so both run on one thread pool. Without that wheel, a compiler or
