@@ -129,3 +129,14 @@ def test_concurrent_runs_replay_one_at_a_time_and_the_rest_run_plain():
         results = list(pool.map(lambda x: np.asarray(engine.run({"x": x})["y"]), feeds * 4))
     for x, y in zip(feeds * 4, results):
         np.testing.assert_allclose(y, run_onnxruntime(model, {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.usefixtures("native_wins")
+def test_an_engine_whose_activations_sum_past_the_limit_runs_plain(monkeypatch):
+    monkeypatch.setattr(replay, "RECORDING_LIMIT", 1000)  # bytes: this engine's activations sum to more
+    model, x = squeeze_model()
+    engine = kiln.build(model, kiln.BuilderConfig())
+    feed = {"x": torch.from_numpy(x)}
+    assert engine.plan.memory["naive_bytes"] > 1000
+    assert not isinstance(engine.select(feed).execute, replay.Replayer)
+    assert torch.equal(engine.run(feed)["y"], plain(engine, feed)["y"])

@@ -664,7 +664,7 @@ def lower(plan, profile: int = 0, shares=None):
         # each layer timed as it will run: writing into its concatenation's buffer where it can (a oneDNN 1x1 that
         # cannot write a slice itself copies its output there)
         per_layer = select.fastest({select.NATIVE: _as_built(program, chosen), select.ONEDNN: _as_built(onednn, onednn_chosen)},
-                                   feed, undecided)
+                                   feed, undecided)  # per-layer times read on_step, which never replays
         use_onednn = set()
         if per_layer is not None:  # else the random feed cannot run the model: keep the rule's choice
             use_onednn = {name for name, key in per_layer.items() if key == select.ONEDNN}
@@ -677,7 +677,7 @@ def lower(plan, profile: int = 0, shares=None):
                                                     for node in graph.nodes})
             # each engine timed as it would be built: with its concatenation chains in place (without them, the
             # native engine of SqueezeNet b8 ran 0.96-1.03x oneDNN's in the race against 0.87x as built)
-            winner = select.fastest_engine({key: _as_built(candidate, tactics)
+            winner = select.fastest_engine({key: _as_built(candidate, tactics, _activation_bytes(plan))
                                             for key, (candidate, tactics) in candidates.items()}, feed)
             use_onednn = {select.NATIVE: set(), select.ONEDNN: set(undecided), select.MIXED: use_onednn}[winner]
         for index, node in enumerate(graph.nodes):
@@ -688,7 +688,7 @@ def lower(plan, profile: int = 0, shares=None):
                           for node in graph.nodes if id(node) in chosen}
     for name in fill_in_place(program, _direct_writers(graph, chosen)):
         program.layer_info[name]["tactic"] = "native-in-place"
-    replay.install(program)
+    replay.install(program, _activation_bytes(plan))
     if bf16:
         _deliver_fp32(program, [v.name for v in graph.outputs if graph.value(v.name).dtype is DType.float32])
     return program
@@ -699,7 +699,7 @@ def _direct_writers(graph: Graph, tactics: dict[int, Tactic]) -> dict[str, objec
     return {node.name: tactics[id(node)].direct for node in graph.nodes if tactics[id(node)].direct is not None}
 
 
-def _as_built(program, tactics: dict[int, Tactic]):
+def _as_built(program, tactics: dict[int, Tactic], activation_bytes: int = 0):
     """A copy of `program` (its steps copied, everything else shared) as the lowering builds the chosen one: its
     concatenation chains in one buffer each, its native layers replayed."""
     from .concat import fill_in_place
@@ -707,8 +707,13 @@ def _as_built(program, tactics: dict[int, Tactic]):
     built = copy.copy(program)
     built.steps = [copy.copy(step) for step in program.steps]
     fill_in_place(built, _direct_writers(program.graph, tactics))
-    replay.install(built)
+    replay.install(built, activation_bytes)
     return built
+
+
+def _activation_bytes(plan) -> int:
+    """The naive sum of the plan's activations (what a replay's recorded run keeps), 0 where it has no memory plan."""
+    return int((getattr(plan, "memory", None) or {}).get("naive_bytes", 0))
 
 
 def _deliver_fp32(program, names: list[str]) -> None:

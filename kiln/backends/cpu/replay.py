@@ -18,7 +18,7 @@ What replays is decided from the recorded run, layer by layer:
   run's environment.
 A run with `on_step` (kiln bench's layer times, kiln compare's intermediates), a run on inputs of another shape, layout
 or type than the recorded ones (up to MAX_RECORDINGS are kept), and a run that starts while another is replaying (the
-arena is one) take the plain path.
+arena is one) take the plain path; so does every run of an engine whose activations sum past RECORDING_LIMIT.
 """
 from __future__ import annotations
 
@@ -30,13 +30,18 @@ from ...engine.memory import ALIGNMENT, Tensor, place
 from . import native
 
 MAX_RECORDINGS = 4
+# The recorded run keeps every activation alive (each buffer must be told apart by its address), so an engine whose
+# activations sum past this does not replay: ResNet-50 at batch 8 sums to 362 MB (its planned peak: 58 MB); at a batch
+# that large, the Python per layer that a replay saves is a small share of the run anyway
+RECORDING_LIMIT = 1 << 30
 _CONSTANT, _FEED = -2, -1  # where a buffer comes from when no layer made it
 _UNSEEN = object()
 
 
-def install(program) -> None:
-    """Make `program.execute` replay its native layers, where the native library runs here."""
-    if native.available()[0]:
+def install(program, activation_bytes: int = 0) -> None:
+    """Make `program.execute` replay its native layers, where the native library runs here and the recorded run,
+    which keeps every activation (`activation_bytes`, the memory plan's naive sum), stays under RECORDING_LIMIT."""
+    if native.available()[0] and activation_bytes <= RECORDING_LIMIT:
         program.execute = Replayer(program, program.execute)
 
 
@@ -320,7 +325,7 @@ class _Replay:
                                                params, len(launch.params)))
                 keep.append(args)
         exports = [(name, view(value)) for index in indices for name, value in layers[index].outputs
-                   if name in read_in_python or name in self.program.graph.output_names()]
+                   if name in read_in_python]
         releases = [name for index in indices for name in self.program.steps[index].release]
         return _Segment(library, calls, patches, sources, exports, releases, keep)
 
