@@ -9,9 +9,13 @@ loaded), so they share torch's thread count and pool. Which convolutions take th
 
 Where no compiler, no AVX-512 or no OpenMP is available the library is absent, `available()` says why, and every
 layer keeps its oneDNN tactic: an engine never depends on this library, it only runs faster with it.
+
+Every kernel runs through `launch`, which tells a recorder what it ran and on which tensors: replay.py turns a
+recorded run into one C call (kiln_replay) per stretch of such layers.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -145,17 +149,13 @@ class Recorder:
 _recording = threading.local()
 
 
-class recording:
+@contextlib.contextmanager
+def recording(recorder: Recorder):
     """Within `with recording(recorder):`, the native kernels launched on this thread are also recorded."""
-
-    def __init__(self, recorder: Recorder):
-        self.recorder = recorder
-
-    def __enter__(self) -> Recorder:
-        _recording.recorder = self.recorder
-        return self.recorder
-
-    def __exit__(self, *exc) -> None:
+    _recording.recorder = recorder
+    try:
+        yield recorder
+    finally:
         _recording.recorder = None
 
 
