@@ -4,9 +4,11 @@
 // and executes. (Torch's oneDNN builds the primitive's descriptor on every call: 20-22 us, against 1-2 here.)
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 using namespace dnnl;
@@ -40,7 +42,25 @@ struct Convolution {
   memory::desc src, dst, scratchpad;
   memory weights, bias;
   int64_t pixels, oc, ldy;  // ldy > oc: the primitive writes dense pixels, copied out to the wider buffer's slice
+  int64_t id;               // told apart from a later convolution at the same address
 };
+
+static std::atomic<int64_t> next_id{0};
+
+// The memory objects a call binds its pointers to, made once per convolution and thread (making them on every call
+// cost about 1.2 of its 2.9 us, on a 16-channel 4x4 input)
+struct Bound { memory src, dst, scratch; };
+
+static Bound& bound(const Convolution& conv) {
+  thread_local std::unordered_map<int64_t, Bound> cache;
+  auto found = cache.find(conv.id);
+  if (found == cache.end()) {
+    found = cache.emplace(conv.id, Bound{memory(conv.src, cpu_engine(), DNNL_MEMORY_NONE),
+                                         memory(conv.dst, cpu_engine(), DNNL_MEMORY_NONE),
+                                         memory(conv.scratchpad, cpu_engine(), DNNL_MEMORY_NONE)}).first;
+  }
+  return found->second;
+}
 
 // A dense output for a primitive whose destination is a slice that no optimized kernel writes, one per thread
 static float* thread_dense_output(size_t floats) {
@@ -116,7 +136,7 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
     }
     auto* conv = new Convolution{convolution_forward(descriptor), src, dst, descriptor.scratchpad_desc(),
                                  memory(descriptor.weights_desc(), cpu_engine()), memory(bias_desc, cpu_engine()),
-                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc};
+                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc, next_id++};
     memory given(user_weights, cpu_engine(), const_cast<float*>(weight));
     reorder(given, conv->weights).execute(cpu_stream(), given, conv->weights);
     std::memcpy(conv->bias.get_data_handle(), bias, s.oc * sizeof(float));
@@ -140,11 +160,15 @@ extern "C" void kiln_onednn_conv(const OnednnConvArgs* args, int64_t threads) {
   Convolution& conv = *static_cast<Convolution*>(args->conv);
   const bool copy_out = conv.ldy != conv.oc;
   float* const dense = copy_out ? thread_dense_output(conv.pixels * conv.oc) : nullptr;
-  memory src(conv.src, cpu_engine(), const_cast<void*>(args->x));
-  memory dst(conv.dst, cpu_engine(), copy_out ? dense : args->y);
-  memory scratch(conv.scratchpad, cpu_engine(), thread_scratchpad(conv.scratchpad.get_size()));
-  conv.primitive.execute(cpu_stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, conv.weights}, {DNNL_ARG_BIAS, conv.bias},
-                                        {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  Bound& b = bound(conv);
+  b.src.set_data_handle(const_cast<void*>(args->x));
+  b.dst.set_data_handle(copy_out ? dense : args->y);
+  b.scratch.set_data_handle(thread_scratchpad(conv.scratchpad.get_size()));
+  const dnnl_exec_arg_t bindings[] = {{DNNL_ARG_SRC, b.src.get()}, {DNNL_ARG_WEIGHTS, conv.weights.get()},
+                                      {DNNL_ARG_BIAS, conv.bias.get()}, {DNNL_ARG_DST, b.dst.get()},
+                                      {DNNL_ARG_SCRATCHPAD, b.scratch.get()}};
+  error::wrap_c_api(dnnl_primitive_execute(conv.primitive.get(), cpu_stream().get(), 5, bindings),
+                    "could not execute a convolution");
   if (copy_out) {
     float* const y = static_cast<float*>(args->y);
 #pragma omp parallel for schedule(static) num_threads(threads)
