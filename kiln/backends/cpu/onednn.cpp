@@ -4,10 +4,11 @@
 // and executes. (Torch's oneDNN builds the primitive's descriptor on every call: 20-22 us, against 1-2 here.)
 #include <oneapi/dnnl/dnnl.hpp>
 
-#include <atomic>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
@@ -37,29 +38,29 @@ struct ConvSpec {
 enum { ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_CLIP, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH, ACT_SILU, ACT_GELU_ERF,
        ACT_GELU_TANH };
 
+// The memory objects a call binds its pointers to, made once per convolution and thread (making them on every call
+// cost about 1.2 of its 2.9 us, on a 16-channel 4x4 input)
+struct Bound { memory src, dst, scratch; };
+
 struct Convolution {
   convolution_forward primitive;
   memory::desc src, dst, scratchpad;
   memory weights, bias;
   int64_t pixels, oc, ldy;  // ldy > oc: the primitive writes dense pixels, copied out to the wider buffer's slice
-  int64_t id;               // told apart from a later convolution at the same address
+  std::mutex lock;          // guards `bound`, which runs on several threads add to
+  std::unordered_map<std::thread::id, Bound> bound;
 };
 
-static std::atomic<int64_t> next_id{0};
-
-// The memory objects a call binds its pointers to, made once per convolution and thread (making them on every call
-// cost about 1.2 of its 2.9 us, on a 16-channel 4x4 input)
-struct Bound { memory src, dst, scratch; };
-
-static Bound& bound(const Convolution& conv) {
-  thread_local std::unordered_map<int64_t, Bound> cache;
-  auto found = cache.find(conv.id);
-  if (found == cache.end()) {
-    found = cache.emplace(conv.id, Bound{memory(conv.src, cpu_engine(), DNNL_MEMORY_NONE),
-                                         memory(conv.dst, cpu_engine(), DNNL_MEMORY_NONE),
-                                         memory(conv.scratchpad, cpu_engine(), DNNL_MEMORY_NONE)}).first;
+static Bound& bound(Convolution& conv) {
+  std::lock_guard<std::mutex> guard(conv.lock);
+  auto found = conv.bound.find(std::this_thread::get_id());
+  if (found == conv.bound.end()) {
+    found = conv.bound.emplace(std::this_thread::get_id(),
+                               Bound{memory(conv.src, cpu_engine(), DNNL_MEMORY_NONE),
+                                     memory(conv.dst, cpu_engine(), DNNL_MEMORY_NONE),
+                                     memory(conv.scratchpad, cpu_engine(), DNNL_MEMORY_NONE)}).first;
   }
-  return found->second;
+  return found->second;  // an element of an unordered_map stays where it is while others are added
 }
 
 // A dense output for a primitive whose destination is a slice that no optimized kernel writes, one per thread
@@ -136,7 +137,7 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
     }
     auto* conv = new Convolution{convolution_forward(descriptor), src, dst, descriptor.scratchpad_desc(),
                                  memory(descriptor.weights_desc(), cpu_engine()), memory(bias_desc, cpu_engine()),
-                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc, next_id++};
+                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc};
     memory given(user_weights, cpu_engine(), const_cast<float*>(weight));
     reorder(given, conv->weights).execute(cpu_stream(), given, conv->weights);
     std::memcpy(conv->bias.get_data_handle(), bias, s.oc * sizeof(float));
