@@ -663,8 +663,9 @@ def lower(plan, profile: int = 0, shares=None):
         onednn = program_with(keep_onednn | set(undecided), onednn_chosen, reuse=settled)
         # each layer timed as it will run: writing into its concatenation's buffer where it can (a oneDNN 1x1 that
         # cannot write a slice itself copies its output there)
-        per_layer = select.fastest({select.NATIVE: _as_built(program, chosen), select.ONEDNN: _as_built(onednn, onednn_chosen)},
-                                   feed, undecided)  # per-layer times read on_step, which never replays
+        per_layer = select.fastest({select.NATIVE: _with_chains_in_place(program, chosen),
+                                    select.ONEDNN: _with_chains_in_place(onednn, onednn_chosen)},
+                                   feed, undecided)  # per-layer times read on_step, which never replays: no replay
         use_onednn = set()
         if per_layer is not None:  # else the random feed cannot run the model: keep the rule's choice
             use_onednn = {name for name, key in per_layer.items() if key == select.ONEDNN}
@@ -699,14 +700,20 @@ def _direct_writers(graph: Graph, tactics: dict[int, Tactic]) -> dict[str, objec
     return {node.name: tactics[id(node)].direct for node in graph.nodes if tactics[id(node)].direct is not None}
 
 
-def _as_built(program, tactics: dict[int, Tactic], activation_bytes: int = 0):
-    """A copy of `program` (its steps copied, everything else shared) as the lowering builds the chosen one: its
-    concatenation chains in one buffer each, its native layers replayed."""
+def _with_chains_in_place(program, tactics: dict[int, Tactic]):
+    """A copy of `program` (its steps copied, everything else shared) with its concatenation chains in one buffer
+    each, as the lowering builds the chosen one."""
     from .concat import fill_in_place
 
     built = copy.copy(program)
     built.steps = [copy.copy(step) for step in program.steps]
     fill_in_place(built, _direct_writers(program.graph, tactics))
+    return built
+
+
+def _as_built(program, tactics: dict[int, Tactic], activation_bytes: int):
+    """`program` as the lowering builds the chosen one: its chains in place and its native layers replayed."""
+    built = _with_chains_in_place(program, tactics)
     replay.install(built, activation_bytes)
     return built
 
