@@ -370,7 +370,7 @@ class DirectConvolution:
         if residual is not None:
             if residual.shape != plan.shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
-            residual = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
+            residual = channels_last(residual.to(torch.float32))
         # in place only where one pass over the input channels reads each residual element before writing it
         if out is None and in_place and residual is not None and plan.schedule[3] == self.in_channels \
                 and residual.data_ptr() != x.data_ptr():
@@ -578,7 +578,7 @@ class MaxPool:
             shape = (n, c, *window_output_sizes((h, w), self.kernel, self.strides, self.dilations, self.pads,
                                                 self.ceil_mode))
             output = self._outputs[x.shape] = (shape, _channels_last_strides(shape))
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         y = torch.empty_strided(*output, dtype=x.dtype)
         n, c, h, w = x.shape
         args = _PoolArgs(x.data_ptr(), y.data_ptr(), n, h, w, c, *output[0][2:], *self._window)
@@ -610,7 +610,7 @@ class AveragePool:
             raise ValueError(f"expected a 4-D tensor, got shape {tuple(x.shape)}")
         n, c, h, w = x.shape
         shape = (n, c, *output_size)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         y = torch.empty_strided(shape, _channels_last_strides(shape), dtype=x.dtype)
         (ph, pw, ph_end, pw_end) = self.pads
         if y.numel():
@@ -649,7 +649,7 @@ def global_average_pool(x):
     assert library is not None, "global_average_pool needs available()"
     mean = _typed(library, "kiln_pixel_mean", x.dtype)
     n, c, h, w = x.shape
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = channels_last(x)
     y = torch.empty(n, c, 1, 1, dtype=x.dtype)
     if x.numel():
         launch(mean, _MeanArgs(x.data_ptr(), y.data_ptr(), n, h * w, c), torch.get_num_threads(), x=x, y=y)
@@ -689,7 +689,7 @@ class LocalResponseNorm:
         lrn = self._kernels.get(x.dtype) or _typed(self._library, "kiln_lrn_nhwc", x.dtype)
         if x.dim() != 4:
             raise ValueError(f"expected a 4-D tensor, got shape {tuple(x.shape)}")
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
         y = torch.empty_strided(x.shape, _channels_last_strides(x.shape), dtype=x.dtype)
         n, c, h, w = x.shape
         before = (self.size - 1) // 2
@@ -812,7 +812,7 @@ class AmxConvolution:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
             if residual.dtype not in (torch.bfloat16, torch.float32):
                 residual = residual.to(torch.float32)
-            residual = residual.contiguous(memory_format=torch.channels_last)
+            residual = channels_last(residual)
             bf16_residual = int(residual.dtype == torch.bfloat16)
         if out is None and in_place and bf16_residual and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels
@@ -829,7 +829,7 @@ class AmxConvolution:
         import torch
 
         if plan.prepare is None:
-            return x.contiguous(memory_format=torch.channels_last)
+            return channels_last(x)
         phases = torch.empty(plan.prepared_pixels, self.in_channels, dtype=torch.bfloat16)
         prepare = _PrepareArgs(x.data_ptr(), phases.data_ptr(), *x.shape, *x.stride(), *self.pads, *plan.prepare)
         launch(self._library.kiln_prepare_phases, prepare, plan.threads, x=x, y=phases)
