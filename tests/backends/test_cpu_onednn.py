@@ -179,6 +179,76 @@ def test_writing_into_a_slice_of_a_wider_buffer():
     assert (buffer[:, :8] == -7).all() and (buffer[:, 32:] == -7).all()  # the rest of the buffer untouched
 
 
+needs_bf16 = pytest.mark.skipif(not fast.bf16_supported(), reason="no AVX512-BF16 / AMX-BF16 here")
+
+
+def bf16_rounded(array):
+    return torch.as_tensor(array).to(torch.bfloat16).to(torch.float32)
+
+
+@needs_onednn
+@needs_bf16
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_bf16_convolution_matches_float64_of_its_rounded_operands(shape, residual):
+    """A bf16 primitive rounds its input and weights to bf16, accumulates in fp32 and rounds its output to bf16: against
+    float64 over the rounded operands, each output is off by at most its own rounding (2^-8 relative; 1e-5 for the fp32 sums)."""
+    n, cin, cout, size, k, stride, pads, dilation, groups = shape
+    w = (rng.standard_normal((cout, cin // groups, k, k)) / np.sqrt(cin // groups * k * k)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    x = torch.randn(n, cin, size, size)
+    expected = float64_conv(bf16_rounded(x), bf16_rounded(w).numpy(), b, stride, pads, dilation, groups)
+    r = torch.randn(expected.shape).to(torch.bfloat16).contiguous(memory_format=torch.channels_last) if residual else None
+    if residual:
+        expected = expected + r.double()
+    expected = F.relu(expected)
+    conv = onednn.Convolution(w, b, [stride] * 2, list(pads), [dilation] * 2, groups, "relu", [], residual, torch.bfloat16)
+    y = conv(x, r.clone(memory_format=torch.channels_last) if residual else None)
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert ((y.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-5).all()
+    assert (y.double() - expected).abs().max().item() > 0  # rounded to bf16 indeed
+
+
+@needs_onednn
+@needs_bf16
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_bf16_writing_into_a_slice_of_a_wider_buffer(kernel):
+    w = (rng.standard_normal((24, 16, kernel, kernel)) * 0.2).astype(np.float32)
+    b = rng.standard_normal(24).astype(np.float32)
+    pads = [kernel // 2] * 4
+    conv = onednn.Convolution(w, b, [1, 1], pads, [1, 1], 1, "relu", [], False, torch.bfloat16)
+    x = torch.randn(2, 16, 7, 7)
+    buffer = torch.full((2, 40, 7, 7), -7.0, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv(x, out=buffer[:, 8:32])
+    expected = F.relu(float64_conv(bf16_rounded(x), bf16_rounded(w).numpy(), b, 1, pads, 1, 1))
+    assert ((buffer[:, 8:32].double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-5).all()
+    assert (buffer[:, :8] == -7).all() and (buffer[:, 32:] == -7).all()  # the rest of the buffer untouched
+    with pytest.raises(ValueError, match="bfloat16 channel slice"):
+        conv(x, out=torch.empty(2, 40, 7, 7).contiguous(memory_format=torch.channels_last)[:, 8:32])
+
+
+@needs_onednn
+@needs_bf16
+def test_a_bf16_fire_module_runs_on_primitives_that_write_its_concatenation(monkeypatch):
+    from backends.test_cpu_native import fire_module
+    from helpers import run_onnxruntime
+
+    from kiln.backends.cpu import select
+
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: {name: select.ONEDNN for name in layers})
+    monkeypatch.setattr(select, "fastest_engine", lambda programs, feed: select.ONEDNN)
+    model, x = fire_module()
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=True))
+    layers = engine.plan.layers
+    assert next(layer for layer in layers.values() if layer["op"] == "Concat")["tactic"] == "native-in-place"
+    convolutions = [layer for layer in layers.values() if layer["op"] == "kiln::Conv"]
+    assert {(layer["tactic"], layer["precision"]) for layer in convolutions} == {("onednn-primitive", "bf16")}
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    for _ in range(2):  # the recorded run, then the replay
+        y = np.asarray(engine.run({"x": x})["y"], np.float64)
+        assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < 1e-2
+
+
 def test_it_builds_wherever_its_wheel_is_installed():
     """The other tests here skip where the library is unavailable: where the wheel is installed (as `make` installs it
     on Linux x86-64), unavailable means it failed to build, which must fail a test instead of skipping them."""

@@ -1,5 +1,5 @@
-"""Fast CPU tactics: oneDNN's prepacked, fused convolution and linear kernels (fp32 convolutions as kiln's own
-primitives, onednn.py; the rest through torch.ops.mkldnn, as inductor's weight freezing uses them), kiln's native
+"""Fast CPU tactics: oneDNN's prepacked, fused convolution and linear kernels (convolutions, fp32 and bf16, as kiln's
+own primitives, onednn.py; the rest through torch.ops.mkldnn, as inductor's weight freezing uses them), kiln's native
 kernels (native.py, raced against oneDNN per layer: select.py), channels-last activations, and bf16 matrix work on
 CPUs with AVX512-BF16 / AMX.
 
@@ -141,10 +141,10 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
         if native_conv else None
     if native is not None:
         return native
-    if not bf16:
-        primitive = _onednn_primitive(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, example)
-        if primitive is not None:
-            return primitive
+    primitive = _onednn_primitive(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, example,
+                                  dtype)
+    if primitive is not None:
+        return primitive
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
     if _small_pointwise(node, weight, example, bf16):
@@ -191,10 +191,13 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
 
 
-def _onednn_primitive(node: Node, graph: Graph, weight, bias, example) -> Tactic | None:
-    """kiln's own oneDNN primitive (onednn.py) for an fp32 convolution with no residual or one whose buffer it may
-    sum into; None where the library is absent, the activation is not one of its post-ops, or oneDNN refuses the
-    layer at its example shape or offers only a reference kernel for it (torch's call then runs it)."""
+def _onednn_primitive(node: Node, graph: Graph, weight, bias, example, dtype) -> Tactic | None:
+    """kiln's own oneDNN primitive (onednn.py) for an fp32 or bf16 (`dtype`) convolution with no residual or one
+    whose buffer it may sum into; None where the library is absent, the activation is not one of its post-ops, or
+    oneDNN refuses the layer at its example shape or offers only a reference kernel for it (torch's call then runs
+    it)."""
+    import torch
+
     from ... import log
     from . import onednn
 
@@ -203,7 +206,8 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example) -> Tactic
     if not onednn.available()[0] or not onednn.takes(activation) or (has_residual and not _residual_dies_here(node, graph)):
         return None
     convolution = onednn.Convolution(weight, bias, node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"],
-                                     int(node.attrs["group"]), activation, node.attrs.get("activation_params", []), has_residual)
+                                     int(node.attrs["group"]), activation, node.attrs.get("activation_params", []), has_residual,
+                                     dtype)
     try:
         convolution.primitive(example)
     except ValueError as error:
@@ -213,7 +217,8 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example) -> Tactic
     def run(x, w_unused=None, b_unused=None, residual=None):
         return convolution(x, residual)
 
-    return Tactic(run, "onednn-primitive", "fp32", direct=None if has_residual else convolution)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return Tactic(run, "onednn-primitive", precision, direct=None if has_residual else convolution)
 
 
 # What a convolution oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on oneDNN)

@@ -1,7 +1,7 @@
 // kiln's own oneDNN convolutions, built by onednn.py against the oneDNN of the onednn-devel-cpu-gomp wheel: each
 // layer's primitive is created once per input shape, with its weights reordered into the layout the primitive
 // chose, its bias, and its residual sum and activation as post-ops; a call only wraps the activations' pointers
-// and executes. (Torch's oneDNN builds the primitive's descriptor on every call: 20-22 us, against 1-2 here.)
+// and executes. Activations and weights are fp32, or bf16 (fp32 accumulation and bias). (Torch's oneDNN builds the primitive's descriptor on every call: 20-22 us, against 1-2 here.)
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdio>
@@ -32,7 +32,8 @@ struct ConvSpec {
   int64_t activation;                    // below: ACT_*
   float alpha, beta;                     // the activation's parameters
   int64_t residual;                      // 1: a sum post-op adds the destination's contents (the residual) first
-  int64_t ldy;                           // floats from one output pixel to the next: oc, or more in a wider buffer's slice
+  int64_t ldy;                           // elements from one output pixel to the next: oc, or more in a wider buffer's slice
+  int64_t bf16;                          // 1: bf16 activations and weights (fp32 accumulation and bias), else fp32
 };
 
 enum { ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_CLIP, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH, ACT_SILU, ACT_GELU_ERF,
@@ -47,6 +48,7 @@ struct Convolution {
   memory::desc src, dst, scratchpad;
   memory weights, bias;
   int64_t pixels, oc, ldy;  // ldy > oc: the primitive writes dense pixels, copied out to the wider buffer's slice
+  int64_t element;          // bytes an activation element takes: 4 (fp32) or 2 (bf16)
   std::mutex lock;          // guards `bound`, which runs on several threads add to
   std::unordered_map<std::thread::id, Bound> bound;
 };
@@ -64,9 +66,9 @@ static Bound& bound(Convolution& conv) {
 }
 
 // A dense output for a primitive whose destination is a slice that no optimized kernel writes, one per thread
-static float* thread_dense_output(size_t floats) {
-  thread_local std::vector<float> buffer;
-  if (buffer.size() < floats) buffer.resize(floats);
+static char* thread_dense_output(size_t bytes) {
+  thread_local std::vector<char> buffer;
+  if (buffer.size() < bytes) buffer.resize(bytes);
   return buffer.data();
 }
 
@@ -95,22 +97,23 @@ static void append_activation(post_ops& ops, int64_t activation, float alpha, fl
 }
 
 // The primitive for `s`, weights [oc, c / groups, kh, kw] and bias [oc] (fp32, read once: the primitive keeps its
-// own reordered copy), or null with the reason in `error`.
+// own reordered copy, rounded to bf16 in a bf16 one), or null with the reason in `error`.
 extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weight, const float* bias, char* error,
                                          int64_t error_size) {
   const ConvSpec& s = *spec;
   try {
     using dt = memory::data_type;
     using tag = memory::format_tag;
-    const memory::desc src({s.n, s.c, s.h, s.w}, dt::f32, tag::nhwc);
-    const memory::desc dense({s.n, s.oc, s.oh, s.ow}, dt::f32, tag::nhwc);
-    memory::desc dst({s.n, s.oc, s.oh, s.ow}, dt::f32, {s.oh * s.ow * s.ldy, 1, s.ow * s.ldy, s.ldy});
+    const dt activations = s.bf16 ? dt::bf16 : dt::f32;
+    const memory::desc src({s.n, s.c, s.h, s.w}, activations, tag::nhwc);
+    const memory::desc dense({s.n, s.oc, s.oh, s.ow}, activations, tag::nhwc);
+    memory::desc dst({s.n, s.oc, s.oh, s.ow}, activations, {s.oh * s.ow * s.ldy, 1, s.ow * s.ldy, s.ldy});
     const memory::desc bias_desc({s.oc}, dt::f32, tag::a);
     const bool grouped = s.groups > 1;
     const memory::dims weight_dims = grouped ? memory::dims{s.groups, s.oc / s.groups, s.c / s.groups, s.kh, s.kw}
                                              : memory::dims{s.oc, s.c, s.kh, s.kw};
     const memory::desc user_weights(weight_dims, dt::f32, grouped ? tag::goihw : tag::oihw);
-    const memory::desc any_weights(weight_dims, dt::f32, tag::any);
+    const memory::desc any_weights(weight_dims, activations, tag::any);
     post_ops ops;
     if (s.residual) ops.append_sum(1.f);
     append_activation(ops, s.activation, s.alpha, s.beta);
@@ -137,7 +140,7 @@ extern "C" void* kiln_onednn_conv_create(const ConvSpec* spec, const float* weig
     }
     auto* conv = new Convolution{convolution_forward(descriptor), src, dst, descriptor.scratchpad_desc(),
                                  memory(descriptor.weights_desc(), cpu_engine()), memory(bias_desc, cpu_engine()),
-                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc};
+                                 s.n * s.oh * s.ow, s.oc, dst == dense ? s.ldy : s.oc, s.bf16 ? 2 : 4};
     memory given(user_weights, cpu_engine(), const_cast<float*>(weight));
     reorder(given, conv->weights).execute(cpu_stream(), given, conv->weights);
     std::memcpy(conv->bias.get_data_handle(), bias, s.oc * sizeof(float));
@@ -160,7 +163,7 @@ struct OnednnConvArgs { const void* x; void* y; void* conv; };
 extern "C" void kiln_onednn_conv(const OnednnConvArgs* args, int64_t threads) {
   Convolution& conv = *static_cast<Convolution*>(args->conv);
   const bool copy_out = conv.ldy != conv.oc;
-  float* const dense = copy_out ? thread_dense_output(conv.pixels * conv.oc) : nullptr;
+  char* const dense = copy_out ? thread_dense_output(conv.pixels * conv.oc * conv.element) : nullptr;
   Bound& b = bound(conv);
   b.src.set_data_handle(const_cast<void*>(args->x));
   b.dst.set_data_handle(copy_out ? dense : args->y);
@@ -171,8 +174,9 @@ extern "C" void kiln_onednn_conv(const OnednnConvArgs* args, int64_t threads) {
   error::wrap_c_api(dnnl_primitive_execute(conv.primitive.get(), cpu_stream().get(), 5, bindings),
                     "could not execute a convolution");
   if (copy_out) {
-    float* const y = static_cast<float*>(args->y);
+    char* const y = static_cast<char*>(args->y);
+    const int64_t row = conv.oc * conv.element;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t p = 0; p < conv.pixels; ++p) std::memcpy(y + p * conv.ldy, dense + p * conv.oc, conv.oc * sizeof(float));
+    for (int64_t p = 0; p < conv.pixels; ++p) std::memcpy(y + p * conv.ldy * conv.element, dense + p * row, row);
   }
 }

@@ -34,7 +34,8 @@ class _ConvSpec(ctypes.Structure):
     """onednn.cpp's ConvSpec, field for field."""
     _fields_ = [(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "oc", "oh", "ow", "groups", "kh", "kw", "sh", "sw",
                                                      "pt", "pl", "pb", "pr", "dh", "dw", "activation")] + \
-               [("alpha", ctypes.c_float), ("beta", ctypes.c_float), ("residual", ctypes.c_int64), ("ldy", ctypes.c_int64)]
+               [("alpha", ctypes.c_float), ("beta", ctypes.c_float), ("residual", ctypes.c_int64), ("ldy", ctypes.c_int64),
+                ("bf16", ctypes.c_int64)]
 
 
 class _ConvArgs(ctypes.Structure):
@@ -88,11 +89,14 @@ def takes(activation: str) -> bool:
 
 
 class Convolution:
-    """An fp32 NHWC convolution with bias, a residual summed in place into its buffer (where `residual`) and an
+    """An NHWC convolution with bias, a residual summed in place into its buffer (where `residual`) and an
     activation, on a oneDNN primitive kept per input shape and output pixel stride. Without a residual it can write
-    into a channel slice of a wider NHWC buffer (a concatenation's: concat.py), as native.DirectConvolution does."""
+    into a channel slice of a wider NHWC buffer (a concatenation's: concat.py), as native.DirectConvolution does.
+    Its activations and weights are fp32, or bf16 where `dtype` is torch.bfloat16 (fp32 accumulation and bias; an
+    fp32 input is rounded to bf16 first)."""
 
-    def __init__(self, weight, bias, strides, pads, dilations, groups: int, activation: str, params, residual: bool):
+    def __init__(self, weight, bias, strides, pads, dilations, groups: int, activation: str, params, residual: bool,
+                 dtype=None):
         import torch
 
         self._library = _load()[0]
@@ -104,7 +108,9 @@ class Convolution:
         self.groups, self.residual = int(groups), bool(residual)
         self.activation = ACTIVATIONS[activation]
         self.alpha, self.beta = _activation_parameters(activation, params)
-        self.dtype = torch.float32  # what it writes
+        self.dtype = dtype or torch.float32  # what it reads and writes
+        if self.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"oneDNN convolutions here take fp32 or bf16, not {self.dtype}")
         self._primitives: dict[tuple, tuple[int, tuple]] = {}  # (input shape, ldy) -> (primitive, output shape)
 
     def output_shape(self, x) -> tuple:
@@ -117,6 +123,8 @@ class Convolution:
     def primitive(self, input_shape, ldy: int | None = None) -> tuple[int, tuple]:
         """The primitive for NHWC inputs of `input_shape` writing pixels `ldy` floats apart (the output's channels by
         default), created on first use; a ValueError says why oneDNN refused it (or offers only a reference kernel)."""
+        import torch
+
         ldy = ldy or self.out_channels
         known = self._primitives.get((tuple(input_shape), ldy))
         if known is not None:
@@ -126,7 +134,8 @@ class Convolution:
         if c != self.weight.shape[1] * self.groups or min(shape) <= 0:
             raise ValueError(f"input {tuple(input_shape)} does not fit weights {self.weight.shape} in {self.groups} groups")
         spec = _ConvSpec(n, c, h, w, shape[1], shape[2], shape[3], self.groups, *self.weight.shape[2:], *self.strides,
-                         *self.pads, *self.dilations, self.activation, self.alpha, self.beta, int(self.residual), ldy)
+                         *self.pads, *self.dilations, self.activation, self.alpha, self.beta, int(self.residual), ldy,
+                         int(self.dtype == torch.bfloat16))
         error = ctypes.create_string_buffer(512)
         handle = self._library.kiln_onednn_conv_create(ctypes.byref(spec), self.weight.ctypes.data, self.bias.ctypes.data,
                                                         error, len(error))
@@ -140,17 +149,17 @@ class Convolution:
         an NHWC tensor; `out`, a channel slice of a wider NHWC buffer, takes the result instead of a new tensor."""
         import torch
 
-        x = native.channels_last(x.to(torch.float32))
+        x = native.channels_last(x.to(self.dtype))
         if self.residual:
             handle, shape = self.primitive(x.shape)
             if residual is None or tuple(residual.shape) != shape or out is not None:
                 raise ValueError(f"expected a residual of shape {shape} and no out, got "
                                  f"{None if residual is None else tuple(residual.shape)}")
-            y = residual.to(torch.float32).contiguous(memory_format=torch.channels_last)
+            y = residual.to(self.dtype).contiguous(memory_format=torch.channels_last)
             if y.data_ptr() == x.data_ptr():  # the sum would overwrite the input it reads
                 y = y.clone(memory_format=torch.channels_last)
         else:
-            y, ldy = native.output_buffer(self.output_shape(x), torch.float32, out)
+            y, ldy = native.output_buffer(self.output_shape(x), self.dtype, out)
             handle, shape = self.primitive(x.shape, ldy)
         native.launch(self._library.kiln_onednn_conv, _ConvArgs(x.data_ptr(), y.data_ptr(), handle), torch.get_num_threads(),
                       x=x, y=y)
