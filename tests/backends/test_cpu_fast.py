@@ -280,3 +280,43 @@ def test_a_dying_residual_takes_the_convolution_sum_in_place(residual_is_output,
         outputs = engine.run({"x": x})
         for name, want in zip(["y", "t"], expected):
             np.testing.assert_allclose(np.asarray(outputs[name]), want, rtol=1e-5, atol=1e-5)
+
+
+def attention_graph(scale):
+    node = Node("Attention", ("q", "k", "v", "mask"), ("y",), {"scale": scale}, name="attention", domain="kiln")
+    inputs = [Value(name, DType.float32, (2, 3, 16, 8)) for name in ("q", "k", "v")] + [Value("mask", DType.float32, None)]
+    return Graph([node], inputs, [Value("y", DType.float32, (2, 3, 16, 8))], opsets={"": 18, "kiln": 1})
+
+
+def float64_attention(q, k, v, mask, scale):
+    scores = q.double() @ k.double().transpose(-1, -2) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask.double()
+    return torch.softmax(scores, -1) @ v.double()
+
+
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 16), (2, 1, 16, 16), (16, 16), (2, 3, 16, 16), (4, 2, 3, 16, 16)],
+                         ids=lambda shape: "x".join(map(str, shape)) if shape else "no-mask")
+@pytest.mark.parametrize("boolean", [False, True], ids=["additive", "boolean"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_attention_matches_float64(mask_shape, boolean, bf16):
+    """kiln::Attention on the CPU (a BERT layer's shapes, shrunk): masks that broadcast across heads, rows or batches,
+    additive or boolean, against float64 softmax(q k^T * scale + mask) v; bf16 within its rounding."""
+    if boolean and mask_shape is None:
+        pytest.skip("no mask to be boolean")
+    if bf16 and not fast.bf16_supported():
+        pytest.skip("no AVX512-BF16 / AMX-BF16 here")
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 16, 8, generator=generator) for _ in range(3))
+    mask = None
+    if mask_shape is not None:
+        keep = torch.rand(mask_shape, generator=generator) > 0.3
+        keep[..., 0] = True  # no row fully masked
+        mask = keep if boolean else torch.where(keep, torch.randn(mask_shape, generator=generator), torch.tensor(-1e4))
+    graph = attention_graph(0.35)
+    run = fast.choose(graph.nodes[0], graph, bf16).run
+    y = run(q, k, v, mask)
+    expected = float64_attention(q, k, v, mask, 0.35)
+    assert y.shape == expected.shape and y.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    tolerance = 3e-2 if bf16 else 1e-5
+    assert (y.double() - expected).abs().max().item() < tolerance

@@ -33,7 +33,7 @@ _FLOAT_MAX = 3.4e38
 @dataclass
 class Tactic:
     run: Callable
-    name: str  # what `kiln inspect` shows: "onednn-packed", "torch-sdpa", "torch"
+    name: str  # what `kiln inspect` shows: "onednn-packed", "torch-attention", "torch"
     precision: str  # "fp32", "bf16", or "follow" (runs in the float type its inputs arrive in; fp32 where they mix)
     direct: object | None = None  # a native convolution without a residual, which can write into a wider buffer
 
@@ -554,8 +554,10 @@ def fold_channel_affine(ops, operands, constants: dict, channels: int):
 
 
 def _attention(node: Node, bf16: bool) -> Tactic:
+    """softmax(q k^T * scale + mask) v as a matrix product, the scaling and masking in place, softmax and a second
+    product: a BERT-base layer at seq 128 took 0.16 ms this way against torch's SDPA kernel's 0.36 in bf16, 0.30
+    against 0.36 in fp32. A boolean mask keeps the scores where it is true (SDPA's convention)."""
     import torch
-    import torch.nn.functional as F
 
     scale = float(node.attrs.get("scale", 1.0))
 
@@ -564,9 +566,17 @@ def _attention(node: Node, bf16: bool) -> Tactic:
             q, k, v = (t.to(torch.bfloat16) if t.dtype != torch.bfloat16 else t for t in (q, k, v))
             if mask is not None and mask.dtype.is_floating_point:
                 mask = mask.to(torch.bfloat16)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        if mask is not None:
+            if torch.broadcast_shapes(scores.shape, mask.shape) != scores.shape:  # a mask wider than the scores
+                scores = scores.expand(torch.broadcast_shapes(scores.shape, mask.shape)).clone()
+            if mask.dtype == torch.bool:
+                scores.masked_fill_(~mask, -torch.inf)
+            else:
+                scores.add_(mask)
+        return torch.matmul(torch.softmax(scores, -1), v)
 
-    return Tactic(run, "torch-sdpa", "bf16" if bf16 else "fp32")
+    return Tactic(run, "torch-attention", "bf16" if bf16 else "fp32")
 
 
 # Memory-bound layers whose fp32 weights (per-channel scales and shifts, mostly) are rounded to bf16 when their
