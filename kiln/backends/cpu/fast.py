@@ -234,10 +234,12 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). A stem of at
     most native.STEM_MAX_IN_CHANNELS input channels takes the flat-reduction kernel in both, fp32 math with the
     engine's activation type out: alone 0.77x oneDNN's fp32 time on SqueezeNet's 3x3/2 and 0.85x on ResNet-50's
-    7x7/2. Whether it keeps the layer the build decides by timing (select.py)."""
+    7x7/2. An fp32 3x3 of stride 1 takes the Winograd kernel instead of the direct one (winograd.py): alone
+    0.52-0.74x oneDNN's time on ResNet-50's 3x3s from 56x56 to 14x14, 1.3x at 7x7. Whether it keeps the layer the
+    build decides by timing (select.py)."""
     import torch
 
-    from . import native
+    from . import native, winograd
 
     activation = node.attrs.get("activation", "")
     if int(node.attrs["group"]) != 1 or activation not in (*_CLAMPS, "clip") or not native.available()[0]:
@@ -260,6 +262,8 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
         if not native.amx_available() or native.AmxConvolution.takes(weight.shape[1], strides, dilations):
             return None
         convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"
+    elif winograd.takes(weight.shape, strides, dilations, 1):
+        convolve, name, precision = winograd.WinogradConvolution(weight, bias, node.attrs["pads"], clamp), "native-winograd", "fp32"
     else:
         convolve, name, precision = native.DirectConvolution(weight, bias, strides, pads, dilations, clamp), "native-direct", "fp32"
 
@@ -270,7 +274,7 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
 
 
 # What kiln's native convolutions are called in the plan's layers
-NATIVE_CONV_TACTICS = {"native-direct", "native-amx", "native-stem"}
+NATIVE_CONV_TACTICS = {"native-direct", "native-winograd", "native-amx", "native-stem"}
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares

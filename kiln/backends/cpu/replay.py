@@ -186,7 +186,7 @@ def _layer(index: int, step, env: dict, recorder: native.Recorder, buffers: _Buf
                 written.add(buffer.base)
             elif buffer.origin == index and buffer.base not in written:
                 replayable = False  # read before any launch wrote it: made by torch inside the layer
-        if len(launch.params) not in (1, 2, 5):
+        if len(launch.params) not in (1, 2, 3, 5):  # the parameter counts kiln_replay calls with
             replayable = False
     for name in step.outputs:
         value = env.get(name) if name else None

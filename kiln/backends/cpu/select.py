@@ -6,7 +6,7 @@ oneDNN's and SqueezeNet's 0.89x (docs/benchmarks.md, run H). So the builder runs
 times every layer as it runs there, and keeps the faster tactic per layer, as TensorRT keeps the fastest tactic it
 timed. Per-layer times taken in the two pure engines do not add up to the engine that mixes them (in run H a
 ResNet-50 b1 built on per-layer wins ran 1.05-1.08x the oneDNN-only engine), so the mixed engine is then timed whole
-against both pure ones, and the native kernel stays only in an engine that runs at least NATIVE_MARGIN faster
+against both pure ones, and the native kernel stays only in an engine that runs at least ENGINE_MARGIN faster
 than oneDNN's alone. The choice is recorded in the plan's layers, and a loaded engine follows it instead of timing
 again.
 """
@@ -19,9 +19,12 @@ ROUNDS = 7  # timed runs of each program, in turns, after one warm-up; a layer's
 # batch (VGG-19, ResNet-50 b8) would otherwise add tens of seconds to its build.
 BUDGET_S = 2.0
 MIN_ROUNDS = 2
-# The native kernel must beat oneDNN's by this share, per layer and then for the whole engine: a near tie stays with
-# oneDNN, whose kernels torch ships and tests.
+# The native kernel must beat oneDNN's by this share per layer, and an engine with native kernels oneDNN's alone by
+# ENGINE_MARGIN: a near tie stays with oneDNN, whose kernels are the more widely tested. The engine's margin is the
+# smaller one because whole runs in turns vary less than single layers: ResNet-50 b1 with its 11 Winograd 3x3s ran
+# 5.5-6.0% under the oneDNN engine in alternating runs, and the race, at 5%, kept oneDNN's.
 NATIVE_MARGIN = 0.05
+ENGINE_MARGIN = 0.02
 NATIVE, ONEDNN, MIXED = "native", "onednn", "mixed"
 WHOLE_ROUNDS = 5  # whole-engine runs of each candidate, each after a pause and an untimed run (as benchmarks time)
 SETTLE_S = 0.02
@@ -85,7 +88,7 @@ def fastest(programs: dict[str, object], feed: dict, layers: list[str]) -> dict[
 
 def fastest_engine(programs: dict[str, object], feed: dict) -> str:
     """The key of the fastest of `programs` (ONEDNN among them), each run whole WHOLE_ROUNDS times in turns, its
-    median taken; a program with native kernels must run NATIVE_MARGIN under ONEDNN's to be chosen."""
+    median taken; a program with native kernels must run ENGINE_MARGIN under ONEDNN's to be chosen."""
     import statistics
 
     import torch
@@ -104,4 +107,4 @@ def fastest_engine(programs: dict[str, object], feed: dict) -> str:
                 times[key].append(clock() - start)
     median = {key: statistics.median(values) for key, values in times.items()}
     best = min((key for key in programs if key != ONEDNN), key=median.get)
-    return best if median[best] <= (1 - NATIVE_MARGIN) * median[ONEDNN] else ONEDNN
+    return best if median[best] <= (1 - ENGINE_MARGIN) * median[ONEDNN] else ONEDNN

@@ -1,0 +1,131 @@
+"""Winograd F(2x2, 3x3) convolutions (native.cpp's kiln_winograd_f2x3): a stride-1, undilated 3x3 convolution of fp32
+NHWC activations as 16 matrix products over transformed 4x4 input patches, one per 2x2 output tile, and weights
+transformed once here. It does 4/9 of the direct kernel's multiply-adds, for extra passes over per-thread buffers
+that stay in cache.
+
+Why: the 3x3 layers hold about half of ResNet-50's multiply-adds, and oneDNN 3.2 has no Winograd kernel for this CPU
+(its convolution_winograd is refused here), so its 3x3s run at the fp32 peak of the direct method. The transforms
+add and subtract only (the weights' G has halves), so results stay within a few fp32 roundings of the direct sums.
+Which layers take it, the build decides by timing (select.py), as for the direct kernel.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+
+from . import native
+
+# G of F(2x2, 3x3): U = G g G^T turns a 3x3 filter into its 4x4 transform
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+# Input bytes a task's transformed patches may take (16 per tile and channel): they stay in a core's L2 for its
+# products, with its 64-channel products beside them
+PATCH_BYTES_PER_TASK = 256 << 10
+TASKS_PER_THREAD = 8
+
+
+class _WinogradArgs(ctypes.Structure):
+    """native.cpp's WinogradArgs, field for field."""
+    activations = ("x", "residual", "y")
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "u", "bias", "residual", "y")] + \
+               [(name, ctypes.c_int64) for name in ("n", "h", "w_", "c", "oh", "ow", "oc", "ldy", "pt", "pl")] + \
+               [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+
+
+class _Plan(NamedTuple):
+    shape: object  # the output's torch.Size
+    tiles_per_task: int
+    blocks_per_task: int
+
+
+def takes(weight_shape, strides, dilations, groups: int) -> bool:
+    """Whether a layer fits the kernel: 3x3, stride 1, no dilation, one group, channels in and out multiples of 16."""
+    out_channels, in_channels, kh, kw = weight_shape
+    return (kh, kw) == (3, 3) and list(strides) == [1, 1] and list(dilations) == [1, 1] and groups == 1 \
+        and in_channels % 16 == 0 and out_channels % 16 == 0
+
+
+def transformed_weights(weight: np.ndarray) -> np.ndarray:
+    """[16 patch positions][out / 16][in][16 output channels] float32: G g G^T per filter, in float64 first."""
+    out_channels, in_channels = weight.shape[:2]
+    u = np.einsum("ak,oikl,bl->abio", _G, weight.astype(np.float64), _G)  # [4][4][in][out]
+    u = u.reshape(16, in_channels, out_channels // 16, 16).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(u, dtype=np.float32)
+
+
+class WinogradConvolution:
+    """A 3x3, stride-1 fp32 convolution (`takes`) with bias, an optional residual and a clamp, on NHWC tensors; the
+    same calls as native.DirectConvolution, so a layer, a concatenation's slice (`out`) or a replay takes either."""
+
+    def __init__(self, weight, bias, pads, clamp: tuple[float, float]):
+        import torch
+
+        out_channels, in_channels = weight.shape[:2]
+        self._library = native._load()[0]
+        assert self._library is not None, "WinogradConvolution needs native.available()"
+        self._kernel = _kernel(self._library)
+        self.u = torch.from_numpy(transformed_weights(np.asarray(weight)))
+        self.bias = torch.from_numpy(np.array(bias if bias is not None else np.zeros(out_channels), np.float32))
+        self.out_channels, self.in_channels = out_channels, in_channels
+        self.pads = [int(p) for p in pads]  # top, left, bottom, right
+        self.clamp = clamp
+        self.dtype = torch.float32  # what it writes
+        self._plans: dict[tuple, _Plan] = {}
+
+    def output_shape(self, x) -> tuple[int, int, int, int]:
+        n, _, h, w = getattr(x, "shape", x)
+        top, left, bottom, right = self.pads
+        return (n, self.out_channels, h + top + bottom - 2, w + left + right - 2)
+
+    def __call__(self, x, residual=None, in_place: bool = False, out=None):
+        """conv(x) + bias (+ residual), clamped, as an NHWC tensor; `in_place` sums into the residual's own buffer
+        (the caller knows nothing else reads it), `out` takes the result in a channel slice of a wider buffer."""
+        import torch
+
+        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} float32 channels, got {tuple(x.shape)} {x.dtype}")
+        threads = torch.get_num_threads()
+        plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
+        x = native.channels_last(x)
+        if residual is not None:
+            if residual.shape != plan.shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
+            residual = native.channels_last(residual.to(torch.float32))
+        if out is None and in_place and residual is not None and residual.data_ptr() != x.data_ptr():
+            y, ldy = residual, self.out_channels  # each output reads its own residual element just before writing it
+        else:
+            y, ldy = native.output_buffer(plan.shape, torch.float32, out)
+        n, c, h, w = x.shape
+        if not y.numel():
+            return y
+        args = _WinogradArgs(x.data_ptr(), self.u.data_ptr(), self.bias.data_ptr(),
+                             residual.data_ptr() if residual is not None else None, y.data_ptr(),
+                             n, h, w, c, plan.shape[2], plan.shape[3], self.out_channels, ldy, self.pads[0], self.pads[1],
+                             *self.clamp)
+        native.launch(self._kernel, args, plan.tiles_per_task, plan.blocks_per_task, threads, x=x, residual=residual, y=y)
+        return y
+
+    def _plan_for(self, input_shape, threads: int) -> _Plan:
+        """Tiles and output-channel blocks per task: as many tiles as keep the transformed patches within
+        PATCH_BYTES_PER_TASK (a multiple of the 6-tile product rows), then the channels split until there are about
+        TASKS_PER_THREAD tasks a thread."""
+        import torch
+
+        shape = torch.Size(self.output_shape(input_shape))
+        tiles = shape[0] * ((shape[2] + 1) // 2) * ((shape[3] + 1) // 2)
+        per_task = min(PATCH_BYTES_PER_TASK // (64 * self.in_channels) // 6 * 6, native._ceil_div(tiles, 6) * 6)
+        per_task = max(6, per_task)
+        blocks = self.out_channels // 16
+        tile_blocks = max(1, native._ceil_div(tiles, per_task))
+        groups = min(native._ceil_div(blocks, 4), max(1, native._ceil_div(TASKS_PER_THREAD * threads, tile_blocks)))
+        plan = _Plan(shape, per_task, native._ceil_div(blocks, groups))
+        self._plans[(input_shape, threads)] = plan
+        return plan
+
+
+def _kernel(library):
+    function = library.kiln_winograd_f2x3
+    function.argtypes = [ctypes.POINTER(_WinogradArgs), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+    function.restype = None
+    return function

@@ -1,0 +1,92 @@
+"""The Winograd F(2x2, 3x3) convolution (kiln/backends/cpu/winograd.py) against float64 torch: sizes with odd and
+even edges, padding of every kind, bias, residual (also summed in place), clamps, slices of a wider buffer, and the
+layers it refuses."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kiln.backends.cpu import native, winograd
+
+needs_native = pytest.mark.skipif(not native.available()[0], reason=f"native kernels unavailable: {native.available()[1]}")
+rng = np.random.default_rng(0)
+
+# (batch, in, out, height, width, pads [top, left, bottom, right])
+SHAPES = [(1, 16, 16, 8, 8, (1, 1, 1, 1)), (2, 32, 48, 7, 9, (1, 1, 1, 1)), (1, 16, 64, 5, 5, (0, 0, 0, 0)),
+          (1, 48, 16, 11, 6, (0, 1, 2, 1)), (3, 64, 32, 3, 4, (2, 2, 2, 2)), (1, 16, 32, 1, 1, (1, 1, 1, 1)),
+          (1, 512, 16, 7, 7, (1, 1, 1, 1))]
+
+
+def case(shape):
+    n, cin, cout, h, w, pads = shape
+    x = torch.randn(n, cin, h, w, generator=torch.Generator().manual_seed(2))
+    weight = (rng.standard_normal((cout, cin, 3, 3)) / np.sqrt(9 * cin)).astype(np.float32)
+    return x, weight, rng.standard_normal(cout).astype(np.float32)
+
+
+def float64_conv(x, weight, bias, pads):
+    top, left, bottom, right = pads
+    padded = F.pad(x.double(), (left, right, top, bottom))
+    return F.conv2d(padded, torch.from_numpy(weight).double(), torch.from_numpy(bias).double())
+
+
+@needs_native
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "-".join(map(str, s[:5])) + "-p" + "".join(map(str, s[5])))
+@pytest.mark.parametrize("fused", ["none", "relu+residual", "clip", "residual in place"])
+def test_winograd_matches_float64(shape, fused):
+    x, weight, bias = case(shape)
+    clamp = {"none": (-np.inf, np.inf), "clip": (-0.5, 0.75)}.get(fused, (0.0, np.inf))
+    conv = winograd.WinogradConvolution(weight, bias, shape[5], clamp)
+    sums = float64_conv(x, weight, bias, shape[5])
+    residual = torch.randn(sums.shape).contiguous(memory_format=torch.channels_last) if "residual" in fused else None
+    expected = (sums + (residual.double() if residual is not None else 0)).clamp(*clamp)
+    given = residual.clone(memory_format=torch.channels_last) if residual is not None else None
+    actual = conv(x, given, in_place=fused == "residual in place")
+    assert actual.shape == expected.shape == conv.output_shape(x)
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    if given is not None:
+        assert (actual.data_ptr() == given.data_ptr()) == (fused == "residual in place")
+    # the transforms' additions and fp32 sums in another order than float64's: 1e-5 of the sums' scale
+    scale = sums.abs().max().item() + (residual.abs().max().item() if residual is not None else 0)
+    assert (actual.double() - expected).abs().max().item() <= 1e-5 * scale
+
+
+@needs_native
+def test_winograd_writes_into_a_slice_of_a_wider_buffer():
+    x, weight, bias = case((2, 16, 32, 6, 7, (1, 1, 1, 1)))
+    conv = winograd.WinogradConvolution(weight, bias, [1, 1, 1, 1], (0.0, np.inf))
+    buffer = torch.full((2, 64, 6, 7), -7.0).contiguous(memory_format=torch.channels_last)
+    y = conv(x, out=buffer[:, 16:48])
+    assert y.data_ptr() == buffer[:, 16:48].data_ptr()
+    expected = F.relu(float64_conv(x, weight, bias, (1, 1, 1, 1)))
+    assert (buffer[:, 16:48].double() - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert (buffer[:, :16] == -7).all() and (buffer[:, 48:] == -7).all()
+
+
+@needs_native
+def test_an_empty_output_and_a_wrong_input():
+    x, weight, bias = case((1, 16, 16, 2, 2, (0, 0, 0, 0)))
+    conv = winograd.WinogradConvolution(weight, bias, [0, 0, 0, 0], (-np.inf, np.inf))
+    assert conv(x).shape == (1, 16, 0, 0)
+    with pytest.raises(ValueError, match="expected 16 float32 channels"):
+        conv(torch.ones(1, 8, 5, 5))
+    with pytest.raises(ValueError, match="residual"):
+        conv(torch.ones(1, 16, 5, 5), torch.ones(1, 16, 5, 5))
+
+
+def test_which_layers_it_takes():
+    assert winograd.takes((32, 16, 3, 3), [1, 1], [1, 1], 1)
+    for shape, strides, dilations, groups in [((32, 16, 3, 3), [2, 2], [1, 1], 1), ((32, 16, 3, 3), [1, 1], [2, 2], 1),
+                                              ((32, 16, 3, 3), [1, 1], [1, 1], 2), ((32, 16, 1, 1), [1, 1], [1, 1], 1),
+                                              ((32, 24, 3, 3), [1, 1], [1, 1], 1), ((20, 16, 3, 3), [1, 1], [1, 1], 1),
+                                              ((32, 16, 5, 5), [1, 1], [1, 1], 1)]:
+        assert not winograd.takes(shape, strides, dilations, groups)
+
+
+def test_the_weight_transform_is_g_g_gt():
+    weight = rng.standard_normal((16, 2, 3, 3))
+    u = winograd.transformed_weights(weight)  # [16][out/16][in][16]
+    g = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+    for out, inp in [(0, 0), (5, 1), (15, 1)]:
+        expected = g @ weight[out, inp] @ g.T
+        np.testing.assert_allclose(u[:, 0, inp, out].reshape(4, 4), expected, rtol=1e-6, atol=1e-6)
