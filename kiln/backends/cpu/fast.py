@@ -234,9 +234,9 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). A stem of at
     most native.STEM_MAX_IN_CHANNELS input channels takes the flat-reduction kernel in both, fp32 math with the
     engine's activation type out: alone 0.77x oneDNN's fp32 time on SqueezeNet's 3x3/2 and 0.85x on ResNet-50's
-    7x7/2. An fp32 3x3 of stride 1 takes the Winograd kernel instead of the direct one (winograd.py): alone
-    0.52-0.74x oneDNN's time on ResNet-50's 3x3s from 56x56 to 14x14, 1.3x at 7x7. Whether it keeps the layer the
-    build decides by timing (select.py)."""
+    7x7/2. A 3x3 of stride 1 takes the Winograd kernel instead (winograd.py), in both precisions: alone 0.52-0.74x
+    oneDNN's fp32 time on ResNet-50's 3x3s from 56x56 to 14x14, 1.3x at 7x7. Whether it keeps the layer the build
+    decides by timing (select.py)."""
     import torch
 
     from . import native, winograd
@@ -258,12 +258,15 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
         convolve = native.StemConvolution(weight, bias, strides, pads, dilations, clamp,
                                           torch.bfloat16 if bf16 else torch.float32)
         return Tactic(lambda x, *unused: convolve(x), "native-stem", "fp32")
-    if bf16:
-        if not native.amx_available() or native.AmxConvolution.takes(weight.shape[1], strides, dilations):
-            return None
+    amx = bf16 and native.amx_available() and not native.AmxConvolution.takes(weight.shape[1], strides, dilations)
+    if amx:  # the tile units' direct products: 4.2x AVX512-BF16's rate, well past Winograd's 2.25x fewer
         convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"
-    elif winograd.takes(weight.shape, strides, dilations, 1):
-        convolve, name, precision = winograd.WinogradConvolution(weight, bias, node.attrs["pads"], clamp), "native-winograd", "fp32"
+    elif winograd.takes(weight.shape, strides, dilations, 1) and (not bf16 or native.bf16_available()):
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        convolve = winograd.WinogradConvolution(weight, bias, node.attrs["pads"], clamp, dtype)
+        name, precision = "native-winograd", "bf16" if bf16 else "fp32"
+    elif bf16:
+        return None
     else:
         convolve, name, precision = native.DirectConvolution(weight, bias, strides, pads, dilations, clamp), "native-direct", "fp32"
 

@@ -7,6 +7,7 @@
 // sums kept in the output. Bias starts the sum; the residual add and a clamp (ReLU, Clip) finish it.
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include <vector>
 
@@ -172,17 +173,46 @@ extern "C" void kiln_conv_nhwc(const ConvArgs* args, int64_t blocks_per_task, in
   }
 }
 
+// Loads and stores of 16 lanes in the kernels' element types; bf16 converts to and from fp32 (round to nearest
+// even, as torch rounds), and exists only where the compiler targets AVX512-BF16 (kiln_native_bf16 says so).
+#ifdef __AVX512BF16__
+typedef uint16_t bf16_t;
+static inline __m512 load16(const bf16_t* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+static inline void store16(bf16_t* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
+}
+extern "C" int kiln_native_bf16() { return 1; }
+#else
+extern "C" int kiln_native_bf16() { return 0; }
+#endif
+static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+static inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+
+// A typed kernel's C entry points: `name` for fp32, and `name`_bf16 where the library has bf16
+#ifdef __AVX512BF16__
+#define KILN_TYPED(name, kernel, Args)                                                                   \
+  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }            \
+  extern "C" void name##_bf16(const Args* args, int64_t threads) { kernel<bf16_t>(*args, threads); }
+#else
+#define KILN_TYPED(name, kernel, Args) \
+  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }
+#endif
+
 // Winograd F(2x2, 3x3): a stride-1, undilated 3x3 convolution as 16 matrix products on transformed 4x4 input patches
 // (one per 2x2 output tile) and transformed weights, 2.25x fewer multiply-adds than the direct kernel. A task takes
 // a block of tiles and a range of output-channel blocks: it transforms the block's input patches into a per-thread
-// buffer (V[xi][tile][c], xi the 16 patch positions), multiplies each V[xi] by the weights U[xi] ([oc/16][c][16],
-// transformed once by winograd.py) with the direct kernel's accumulate() into M[xi][tile][64 channels], and
-// transforms M back into the 2x2 outputs with bias, residual and clamp.
+// buffer (V[xi][tile][c], xi the 16 patch positions), multiplies each V[xi] by the weights U[xi] (transformed once by
+// winograd.py) into M[xi][tile][64 channels], and transforms M back into the 2x2 outputs with bias, residual and
+// clamp. In fp32, V and U are fp32 (U as [oc/16][c][16]) and the products are the direct kernel's accumulate(); in
+// bf16, V is rounded to bf16 and U is bf16 in channel pairs ([oc/16][c/2][16][2]) for AVX512-BF16's dot products,
+// accumulated in fp32.
 struct WinogradArgs {
-  const float* x; const float* u; const float* bias; const float* residual; float* y;
+  const void* x; const void* u; const float* bias; const void* residual; void* y;  // x, residual, y: fp32 or bf16
   int64_t n, h, w_, c;          // input, NHWC; c a multiple of 16
   int64_t oh, ow, oc;           // output, NHWC; oc a multiple of 16
-  int64_t ldy;                  // floats from one output pixel to the next
+  int64_t ldy;                  // elements from one output pixel to the next
   int64_t pt, pl;               // padding above and left of the input
   float lo, hi;                 // clamp after the residual
 };
@@ -204,8 +234,8 @@ static inline void winograd_input(const __m512 (&d)[4][4], __m512 (&v)[4][4]) {
   }
 }
 
-// The GEMM of one patch position: rows [0, count) of v (tiles, c floats apart) times NB weight blocks into m (64
-// floats a tile), NW tiles at a time
+// The products of one patch position: rows [0, count) of v (tiles, c elements apart) times NB weight blocks into m
+// (64 floats a tile), NW tiles at a time
 template <int NB, int NW>
 static inline void winograd_rows(const float* v, const float* u, float* m, int64_t c, int64_t count) {
   if constexpr (NW > 1) {
@@ -219,15 +249,46 @@ static inline void winograd_rows(const float* v, const float* u, float* m, int64
     UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
 }
 
-template <int NB>
-static void winograd_product(const float* v, const float* u, float* m, int64_t c, int64_t tiles) {
+static inline void store_patch(float* p, __m512 v) { _mm512_store_ps(p, v); }
+
+#ifdef __AVX512BF16__
+template <int NB, int NW>
+static inline void winograd_rows(const bf16_t* v, const bf16_t* u, float* m, int64_t c, int64_t count) {
+  if constexpr (NW > 1) {
+    if (count < NW) return winograd_rows<NB, NW - 1>(v, u, m, c, count);
+  }
+  __m512 acc[NB][NW];
+  UNROLLED for (int b = 0; b < NB; ++b)
+    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < c / 2; ++pair) {  // input channels 2 * pair and 2 * pair + 1
+    __m512bh wv[NB];
+    UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(u + b * c * 16 + pair * 32);
+    UNROLLED for (int j = 0; j < NW; ++j) {
+      int32_t both;
+      memcpy(&both, v + j * c + 2 * pair, sizeof both);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(both);
+      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
+    }
+  }
+  UNROLLED for (int j = 0; j < NW; ++j)
+    UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
+}
+
+static inline void store_patch(bf16_t* p, __m512 v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+#endif
+
+template <int NB, typename T>
+static void winograd_product(const T* v, const T* u, float* m, int64_t c, int64_t tiles) {
   constexpr int W = NB >= 4 ? 6 : (NB == 3 ? 8 : (NB == 2 ? 12 : 14));
   for (int64_t t = 0; t < tiles; t += W) winograd_rows<NB, W>(v + t * c, u, m + t * 64, c, tiles - t < W ? tiles - t : W);
 }
 
-extern "C" void kiln_winograd_f2x3(const WinogradArgs* args, int64_t tiles_per_task, int64_t blocks_per_task,
-                                   int64_t threads) {
-  const WinogradArgs& a = *args;
+template <typename T>
+static void winograd_f2x3(const WinogradArgs& a, int64_t tiles_per_task, int64_t blocks_per_task, int64_t threads) {
+  const T* const x = static_cast<const T*>(a.x);
+  const T* const u = static_cast<const T*>(a.u);
+  const T* const residual = static_cast<const T*>(a.residual);
+  T* const y = static_cast<T*>(a.y);
   const int64_t th = (a.oh + 1) / 2, tw = (a.ow + 1) / 2, tiles = a.n * th * tw;
   const int64_t ocb = a.oc / 16, cb = a.c / 16;
   const int64_t tile_blocks = (tiles + tiles_per_task - 1) / tiles_per_task;
@@ -238,35 +299,34 @@ extern "C" void kiln_winograd_f2x3(const WinogradArgs* args, int64_t tiles_per_t
     const int64_t count = tiles - t0 < tiles_per_task ? tiles - t0 : tiles_per_task;
     const int64_t ob0 = task % channel_groups * blocks_per_task;
     const int64_t ob1 = ob0 + blocks_per_task < ocb ? ob0 + blocks_per_task : ocb;
-    thread_local std::vector<float> scratch;
-    const size_t v_floats = 16 * tiles_per_task * a.c, m_floats = 16 * tiles_per_task * 64;
-    if (scratch.size() < v_floats + m_floats + 16) scratch.resize(v_floats + m_floats + 16);
-    float* const v = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
-    float* const m = v + v_floats;
+    thread_local std::vector<char> scratch;
+    const size_t v_bytes = 16 * tiles_per_task * a.c * sizeof(T), m_bytes = 16 * tiles_per_task * 64 * sizeof(float);
+    if (scratch.size() < v_bytes + m_bytes + 64) scratch.resize(v_bytes + m_bytes + 64);
+    T* const v = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    float* const m = reinterpret_cast<float*>(reinterpret_cast<char*>(v) + v_bytes);
     // the block's patches, transformed: V[xi][tile][c]
     for (int64_t i = 0; i < count; ++i) {
       const int64_t t = t0 + i, img = t / (th * tw), ty = t / tw % th, tx = t % tw;
       const int64_t y0 = ty * 2 - a.pt, x0 = tx * 2 - a.pl;
-      const float* base = a.x + img * a.h * a.w_ * a.c;
+      const T* base = x + img * a.h * a.w_ * a.c;
       for (int64_t k = 0; k < cb; ++k) {
         __m512 d[4][4], tv[4][4];
         UNROLLED for (int r = 0; r < 4; ++r)
           UNROLLED for (int q = 0; q < 4; ++q) {
             const int64_t iy = y0 + r, ix = x0 + q;
-            d[r][q] = (iy >= 0 && iy < a.h && ix >= 0 && ix < a.w_) ? _mm512_loadu_ps(base + (iy * a.w_ + ix) * a.c + k * 16)
+            d[r][q] = (iy >= 0 && iy < a.h && ix >= 0 && ix < a.w_) ? load16(base + (iy * a.w_ + ix) * a.c + k * 16, 0xFFFF)
                                                                     : _mm512_setzero_ps();
           }
         winograd_input(d, tv);
         UNROLLED for (int r = 0; r < 4; ++r)
-          UNROLLED for (int q = 0; q < 4; ++q)
-            _mm512_store_ps(v + ((r * 4 + q) * tiles_per_task + i) * a.c + k * 16, tv[r][q]);
+          UNROLLED for (int q = 0; q < 4; ++q) store_patch(v + ((r * 4 + q) * tiles_per_task + i) * a.c + k * 16, tv[r][q]);
       }
     }
     for (int64_t g = ob0; g < ob1; g += 4) {  // 64 output channels at a time
       const int64_t nb = ob1 - g < 4 ? ob1 - g : 4;
       for (int xi = 0; xi < 16; ++xi) {
-        const float* vx = v + xi * tiles_per_task * a.c;
-        const float* ux = a.u + (xi * ocb + g) * a.c * 16;
+        const T* vx = v + xi * tiles_per_task * a.c;
+        const T* ux = u + (xi * ocb + g) * a.c * 16;
         float* mx = m + xi * tiles_per_task * 64;
         switch (nb) {
           case 4: winograd_product<4>(vx, ux, mx, a.c, count); break;
@@ -300,8 +360,8 @@ extern "C" void kiln_winograd_f2x3(const WinogradArgs* args, int64_t tiles_per_t
               if (ox >= a.ow) continue;
               const int64_t pixel = (img * a.oh + oy) * a.ow + ox;
               __m512 value = out[q];
-              if (a.residual) value = _mm512_add_ps(value, _mm512_loadu_ps(a.residual + pixel * a.oc + channel));
-              _mm512_storeu_ps(a.y + pixel * a.ldy + channel, _mm512_min_ps(_mm512_max_ps(value, lo), hi));
+              if (residual) value = _mm512_add_ps(value, load16(residual + pixel * a.oc + channel, 0xFFFF));
+              store16(y + pixel * a.ldy + channel, 0xFFFF, _mm512_min_ps(_mm512_max_ps(value, lo), hi));
             }
           }
         }
@@ -310,31 +370,15 @@ extern "C" void kiln_winograd_f2x3(const WinogradArgs* args, int64_t tiles_per_t
   }
 }
 
-// Loads and stores of 16 lanes in the kernels' element types; bf16 converts to and from fp32 (round to nearest
-// even, as torch rounds), and exists only where the compiler targets AVX512-BF16 (kiln_native_bf16 says so).
-#ifdef __AVX512BF16__
-typedef uint16_t bf16_t;
-static inline __m512 load16(const bf16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+extern "C" void kiln_winograd_f2x3(const WinogradArgs* args, int64_t tiles_per_task, int64_t blocks_per_task,
+                                   int64_t threads) {
+  winograd_f2x3<float>(*args, tiles_per_task, blocks_per_task, threads);
 }
-static inline void store16(bf16_t* p, __mmask16 m, __m512 v) {
-  _mm256_mask_storeu_epi16(p, m, (__m256i)_mm512_cvtneps_pbh(v));
-}
-extern "C" int kiln_native_bf16() { return 1; }
-#else
-extern "C" int kiln_native_bf16() { return 0; }
-#endif
-static inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-static inline void store16(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
-
-// A typed kernel's C entry points: `name` for fp32, and `name`_bf16 where the library has bf16
 #ifdef __AVX512BF16__
-#define KILN_TYPED(name, kernel, Args)                                                                   \
-  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }            \
-  extern "C" void name##_bf16(const Args* args, int64_t threads) { kernel<bf16_t>(*args, threads); }
-#else
-#define KILN_TYPED(name, kernel, Args) \
-  extern "C" void name(const Args* args, int64_t threads) { kernel<float>(*args, threads); }
+extern "C" void kiln_winograd_f2x3_bf16(const WinogradArgs* args, int64_t tiles_per_task, int64_t blocks_per_task,
+                                        int64_t threads) {
+  winograd_f2x3<bf16_t>(*args, tiles_per_task, blocks_per_task, threads);
+}
 #endif
 
 // A convolution of few input channels (the 3-channel stems) from an NCHW fp32 input, NHWC fp32 or bf16 out. The

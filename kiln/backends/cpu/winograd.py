@@ -1,7 +1,8 @@
-"""Winograd F(2x2, 3x3) convolutions (native.cpp's kiln_winograd_f2x3): a stride-1, undilated 3x3 convolution of fp32
-NHWC activations as 16 matrix products over transformed 4x4 input patches, one per 2x2 output tile, and weights
+"""Winograd F(2x2, 3x3) convolutions (native.cpp's kiln_winograd_f2x3): a stride-1, undilated 3x3 convolution of NHWC
+activations as 16 matrix products over transformed 4x4 input patches, one per 2x2 output tile, and weights
 transformed once here. It does 4/9 of the direct kernel's multiply-adds, for extra passes over per-thread buffers
-that stay in cache.
+that stay in cache. In fp32 or, where the library has AVX512-BF16 kernels, bf16: the transformed patches and
+weights rounded to bf16, their products summed in fp32.
 
 Why: the 3x3 layers hold about half of ResNet-50's multiply-adds, and oneDNN 3.2 has no Winograd kernel for this CPU
 (its convolution_winograd is refused here), so its 3x3s run at the fp32 peak of the direct method. The transforms
@@ -54,23 +55,36 @@ def transformed_weights(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u, dtype=np.float32)
 
 
-class WinogradConvolution:
-    """A 3x3, stride-1 fp32 convolution (`takes`) with bias, an optional residual and a clamp, on NHWC tensors; the
-    same calls as native.DirectConvolution, so a layer, a concatenation's slice (`out`) or a replay takes either."""
+def _packed(weight: np.ndarray, dtype):
+    """The kernel's weights: transformed_weights as fp32, or for bf16 rounded and in input-channel pairs,
+    [16][out / 16][in / 2][16 output channels][2] (each lane's two products of one AVX512-BF16 dot product)."""
+    import torch
 
-    def __init__(self, weight, bias, pads, clamp: tuple[float, float]):
+    u = torch.from_numpy(transformed_weights(weight))
+    if dtype == torch.float32:
+        return u
+    positions, blocks, in_channels, lanes = u.shape
+    return u.view(positions, blocks, in_channels // 2, 2, lanes).transpose(3, 4).contiguous().to(torch.bfloat16)
+
+
+class WinogradConvolution:
+    """A 3x3, stride-1 convolution (`takes`) with bias, an optional residual and a clamp, on NHWC tensors of `dtype`
+    (fp32, or bf16 where native.bf16_available()); the same calls as native.DirectConvolution, so a layer, a
+    concatenation's slice (`out`) or a replay takes either."""
+
+    def __init__(self, weight, bias, pads, clamp: tuple[float, float], dtype=None):
         import torch
 
         out_channels, in_channels = weight.shape[:2]
         self._library = native._load()[0]
         assert self._library is not None, "WinogradConvolution needs native.available()"
-        self._kernel = _kernel(self._library)
-        self.u = torch.from_numpy(transformed_weights(np.asarray(weight)))
+        self.dtype = dtype or torch.float32  # what it reads and writes
+        self._kernel = _kernel(self._library, self.dtype)
+        self.u = _packed(np.asarray(weight), self.dtype)
         self.bias = torch.from_numpy(np.array(bias if bias is not None else np.zeros(out_channels), np.float32))
         self.out_channels, self.in_channels = out_channels, in_channels
         self.pads = [int(p) for p in pads]  # top, left, bottom, right
         self.clamp = clamp
-        self.dtype = torch.float32  # what it writes
         self._plans: dict[tuple, _Plan] = {}
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
@@ -83,19 +97,19 @@ class WinogradConvolution:
         (the caller knows nothing else reads it), `out` takes the result in a channel slice of a wider buffer."""
         import torch
 
-        if x.dtype != torch.float32 or x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"expected {self.in_channels} float32 channels, got {tuple(x.shape)} {x.dtype}")
+        if not x.dtype.is_floating_point or x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected {self.in_channels} float channels, got {tuple(x.shape)} {x.dtype}")
         threads = torch.get_num_threads()
         plan = self._plans.get((x.shape, threads)) or self._plan_for(x.shape, threads)
-        x = native.channels_last(x)
+        x = native.channels_last(x.to(self.dtype))
         if residual is not None:
             if residual.shape != plan.shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(plan.shape)}")
-            residual = native.channels_last(residual.to(torch.float32))
+            residual = native.channels_last(residual.to(self.dtype))
         if out is None and in_place and residual is not None and residual.data_ptr() != x.data_ptr():
             y, ldy = residual, self.out_channels  # each output reads its own residual element just before writing it
         else:
-            y, ldy = native.output_buffer(plan.shape, torch.float32, out)
+            y, ldy = native.output_buffer(plan.shape, self.dtype, out)
         n, c, h, w = x.shape
         if not y.numel():
             return y
@@ -114,7 +128,8 @@ class WinogradConvolution:
 
         shape = torch.Size(self.output_shape(input_shape))
         tiles = shape[0] * ((shape[2] + 1) // 2) * ((shape[3] + 1) // 2)
-        per_task = min(PATCH_BYTES_PER_TASK // (64 * self.in_channels) // 6 * 6, native._ceil_div(tiles, 6) * 6)
+        patch_bytes = 16 * self.in_channels * self.dtype.itemsize  # a tile's transformed patch
+        per_task = min(PATCH_BYTES_PER_TASK // patch_bytes // 6 * 6, native._ceil_div(tiles, 6) * 6)
         per_task = max(6, per_task)
         blocks = self.out_channels // 16
         tile_blocks = max(1, native._ceil_div(tiles, per_task))
@@ -124,8 +139,8 @@ class WinogradConvolution:
         return plan
 
 
-def _kernel(library):
-    function = library.kiln_winograd_f2x3
+def _kernel(library, dtype):
+    function = native._typed(library, "kiln_winograd_f2x3", dtype)
     function.argtypes = [ctypes.POINTER(_WinogradArgs), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     function.restype = None
     return function
