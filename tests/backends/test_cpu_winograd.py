@@ -129,3 +129,33 @@ def test_the_weight_transform_is_g_g_gt():
     for out, inp in [(0, 0), (5, 1), (15, 1)]:
         expected = g @ weight[out, inp] @ g.T
         np.testing.assert_allclose(u[:, 0, inp, out].reshape(4, 4), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=needs_bf16)], ids=["fp32", "bf16"])
+def test_an_engine_keeps_its_winograd_layer_when_loaded(bf16, monkeypatch, tmp_path):
+    """A fire module whose 3x3 expand (16 -> 32) won the race on the Winograd kernel: the engine matches onnxruntime,
+    writes the concatenation in place, and a loaded engine runs the same tactic without timing again."""
+    from backends.test_cpu_native import fire_module
+    from helpers import run_onnxruntime
+
+    import kiln
+    from kiln.backends.cpu import select
+
+    calls = []
+    monkeypatch.setattr(select, "fastest", lambda programs, feed, layers: calls.append(layers) or
+                        {name: select.NATIVE for name in layers})
+    monkeypatch.setattr(select, "fastest_engine", lambda programs, feed: select.NATIVE)
+    model, x = fire_module()
+    engine = kiln.build(model, kiln.BuilderConfig(bf16=bf16))
+    tactics = {name: layer["tactic"] for name, layer in engine.plan.layers.items()}
+    assert "native-winograd" in tactics.values()
+    assert next(t for name, t in tactics.items() if engine.plan.layers[name]["op"] == "Concat") == "native-in-place"
+    expected = run_onnxruntime(model, {"x": x})["y"]
+    engine.save(tmp_path / "fire.kiln")
+    loaded = kiln.load(tmp_path / "fire.kiln")
+    for runner in (engine, loaded, loaded):  # the loaded engine's recorded run, then its replay
+        y = np.asarray(runner.run({"x": x})["y"], np.float64)
+        assert np.linalg.norm(y - expected) / np.linalg.norm(expected) < (1e-2 if bf16 else 1e-6)
+    assert len(calls) == 1, "the loaded engine timed again"
+    assert {name: info["tactic"] for name, info in loaded.program.layer_info.items()} == tactics
