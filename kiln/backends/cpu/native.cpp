@@ -234,32 +234,19 @@ static inline void winograd_input(const __m512 (&d)[4][4], __m512 (&v)[4][4]) {
   }
 }
 
-// The products of one patch position: rows [0, count) of v (tiles, c elements apart) times NB weight blocks into m
-// (64 floats a tile), NW tiles at a time
+// The sums of one row block of a patch position's product: NW tiles of v (c elements apart) times NB weight blocks of
+// u, into acc. fp32: the direct kernel's accumulate(); bf16: AVX512-BF16 dot products over channel pairs, whose
+// weights u holds as [c/2][16][2] a block.
 template <int NB, int NW>
-static inline void winograd_rows(const float* v, const float* u, float* m, int64_t c, int64_t count) {
-  if constexpr (NW > 1) {
-    if (count < NW) return winograd_rows<NB, NW - 1>(v, u, m, c, count);
-  }
-  __m512 acc[NB][NW];
-  UNROLLED for (int b = 0; b < NB; ++b)
-    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+static inline void patch_sums(__m512 (&acc)[NB][NW], const float* v, const float* u, int64_t c) {
   accumulate<NB, NW, false>(acc, v, u, c * 16, c, 0, c, 0, NW);
-  UNROLLED for (int j = 0; j < NW; ++j)
-    UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
 }
 
 static inline void store_patch(float* p, __m512 v) { _mm512_store_ps(p, v); }
 
 #ifdef __AVX512BF16__
 template <int NB, int NW>
-static inline void winograd_rows(const bf16_t* v, const bf16_t* u, float* m, int64_t c, int64_t count) {
-  if constexpr (NW > 1) {
-    if (count < NW) return winograd_rows<NB, NW - 1>(v, u, m, c, count);
-  }
-  __m512 acc[NB][NW];
-  UNROLLED for (int b = 0; b < NB; ++b)
-    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+static inline void patch_sums(__m512 (&acc)[NB][NW], const bf16_t* v, const bf16_t* u, int64_t c) {
   for (int64_t pair = 0; pair < c / 2; ++pair) {  // input channels 2 * pair and 2 * pair + 1
     __m512bh wv[NB];
     UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(u + b * c * 16 + pair * 32);
@@ -270,12 +257,25 @@ static inline void winograd_rows(const bf16_t* v, const bf16_t* u, float* m, int
       UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
     }
   }
-  UNROLLED for (int j = 0; j < NW; ++j)
-    UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
 }
 
 static inline void store_patch(bf16_t* p, __m512 v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
 #endif
+
+// The product of one patch position: rows [0, count) of v (tiles) times NB weight blocks into m (64 floats a tile),
+// NW tiles at a time
+template <int NB, int NW, typename T>
+static inline void winograd_rows(const T* v, const T* u, float* m, int64_t c, int64_t count) {
+  if constexpr (NW > 1) {
+    if (count < NW) return winograd_rows<NB, NW - 1>(v, u, m, c, count);
+  }
+  __m512 acc[NB][NW];
+  UNROLLED for (int b = 0; b < NB; ++b)
+    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+  patch_sums<NB, NW>(acc, v, u, c);
+  UNROLLED for (int j = 0; j < NW; ++j)
+    UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
+}
 
 template <int NB, typename T>
 static void winograd_product(const T* v, const T* u, float* m, int64_t c, int64_t tiles) {
