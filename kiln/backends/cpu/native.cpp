@@ -6,6 +6,7 @@
 // 16 output channels; the input channels run in blocks whose weights stay in L1 across the segment, the partial
 // sums kept in the output. Bias starts the sum; the residual add and a clamp (ReLU, Clip) finish it.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -746,6 +747,75 @@ static void lrn_nhwc(const LrnArgs& a, int64_t threads) {
 }
 
 KILN_TYPED(kiln_lrn_nhwc, lrn_nhwc, LrnArgs)
+
+// softmax(s * scale + mask) over each row of n scores, in place: attention's scaled, masked softmax in one pass over
+// the scores instead of three (torch's scale, mask add and softmax took 0.20, 0.19 and 0.55 ms on BERT-base b8's
+// [8, 12, 128, 128] bf16 scores). Rows are [d0][d1][d2]; the fp32 mask's element for row (i0, i1, i2) and column j is
+// mask[i0 * m0 + i1 * m1 + i2 * m2 + j * mn] (a broadcast dimension has stride 0). Sums in fp32; a row whose every
+// score is -inf comes out NaN, as torch's softmax gives.
+struct SoftmaxArgs {
+  void* s; const float* mask;   // s: fp32 or bf16, contiguous rows; mask: null, or fp32 addressed by the strides
+  int64_t d0, d1, d2, n;
+  int64_t m0, m1, m2, mn;       // mn: 1, or 0 for one mask value across the row
+  float scale;
+};
+
+// e^x for fp32 lanes: 2^(x log2 e) split into an integer power (applied by scalef) and a degree-6 polynomial of the
+// rest (relative error under 2e-7); x below -104 counts as -104 (e^x underflows to 0 either way) and a NaN stays
+// NaN (max returns its second operand where one is NaN)
+static inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-104.0f), x), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 whole = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, whole), _mm512_set1_ps(0.693147180559945309f));  // |r| <= ln2 / 2
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, whole);
+}
+
+template <typename T>
+static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
+  T* const scores = static_cast<T*>(a.s);
+  const int64_t rows = a.d0 * a.d1 * a.d2;
+  const __m512 scale = _mm512_set1_ps(a.scale);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t row = 0; row < rows; ++row) {
+    T* const s = scores + row * a.n;
+    const float* mask = a.mask ? a.mask + row / (a.d1 * a.d2) * a.m0 + row / a.d2 % a.d1 * a.m1 + row % a.d2 * a.m2 : nullptr;
+    auto scaled = [&](int64_t j, __mmask16 m) {  // the scores j.. scaled and masked
+      const __m512 v = _mm512_mul_ps(load16(s + j, m), scale);
+      return mask ? _mm512_add_ps(v, a.mn ? _mm512_maskz_loadu_ps(m, mask + j) : _mm512_set1_ps(mask[0])) : v;
+    };
+    // pass 1: their maximum
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < a.n; j += 16) {
+      const __mmask16 m = first_lanes(a.n - j);
+      top = _mm512_mask_max_ps(top, m, top, scaled(j, m));
+    }
+    const float largest = _mm512_reduce_max_ps(top);
+    if (largest == -INFINITY) {  // every score masked out
+      for (int64_t j = 0; j < a.n; j += 16) store16(s + j, first_lanes(a.n - j), _mm512_set1_ps(NAN));
+      continue;
+    }
+    // pass 2: the sum of e^(v - max); pass 3: each e^(v - max) again (the row is in L1), divided by the sum and
+    // rounded once
+    const __m512 shift = _mm512_set1_ps(largest);
+    auto exponential = [&](int64_t j, __mmask16 m) { return _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(scaled(j, m), shift))); };
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t j = 0; j < a.n; j += 16) total = _mm512_add_ps(total, exponential(j, first_lanes(a.n - j)));
+    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t j = 0; j < a.n; j += 16) {
+      const __mmask16 m = first_lanes(a.n - j);
+      store16(s + j, m, _mm512_mul_ps(exponential(j, m), inverse));
+    }
+  }
+}
+
+KILN_TYPED(kiln_masked_softmax, masked_softmax, SoftmaxArgs)
 
 // y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
 // at a time; the input may be a channel slice of a wider NHWC buffer, pixels ldx apart, the output contiguous),

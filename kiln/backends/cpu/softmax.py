@@ -1,0 +1,60 @@
+"""Attention's scaled, masked softmax in one native pass (native.cpp's kiln_masked_softmax): softmax(s * scale + mask)
+over the last axis of fp32 or bf16 scores, in place.
+
+Why: torch scales, adds the mask and normalises in three passes, and its bf16 softmax is slow here: on BERT-base b8's
+[8, 12, 128, 128] scores the three took 0.20, 0.19 and 0.55 ms a layer, about a tenth of the bf16 encoder.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from . import native
+
+
+class _SoftmaxArgs(ctypes.Structure):
+    """native.cpp's SoftmaxArgs, field for field."""
+    activations = ("s", "mask")
+    _fields_ = [("s", ctypes.c_void_p), ("mask", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int64) for name in ("d0", "d1", "d2", "n", "m0", "m1", "m2", "mn")] + \
+               [("scale", ctypes.c_float)]
+
+
+def takes(scores, mask) -> bool:
+    """Whether the kernel runs softmax(scores * scale + mask) here: contiguous fp32 scores (bf16 where the library
+    has bf16 kernels) of rank 2 to 4, and no mask or a float one that broadcasts to them without enlarging them."""
+    import torch
+
+    library = native._load()[0]
+    if library is None or not scores.is_contiguous() or not 2 <= scores.dim() <= 4 or not scores.numel():
+        return False
+    if scores.dtype != torch.float32 and not (scores.dtype == torch.bfloat16 and native.bf16_available()):
+        return False
+    if mask is None:
+        return True
+    return mask.dtype.is_floating_point and mask.dim() <= scores.dim() \
+        and torch.broadcast_shapes(scores.shape, mask.shape) == scores.shape
+
+
+def masked_softmax_(scores, mask, scale: float):
+    """softmax(scores * scale + mask) over the last axis, written into `scores` (which `takes` accepts); returns it."""
+    import torch
+
+    library = native._load()[0]
+    rows = (1,) * (4 - scores.dim()) + tuple(scores.shape)
+    strides = (0, 0, 0, 0)
+    if mask is not None:
+        mask = mask.to(torch.float32)
+        if mask.shape[-1] != 1 and mask.stride(-1) != 1:
+            mask = mask.contiguous()
+        expanded = mask.expand(scores.shape)
+        strides = (0,) * (4 - scores.dim()) + tuple(expanded.stride())
+    args = _SoftmaxArgs(scores.data_ptr(), mask.data_ptr() if mask is not None else None, *rows, *strides, scale)
+    native.launch(_kernel(library, scores.dtype), args, torch.get_num_threads(), s=scores, mask=mask)
+    return scores
+
+
+def _kernel(library, dtype):
+    function = native._typed(library, "kiln_masked_softmax", dtype)
+    function.argtypes = [ctypes.POINTER(_SoftmaxArgs), ctypes.c_int64]
+    function.restype = None
+    return function
