@@ -320,3 +320,20 @@ def test_attention_matches_float64(mask_shape, boolean, bf16):
     assert y.shape == expected.shape and y.dtype == (torch.bfloat16 if bf16 else torch.float32)
     tolerance = 3e-2 if bf16 else 1e-5
     assert (y.double() - expected).abs().max().item() < tolerance
+
+
+def test_a_convolution_whose_bias_is_an_input_keeps_the_reference_kernel():
+    from helpers import run_onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    generator = np.random.default_rng(6)
+    weight = generator.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(nodes, "runtime_bias", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 6, 6]),
+                                                      helper.make_tensor_value_info("b", TensorProto.FLOAT, [8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 6, 6])],
+                              [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    engine = kiln.build(model, kiln.BuilderConfig())
+    feed = {"x": generator.standard_normal((1, 4, 6, 6)).astype(np.float32), "b": generator.standard_normal(8).astype(np.float32)}
+    np.testing.assert_allclose(np.asarray(engine.run(feed)["y"]), run_onnxruntime(model, feed)["y"], rtol=1e-5, atol=1e-5)

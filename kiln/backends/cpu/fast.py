@@ -137,15 +137,16 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     padding, stride, dilation = pads[:2], list(node.attrs["strides"]), list(node.attrs["dilations"])
     groups = int(node.attrs["group"])
     bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
-    native = _native_conv(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, bf16) \
-        if native_conv else None
+    bias_array = graph.initializers.get(bias_name) if bias_name else None
+    if bias_name and bias_array is None:  # a bias computed at run time: the reference kernel takes it
+        return None
+    native = _native_conv(node, graph, weight, bias_array, bf16) if native_conv else None
     if native is not None:
         return native
-    primitive = _onednn_primitive(node, graph, weight, graph.initializers.get(bias_name) if bias_name else None, example,
-                                  dtype)
+    primitive = _onednn_primitive(node, graph, weight, bias_array, example, dtype)
     if primitive is not None:
         return primitive
-    bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
+    bias = torch.from_numpy(bias_array.copy()).to(dtype) if bias_array is not None else None
     attr, scalars, algorithm = _post_op(node)
     if _small_pointwise(node, weight, example, bf16):
         return _conv_as_linear(weight, bias, (attr, scalars, algorithm), math.prod(example) // example[1])
@@ -206,8 +207,8 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example, dtype) ->
     if not onednn.available()[0] or not onednn.takes(activation) or (has_residual and not _residual_dies_here(node, graph)):
         return None
     convolution = onednn.Convolution(weight, bias, node.attrs["strides"], node.attrs["pads"], node.attrs["dilations"],
-                                     int(node.attrs["group"]), activation, node.attrs.get("activation_params", []), has_residual,
-                                     dtype)
+                                     int(node.attrs["group"]), activation, node.attrs.get("activation_params", []),
+                                     has_residual, dtype)
     try:
         convolution.primitive(example)
     except ValueError as error:

@@ -260,7 +260,9 @@ static inline void patch_sums(__m512 (&acc)[NB][NW], const bf16_t* v, const bf16
   }
 }
 
-static inline void store_patch(bf16_t* p, __m512 v) { _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline void store_patch(bf16_t* p, __m512 v) {
+  _mm256_store_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+}
 #endif
 
 // The product of one patch position: rows [0, count) of v (tiles) times NB weight blocks into m (64 floats a tile),
@@ -281,7 +283,8 @@ static inline void winograd_rows(const T* v, const T* u, float* m, int64_t c, in
 template <int NB, typename T>
 static void winograd_product(const T* v, const T* u, float* m, int64_t c, int64_t tiles) {
   constexpr int W = NB >= 4 ? 6 : (NB == 3 ? 8 : (NB == 2 ? 12 : 14));
-  for (int64_t t = 0; t < tiles; t += W) winograd_rows<NB, W>(v + t * c, u, m + t * 64, c, tiles - t < W ? tiles - t : W);
+  for (int64_t t = 0; t < tiles; t += W)
+    winograd_rows<NB, W>(v + t * c, u, m + t * 64, c, tiles - t < W ? tiles - t : W);
 }
 
 template <typename T>
@@ -315,12 +318,13 @@ static void winograd_f2x3(const WinogradArgs& a, int64_t tiles_per_task, int64_t
         UNROLLED for (int r = 0; r < 4; ++r)
           UNROLLED for (int q = 0; q < 4; ++q) {
             const int64_t iy = y0 + r, ix = x0 + q;
-            d[r][q] = (iy >= 0 && iy < a.h && ix >= 0 && ix < a.w_) ? load16(base + (iy * a.w_ + ix) * a.c + k * 16, 0xFFFF)
-                                                                    : _mm512_setzero_ps();
+            const bool inside = iy >= 0 && iy < a.h && ix >= 0 && ix < a.w_;
+            d[r][q] = inside ? load16(base + (iy * a.w_ + ix) * a.c + k * 16, 0xFFFF) : _mm512_setzero_ps();
           }
         winograd_input(d, tv);
         UNROLLED for (int r = 0; r < 4; ++r)
-          UNROLLED for (int q = 0; q < 4; ++q) store_patch(v + ((r * 4 + q) * tiles_per_task + i) * a.c + k * 16, tv[r][q]);
+          UNROLLED for (int q = 0; q < 4; ++q)
+            store_patch(v + ((r * 4 + q) * tiles_per_task + i) * a.c + k * 16, tv[r][q]);
       }
     }
     for (int64_t g = ob0; g < ob1; g += 4) {  // 64 output channels at a time
@@ -344,7 +348,8 @@ static void winograd_f2x3(const WinogradArgs& a, int64_t tiles_per_task, int64_t
           const int64_t channel = (g + b) * 16;
           __m512 mm[4][4], s[2][4];
           UNROLLED for (int r = 0; r < 4; ++r)
-            UNROLLED for (int q = 0; q < 4; ++q) mm[r][q] = _mm512_load_ps(m + ((r * 4 + q) * tiles_per_task + i) * 64 + b * 16);
+            UNROLLED for (int q = 0; q < 4; ++q)
+              mm[r][q] = _mm512_load_ps(m + ((r * 4 + q) * tiles_per_task + i) * 64 + b * 16);
           UNROLLED for (int q = 0; q < 4; ++q) {
             s[0][q] = _mm512_add_ps(_mm512_add_ps(mm[0][q], mm[1][q]), mm[2][q]);
             s[1][q] = _mm512_sub_ps(_mm512_sub_ps(mm[1][q], mm[2][q]), mm[3][q]);
@@ -785,7 +790,8 @@ static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < rows; ++row) {
     T* const s = scores + row * a.n;
-    const float* mask = a.mask ? a.mask + row / (a.d1 * a.d2) * a.m0 + row / a.d2 % a.d1 * a.m1 + row % a.d2 * a.m2 : nullptr;
+    const float* mask =
+        a.mask ? a.mask + row / (a.d1 * a.d2) * a.m0 + row / a.d2 % a.d1 * a.m1 + row % a.d2 * a.m2 : nullptr;
     auto scaled = [&](int64_t j, __mmask16 m) {  // the scores j.. scaled and masked
       const __m512 v = _mm512_mul_ps(load16(s + j, m), scale);
       return mask ? _mm512_add_ps(v, a.mn ? _mm512_maskz_loadu_ps(m, mask + j) : _mm512_set1_ps(mask[0])) : v;
@@ -804,7 +810,9 @@ static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
     // pass 2: the sum of e^(v - max); pass 3: each e^(v - max) again (the row is in L1), divided by the sum and
     // rounded once
     const __m512 shift = _mm512_set1_ps(largest);
-    auto exponential = [&](int64_t j, __mmask16 m) { return _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(scaled(j, m), shift))); };
+    auto exponential = [&](int64_t j, __mmask16 m) {
+      return _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(scaled(j, m), shift)));
+    };
     __m512 total = _mm512_setzero_ps();
     for (int64_t j = 0; j < a.n; j += 16) total = _mm512_add_ps(total, exponential(j, first_lanes(a.n - j)));
     const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));

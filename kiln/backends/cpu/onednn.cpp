@@ -1,7 +1,8 @@
 // kiln's own oneDNN convolutions, built by onednn.py against the oneDNN of the onednn-devel-cpu-gomp wheel: each
 // layer's primitive is created once per input shape, with its weights reordered into the layout the primitive
 // chose, its bias, and its residual sum and activation as post-ops; a call only wraps the activations' pointers
-// and executes. Activations and weights are fp32, or bf16 (fp32 accumulation and bias). (Torch's oneDNN builds the primitive's descriptor on every call: 20-22 us, against 1-2 here.)
+// and executes. Activations and weights are fp32, or bf16 (fp32 accumulation and bias). (Torch's oneDNN builds the
+// primitive's descriptor on every call: 20-22 us, against 1-2 here.)
 #include <oneapi/dnnl/dnnl.hpp>
 
 #include <cstdio>
@@ -32,7 +33,7 @@ struct ConvSpec {
   int64_t activation;                    // below: ACT_*
   float alpha, beta;                     // the activation's parameters
   int64_t residual;                      // 1: a sum post-op adds the destination's contents (the residual) first
-  int64_t ldy;                           // elements from one output pixel to the next: oc, or more in a wider buffer's slice
+  int64_t ldy;                           // elements from one output pixel to the next: oc, or more in a slice
   int64_t bf16;                          // 1: bf16 activations and weights (fp32 accumulation and bias), else fp32
 };
 

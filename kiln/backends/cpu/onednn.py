@@ -34,8 +34,8 @@ class _ConvSpec(ctypes.Structure):
     """onednn.cpp's ConvSpec, field for field."""
     _fields_ = [(name, ctypes.c_int64) for name in ("n", "c", "h", "w", "oc", "oh", "ow", "groups", "kh", "kw", "sh", "sw",
                                                      "pt", "pl", "pb", "pr", "dh", "dw", "activation")] + \
-               [("alpha", ctypes.c_float), ("beta", ctypes.c_float), ("residual", ctypes.c_int64), ("ldy", ctypes.c_int64),
-                ("bf16", ctypes.c_int64)]
+               [("alpha", ctypes.c_float), ("beta", ctypes.c_float)] + \
+               [(name, ctypes.c_int64) for name in ("residual", "ldy", "bf16")]
 
 
 class _ConvArgs(ctypes.Structure):

@@ -116,14 +116,15 @@ class WinogradConvolution:
             return y
         args = _WinogradArgs(x.data_ptr(), self.u.data_ptr(), self.bias.data_ptr(),
                              residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                             n, h, w, c, plan.shape[2], plan.shape[3], self.out_channels, ldy, self.pads[0], self.pads[1],
-                             *self.clamp)
-        native.launch(self._kernel, args, plan.tiles_per_task, plan.blocks_per_task, threads, x=x, residual=residual, y=y)
+                             n, h, w, c, *plan.shape[2:], self.out_channels, ldy, *self.pads[:2], *self.clamp)
+        native.launch(self._kernel, args, plan.tiles_per_task, plan.blocks_per_task, threads,
+                      x=x, residual=residual, y=y)
         return y
 
     def _plan_for(self, input_shape, threads: int) -> _Plan:
         """Tiles and output-channel blocks per task: as many tiles as keep the transformed patches and the products
-        within PATCH_BYTES_PER_TASK and PRODUCT_BYTES_PER_TASK (a multiple of the 6-tile product rows), then the channels split until there are about
+        within PATCH_BYTES_PER_TASK and PRODUCT_BYTES_PER_TASK (a multiple of the 6-tile product rows), fewer where
+        the output channels leave the threads short of tasks, then the channels split until there are about
         TASKS_PER_THREAD tasks a thread."""
         import torch
 
