@@ -825,6 +825,162 @@ static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
 
 KILN_TYPED(kiln_masked_softmax, masked_softmax, SoftmaxArgs)
 
+#ifdef __AVX512BF16__
+// bf16 attention in one pass a head: o = softmax(q k^T * scale + mask) v for q, k, v [b][h][s][d] (any strides, d
+// contiguous), o [b][h][s][d] contiguous. A task takes one (batch, head): it packs k as [keys/16][d/2][16][2] and v as
+// [d/16][keys/2][16][2] for AVX512-BF16's dot products, forms the scores of NW queries at a time in fp32, applies
+// scale, mask and softmax to them in fp32 and rounds the probabilities to bf16 once, then multiplies them by v. The
+// scores never leave L1 and never round to bf16 (torch's bf16 product rounds them before the softmax).
+struct AttentionArgs {
+  const bf16_t* q; const bf16_t* k; const bf16_t* v; const float* mask; bf16_t* o;
+  int64_t batch, heads, queries, keys, d;      // keys a multiple of 16, d a multiple of 16
+  int64_t qs[3], ks[3], vs[3];                 // strides (elements) of batch, head and row
+  int64_t ms[4];                               // the fp32 mask's strides of batch, head, query and key (0: broadcast)
+  float scale;
+};
+
+static inline __m512bh pair_of(const bf16_t* p) {  // two consecutive bf16 values broadcast to every lane
+  int32_t both;
+  memcpy(&both, p, sizeof both);
+  return (__m512bh)_mm512_set1_epi32(both);
+}
+
+// scores[j][16 keys of block kb] for NW queries: acc[NB key blocks][NW]
+template <int NB, int NW>
+static inline void attention_scores(const bf16_t* q, int64_t q_row, const bf16_t* kp, int64_t d, int64_t kb0,
+                                    float* scores, int64_t keys) {
+  __m512 acc[NB][NW];
+  UNROLLED for (int b = 0; b < NB; ++b)
+    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < d / 2; ++pair) {
+    __m512bh wv[NB];
+    UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(kp + ((kb0 + b) * (d / 2) + pair) * 32);
+    UNROLLED for (int j = 0; j < NW; ++j) {
+      const __m512bh xv = pair_of(q + j * q_row + 2 * pair);
+      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
+    }
+  }
+  UNROLLED for (int j = 0; j < NW; ++j)
+    UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(scores + j * keys + (kb0 + b) * 16, acc[b][j]);
+}
+
+// o[j][16 channels of block db] for NW queries from their bf16 probabilities p (keys apart) and the packed v
+template <int NB, int NW>
+static inline void attention_values(const bf16_t* p, const bf16_t* vp, int64_t keys, int64_t db0, bf16_t* o,
+                                    int64_t d) {
+  __m512 acc[NB][NW];
+  UNROLLED for (int b = 0; b < NB; ++b)
+    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < keys / 2; ++pair) {
+    __m512bh wv[NB];
+    UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(vp + ((db0 + b) * (keys / 2) + pair) * 32);
+    UNROLLED for (int j = 0; j < NW; ++j) {
+      const __m512bh xv = pair_of(p + j * keys + 2 * pair);
+      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
+    }
+  }
+  UNROLLED for (int j = 0; j < NW; ++j)
+    UNROLLED for (int b = 0; b < NB; ++b) store16(o + j * d + (db0 + b) * 16, 0xFFFF, acc[b][j]);
+}
+
+template <int NW>
+static void attention_rows(const AttentionArgs& a, const bf16_t* q, const bf16_t* kp, const bf16_t* vp,
+                           const float* mask, float* scores, bf16_t* probabilities, bf16_t* o, int64_t count) {
+  if constexpr (NW > 1) {
+    if (count < NW) return attention_rows<NW - 1>(a, q, kp, vp, mask, scores, probabilities, o, count);
+  }
+  const int64_t keys = a.keys, d = a.d, key_blocks = keys / 16, d_blocks = d / 16;
+  for (int64_t kb = 0; kb < key_blocks; kb += 4) {
+    switch (key_blocks - kb < 4 ? key_blocks - kb : 4) {
+      case 4: attention_scores<4, NW>(q, a.qs[2], kp, d, kb, scores, keys); break;
+      case 3: attention_scores<3, NW>(q, a.qs[2], kp, d, kb, scores, keys); break;
+      case 2: attention_scores<2, NW>(q, a.qs[2], kp, d, kb, scores, keys); break;
+      default: attention_scores<1, NW>(q, a.qs[2], kp, d, kb, scores, keys); break;
+    }
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int j = 0; j < NW; ++j) {  // softmax(scores * scale + mask) per query, in fp32, rounded to bf16 once
+    float* row = scores + j * keys;
+    const float* mrow = mask ? mask + j * a.ms[2] : nullptr;
+    __m512 top = _mm512_set1_ps(-INFINITY);
+    for (int64_t t = 0; t < keys; t += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + t), scale);
+      if (mrow) v = _mm512_add_ps(v, a.ms[3] ? _mm512_loadu_ps(mrow + t) : _mm512_set1_ps(mrow[0]));
+      _mm512_storeu_ps(row + t, v);
+      top = _mm512_max_ps(top, v);
+    }
+    const float largest = _mm512_reduce_max_ps(top);
+    const __m512 shift = _mm512_set1_ps(largest);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t t = 0; t < keys; t += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + t), shift));
+      _mm512_storeu_ps(row + t, e);
+      total = _mm512_add_ps(total, e);
+    }
+    const __m512 inverse = _mm512_set1_ps(largest == -INFINITY ? NAN : 1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t t = 0; t < keys; t += 16)
+      store16(probabilities + j * keys + t, 0xFFFF, _mm512_mul_ps(_mm512_loadu_ps(row + t), inverse));
+  }
+  for (int64_t db = 0; db < d_blocks; db += 4) {
+    switch (d_blocks - db < 4 ? d_blocks - db : 4) {
+      case 4: attention_values<4, NW>(probabilities, vp, keys, db, o, d); break;
+      case 3: attention_values<3, NW>(probabilities, vp, keys, db, o, d); break;
+      case 2: attention_values<2, NW>(probabilities, vp, keys, db, o, d); break;
+      default: attention_values<1, NW>(probabilities, vp, keys, db, o, d); break;
+    }
+  }
+}
+
+extern "C" void kiln_attention_bf16(const AttentionArgs* args, int64_t threads) {
+  const AttentionArgs& a = *args;
+  const int64_t keys = a.keys, d = a.d;
+  constexpr int W = 6;
+  // v's rows in pairs: lane t of a packed word holds channels t of two consecutive keys
+  __m512i interleave;
+  {
+    alignas(64) int16_t index[32];
+    for (int t = 0; t < 16; ++t) { index[2 * t] = t; index[2 * t + 1] = 16 + t; }
+    interleave = _mm512_load_si512(index);
+  }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t task = 0; task < a.batch * a.heads; ++task) {
+    const int64_t b = task / a.heads, h = task % a.heads;
+    const bf16_t* const q = a.q + b * a.qs[0] + h * a.qs[1];
+    const bf16_t* const k = a.k + b * a.ks[0] + h * a.ks[1];
+    const bf16_t* const v = a.v + b * a.vs[0] + h * a.vs[1];
+    bf16_t* const o = a.o + (b * a.heads + h) * a.queries * d;
+    const float* const mask = a.mask ? a.mask + b * a.ms[0] + h * a.ms[1] : nullptr;
+    thread_local std::vector<char> scratch;
+    const size_t packed = keys * d * sizeof(bf16_t), rows = W * keys;
+    if (scratch.size() < 2 * packed + rows * (sizeof(float) + sizeof(bf16_t)) + 64)
+      scratch.resize(2 * packed + rows * (sizeof(float) + sizeof(bf16_t)) + 64);
+    bf16_t* const kp = reinterpret_cast<bf16_t*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    bf16_t* const vp = kp + keys * d;
+    float* const scores = reinterpret_cast<float*>(vp + keys * d);
+    bf16_t* const probabilities = reinterpret_cast<bf16_t*>(scores + rows);
+    // k as [keys/16][d/2][16 keys][2 channels]: word `pair` of 16 key rows (offsets in bf16 elements, scale 2)
+    const __m512i key_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(static_cast<int32_t>(a.ks[2])));
+    for (int64_t kb = 0; kb < keys / 16; ++kb)
+      for (int64_t pair = 0; pair < d / 2; ++pair) {
+        const __m512i words = _mm512_i32gather_epi32(key_rows, k + kb * 16 * a.ks[2] + 2 * pair, 2);
+        _mm512_storeu_si512(kp + (kb * (d / 2) + pair) * 32, words);
+      }
+    // v as [d/16][keys/2][16 channels][2 keys]
+    for (int64_t db = 0; db < d / 16; ++db)
+      for (int64_t pair = 0; pair < keys / 2; ++pair) {
+        const __m256i first = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + 2 * pair * a.vs[2] + db * 16));
+        const __m256i second = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + (2 * pair + 1) * a.vs[2] + db * 16));
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+        _mm512_storeu_si512(vp + (db * (keys / 2) + pair) * 32, _mm512_permutexvar_epi16(interleave, both));
+      }
+    for (int64_t i = 0; i < a.queries; i += W)
+      attention_rows<W>(a, q + i * a.qs[2], kp, vp, mask ? mask + i * a.ms[2] : nullptr, scores, probabilities,
+                        o + i * d, a.queries - i < W ? a.queries - i : W);
+  }
+}
+#endif
+
 // y = clamp(x * scale[c] + shift[c], lo, hi) over a tensor seen as [outer][c][inner]: NHWC is inner 1 (16 channels
 // at a time; the input may be a channel slice of a wider NHWC buffer, pixels ldx apart, the output contiguous),
 // NCHW is outer n and inner h*w (16 pixels of one channel at a time). One pass over memory, where
