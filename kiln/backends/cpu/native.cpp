@@ -235,25 +235,25 @@ static inline void winograd_input(const __m512 (&d)[4][4], __m512 (&v)[4][4]) {
   }
 }
 
-// The sums of one row block of a patch position's product: NW tiles of v (c elements apart) times NB weight blocks of
-// u, into acc. fp32: the direct kernel's accumulate(); bf16: AVX512-BF16 dot products over channel pairs, whose
-// weights u holds as [c/2][16][2] a block.
+// The sums of one register tile of a matrix product: NW rows of v (`row` elements apart, c long) times NB weight
+// blocks of u, into acc. fp32: the direct kernel's accumulate(); bf16: AVX512-BF16 dot products over pairs along c,
+// whose weights u holds as [c/2][16][2] a block. Winograd's patch products, and the bf16 attention's two products.
 template <int NB, int NW>
-static inline void patch_sums(__m512 (&acc)[NB][NW], const float* v, const float* u, int64_t c) {
-  accumulate<NB, NW, false>(acc, v, u, c * 16, c, 0, c, 0, NW);
+static inline void patch_sums(__m512 (&acc)[NB][NW], const float* v, int64_t row, const float* u, int64_t c) {
+  accumulate<NB, NW, false>(acc, v, u, c * 16, row, 0, c, 0, NW);
 }
 
 static inline void store_patch(float* p, __m512 v) { _mm512_store_ps(p, v); }
 
 #ifdef __AVX512BF16__
 template <int NB, int NW>
-static inline void patch_sums(__m512 (&acc)[NB][NW], const bf16_t* v, const bf16_t* u, int64_t c) {
-  for (int64_t pair = 0; pair < c / 2; ++pair) {  // input channels 2 * pair and 2 * pair + 1
+static inline void patch_sums(__m512 (&acc)[NB][NW], const bf16_t* v, int64_t row, const bf16_t* u, int64_t c) {
+  for (int64_t pair = 0; pair < c / 2; ++pair) {  // elements 2 * pair and 2 * pair + 1 along c
     __m512bh wv[NB];
     UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(u + b * c * 16 + pair * 32);
     UNROLLED for (int j = 0; j < NW; ++j) {
       int32_t both;
-      memcpy(&both, v + j * c + 2 * pair, sizeof both);
+      memcpy(&both, v + j * row + 2 * pair, sizeof both);
       const __m512bh xv = (__m512bh)_mm512_set1_epi32(both);
       UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
     }
@@ -275,7 +275,7 @@ static inline void winograd_rows(const T* v, const T* u, float* m, int64_t c, in
   __m512 acc[NB][NW];
   UNROLLED for (int b = 0; b < NB; ++b)
     UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
-  patch_sums<NB, NW>(acc, v, u, c);
+  patch_sums<NB, NW>(acc, v, c, u, c);
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(m + j * 64 + b * 16, acc[b][j]);
 }
@@ -839,12 +839,6 @@ struct AttentionArgs {
   float scale;
 };
 
-static inline __m512bh pair_of(const bf16_t* p) {  // two consecutive bf16 values broadcast to every lane
-  int32_t both;
-  memcpy(&both, p, sizeof both);
-  return (__m512bh)_mm512_set1_epi32(both);
-}
-
 // scores[j][16 keys of block kb] for NW queries: acc[NB key blocks][NW]
 template <int NB, int NW>
 static inline void attention_scores(const bf16_t* q, int64_t q_row, const bf16_t* kp, int64_t d, int64_t kb0,
@@ -852,14 +846,7 @@ static inline void attention_scores(const bf16_t* q, int64_t q_row, const bf16_t
   __m512 acc[NB][NW];
   UNROLLED for (int b = 0; b < NB; ++b)
     UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
-  for (int64_t pair = 0; pair < d / 2; ++pair) {
-    __m512bh wv[NB];
-    UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(kp + ((kb0 + b) * (d / 2) + pair) * 32);
-    UNROLLED for (int j = 0; j < NW; ++j) {
-      const __m512bh xv = pair_of(q + j * q_row + 2 * pair);
-      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
-    }
-  }
+  patch_sums<NB, NW>(acc, q, q_row, kp + kb0 * d * 16, d);
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) _mm512_storeu_ps(scores + j * keys + (kb0 + b) * 16, acc[b][j]);
 }
@@ -871,14 +858,7 @@ static inline void attention_values(const bf16_t* p, const bf16_t* vp, int64_t k
   __m512 acc[NB][NW];
   UNROLLED for (int b = 0; b < NB; ++b)
     UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = _mm512_setzero_ps();
-  for (int64_t pair = 0; pair < keys / 2; ++pair) {
-    __m512bh wv[NB];
-    UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(vp + ((db0 + b) * (keys / 2) + pair) * 32);
-    UNROLLED for (int j = 0; j < NW; ++j) {
-      const __m512bh xv = pair_of(p + j * keys + 2 * pair);
-      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
-    }
-  }
+  patch_sums<NB, NW>(acc, p, keys, vp + db0 * keys * 16, keys);
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) store16(o + j * d + (db0 + b) * 16, 0xFFFF, acc[b][j]);
 }
