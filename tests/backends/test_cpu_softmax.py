@@ -54,3 +54,11 @@ def test_what_it_takes():
     assert not softmax.takes(scores.transpose(-1, -2), None)  # not contiguous
     assert not softmax.takes(torch.zeros(2, 3, 4, 5, 8), None)  # rank 5
     assert not softmax.takes(scores.double(), None)
+
+
+@needs_native
+def test_a_scalar_mask_shifts_every_score():
+    scores = torch.randn(2, 3, 20)
+    expected = torch.softmax(scores.double() * 0.5 - 1.0, -1)
+    actual = softmax.masked_softmax_(scores.clone(), torch.tensor(-1.0), 0.5)
+    assert (actual.double() - expected).abs().max().item() < 1e-6

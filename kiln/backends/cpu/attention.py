@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 
-from . import native
+from . import native, softmax
 
 
 class _AttentionArgs(ctypes.Structure):
@@ -52,13 +52,7 @@ def attention(q, k, v, mask, scale: float):
 
     (batch, heads, queries, d), keys = q.shape, k.shape[2]
     o = torch.empty(batch, heads, queries, d, dtype=torch.bfloat16)
-    strides = (0, 0, 0, 0)
-    if mask is not None:
-        mask = mask.to(torch.float32)
-        strides = mask.expand(batch, heads, queries, keys).stride()
-        if mask.shape[-1] != 1 and strides[3] != 1:
-            mask = mask.contiguous()
-            strides = mask.expand(batch, heads, queries, keys).stride()
+    mask, strides = softmax.broadcast_mask(mask, (batch, heads, queries, keys))
     args = _AttentionArgs(q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None,
                           o.data_ptr(), batch, heads, queries, keys, d, (ctypes.c_int64 * 3)(*q.stride()[:3]),
                           (ctypes.c_int64 * 3)(*k.stride()[:3]), (ctypes.c_int64 * 3)(*v.stride()[:3]),

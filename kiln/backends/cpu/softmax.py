@@ -41,16 +41,23 @@ def masked_softmax_(scores, mask, scale: float):
 
     library = native._load()[0]
     rows = (1,) * (4 - scores.dim()) + tuple(scores.shape)
-    strides = (0, 0, 0, 0)
-    if mask is not None:
-        mask = mask.to(torch.float32)
-        if mask.shape[-1] != 1 and mask.stride(-1) != 1:
-            mask = mask.contiguous()
-        expanded = mask.expand(scores.shape)
-        strides = (0,) * (4 - scores.dim()) + tuple(expanded.stride())
+    mask, strides = broadcast_mask(mask, scores.shape)
     args = _SoftmaxArgs(scores.data_ptr(), mask.data_ptr() if mask is not None else None, *rows, *strides, scale)
     native.launch(_kernel(library, scores.dtype), args, torch.get_num_threads(), s=scores, mask=mask)
     return scores
+
+
+def broadcast_mask(mask, shape) -> tuple:
+    """(`mask` as the kernels read it: fp32, its last axis contiguous unless broadcast; its element strides when
+    broadcast to `shape`, rank 4 with leading axes of stride 0), or (None, zeros) for no mask."""
+    import torch
+
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    mask = mask.to(torch.float32)
+    if mask.dim() and mask.shape[-1] != 1 and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    return mask, (0,) * (4 - len(shape)) + tuple(mask.expand(shape).stride())
 
 
 def _kernel(library, dtype):
