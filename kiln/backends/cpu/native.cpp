@@ -10,6 +10,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
 #include <vector>
 
 // Before a loop over a tile's accumulator array: the compiler keeps the array in registers only where such loops are
@@ -782,6 +783,55 @@ static inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, whole);
 }
 
+// softmax(s * scale + mask) over one row of n, written to out (which may be s itself: each element is read before it
+// is written); mask: null, or the row's fp32 values (mn 1) or one value for the whole row (mn 0). The masked, native
+// softmax and the bf16 attention's both run it. An fp32 row keeps its scaled scores, then their exponentials, in
+// place from one pass to the next; a bf16 one computes them again (the row is in L1), so that they round to bf16 once.
+template <typename In, typename Out>
+static inline void softmax_row(In* s, Out* out, int64_t n, __m512 scale, const float* mask, int64_t mn) {
+  auto scaled = [&](int64_t j, __mmask16 m) {  // the scores j.. scaled and masked
+    const __m512 v = _mm512_mul_ps(load16(s + j, m), scale);
+    return mask ? _mm512_add_ps(v, mn ? _mm512_maskz_loadu_ps(m, mask + j) : _mm512_set1_ps(mask[0])) : v;
+  };
+  constexpr bool keep = std::is_same_v<In, float>;
+  auto kept = [&](int64_t j, __mmask16 m, __m512 v) {  // a masked store only for the row's tail: AMD's are slow
+    if (m == 0xFFFF) _mm512_storeu_ps(reinterpret_cast<float*>(s + j), v);
+    else _mm512_mask_storeu_ps(s + j, m, v);
+  };
+  // pass 1: their maximum
+  __m512 top = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = first_lanes(n - j);
+    const __m512 v = scaled(j, m);
+    if constexpr (keep) kept(j, m, v);
+    top = _mm512_mask_max_ps(top, m, top, v);
+  }
+  const float largest = _mm512_reduce_max_ps(top);
+  if (largest == -INFINITY) {  // every score masked out
+    for (int64_t j = 0; j < n; j += 16) store16(out + j, first_lanes(n - j), _mm512_set1_ps(NAN));
+    return;
+  }
+  // pass 2: the sum of e^(v - max); pass 3: each e^(v - max) divided by the sum
+  const __m512 shift = _mm512_set1_ps(largest);
+  auto exponential = [&](int64_t j, __mmask16 m) {
+    const __m512 v = keep ? _mm512_maskz_loadu_ps(m, s + j) : scaled(j, m);
+    return _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(v, shift)));
+  };
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = first_lanes(n - j);
+    const __m512 e = exponential(j, m);
+    if constexpr (keep) kept(j, m, e);
+    total = _mm512_add_ps(total, e);
+  }
+  const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = first_lanes(n - j);
+    const __m512 e = keep ? _mm512_maskz_loadu_ps(m, s + j) : exponential(j, m);
+    store16(out + j, m, _mm512_mul_ps(e, inverse));
+  }
+}
+
 template <typename T>
 static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
   T* const scores = static_cast<T*>(a.s);
@@ -789,37 +839,9 @@ static void masked_softmax(const SoftmaxArgs& a, int64_t threads) {
   const __m512 scale = _mm512_set1_ps(a.scale);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t row = 0; row < rows; ++row) {
-    T* const s = scores + row * a.n;
     const float* mask =
         a.mask ? a.mask + row / (a.d1 * a.d2) * a.m0 + row / a.d2 % a.d1 * a.m1 + row % a.d2 * a.m2 : nullptr;
-    auto scaled = [&](int64_t j, __mmask16 m) {  // the scores j.. scaled and masked
-      const __m512 v = _mm512_mul_ps(load16(s + j, m), scale);
-      return mask ? _mm512_add_ps(v, a.mn ? _mm512_maskz_loadu_ps(m, mask + j) : _mm512_set1_ps(mask[0])) : v;
-    };
-    // pass 1: their maximum
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t j = 0; j < a.n; j += 16) {
-      const __mmask16 m = first_lanes(a.n - j);
-      top = _mm512_mask_max_ps(top, m, top, scaled(j, m));
-    }
-    const float largest = _mm512_reduce_max_ps(top);
-    if (largest == -INFINITY) {  // every score masked out
-      for (int64_t j = 0; j < a.n; j += 16) store16(s + j, first_lanes(a.n - j), _mm512_set1_ps(NAN));
-      continue;
-    }
-    // pass 2: the sum of e^(v - max); pass 3: each e^(v - max) again (the row is in L1), divided by the sum and
-    // rounded once
-    const __m512 shift = _mm512_set1_ps(largest);
-    auto exponential = [&](int64_t j, __mmask16 m) {
-      return _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(scaled(j, m), shift)));
-    };
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t j = 0; j < a.n; j += 16) total = _mm512_add_ps(total, exponential(j, first_lanes(a.n - j)));
-    const __m512 inverse = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
-    for (int64_t j = 0; j < a.n; j += 16) {
-      const __mmask16 m = first_lanes(a.n - j);
-      store16(s + j, m, _mm512_mul_ps(exponential(j, m), inverse));
-    }
+    softmax_row(scores + row * a.n, scores + row * a.n, a.n, scale, mask, a.mn);
   }
 }
 
@@ -879,28 +901,8 @@ static void attention_rows(const AttentionArgs& a, const bf16_t* q, const bf16_t
     }
   }
   const __m512 scale = _mm512_set1_ps(a.scale);
-  for (int j = 0; j < NW; ++j) {  // softmax(scores * scale + mask) per query, in fp32, rounded to bf16 once
-    float* row = scores + j * keys;
-    const float* mrow = mask ? mask + j * a.ms[2] : nullptr;
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < keys; t += 16) {
-      __m512 v = _mm512_mul_ps(_mm512_loadu_ps(row + t), scale);
-      if (mrow) v = _mm512_add_ps(v, a.ms[3] ? _mm512_loadu_ps(mrow + t) : _mm512_set1_ps(mrow[0]));
-      _mm512_storeu_ps(row + t, v);
-      top = _mm512_max_ps(top, v);
-    }
-    const float largest = _mm512_reduce_max_ps(top);
-    const __m512 shift = _mm512_set1_ps(largest);
-    __m512 total = _mm512_setzero_ps();
-    for (int64_t t = 0; t < keys; t += 16) {
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + t), shift));
-      _mm512_storeu_ps(row + t, e);
-      total = _mm512_add_ps(total, e);
-    }
-    const __m512 inverse = _mm512_set1_ps(largest == -INFINITY ? NAN : 1.0f / _mm512_reduce_add_ps(total));
-    for (int64_t t = 0; t < keys; t += 16)
-      store16(probabilities + j * keys + t, 0xFFFF, _mm512_mul_ps(_mm512_loadu_ps(row + t), inverse));
-  }
+  for (int j = 0; j < NW; ++j)  // softmax(scores * scale + mask) per query, in fp32, rounded to bf16 once
+    softmax_row(scores + j * keys, probabilities + j * keys, keys, scale, mask ? mask + j * a.ms[2] : nullptr, a.ms[3]);
   for (int64_t db = 0; db < d_blocks; db += 4) {
     switch (d_blocks - db < 4 ? d_blocks - db : 4) {
       case 4: attention_values<4, NW>(probabilities, vp, keys, db, o, d); break;
