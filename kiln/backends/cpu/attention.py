@@ -8,7 +8,6 @@ dot products reach in the convolutions.
 from __future__ import annotations
 
 import ctypes
-import functools
 
 from . import native, softmax
 
@@ -22,11 +21,9 @@ class _AttentionArgs(ctypes.Structure):
                [("scale", ctypes.c_float)]
 
 
-def takes_precision(dtype) -> bool:
-    """Whether the kernel exists here for tensors of `dtype` (bf16 only, where the library has its bf16 kernels)."""
-    import torch
-
-    return dtype == torch.bfloat16 and _kernel() is not None
+def available() -> bool:
+    """Whether the kernel runs here: the native library with its bf16 kernels."""
+    return _kernel() is not None
 
 
 def takes(q, k, v, mask) -> bool:
@@ -61,13 +58,8 @@ def attention(q, k, v, mask, scale: float):
     return o
 
 
-@functools.cache
 def _kernel():
-    """The library's bf16 attention kernel, None where the library or its bf16 kernels are absent."""
-    library = native._load()[0]
-    if library is None or not native.bf16_available():
-        return None
-    function = library.kiln_attention_bf16
-    function.argtypes = [ctypes.POINTER(_AttentionArgs), ctypes.c_int64]
-    function.restype = None
-    return function
+    """The library's bf16 attention kernel (kiln_attention_bf16), None where the library or its bf16 kernels are absent."""
+    import torch
+
+    return native.declared_kernel("kiln_attention", _AttentionArgs, 1, torch.bfloat16)

@@ -596,7 +596,7 @@ def _attention(node: Node, bf16: bool) -> Tactic:
         return torch.matmul(torch.softmax(scores, -1), v)
 
     # named for the path the usual shapes take: a bf16 engine's native pass where the library has it
-    name = "native-attention" if bf16 and attention.takes_precision(torch.bfloat16) else "torch-attention"
+    name = "native-attention" if bf16 and attention.available() else "torch-attention"
     return Tactic(run, name, "bf16" if bf16 else "fp32")
 
 

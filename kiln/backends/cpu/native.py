@@ -306,6 +306,27 @@ def _typed_kernels(library, name: str) -> dict:
             if dtype == torch.float32 or library.kiln_native_bf16()}
 
 
+def declared_kernel(name: str, args_type, params: int, dtype=None):
+    """The library's `name` kernel for tensors of `dtype` (fp32 by default; bf16 takes `name`_bf16), its arguments
+    declared as a pointer to `args_type` and `params` integers, once per library; None where the library, or its bf16
+    kernels for bf16, are absent. The kernels of winograd.py, softmax.py and attention.py, whose argument structures
+    live there."""
+    import torch
+
+    library = _load()[0]
+    if library is None or (dtype == torch.bfloat16 and not library.kiln_native_bf16()):
+        return None
+    return _declared(library, name, args_type, params, dtype or torch.float32)
+
+
+@functools.cache
+def _declared(library, name: str, args_type, params: int, dtype):
+    function = _typed(library, name, dtype)
+    function.argtypes = [ctypes.POINTER(args_type)] + [ctypes.c_int64] * params
+    function.restype = None
+    return function
+
+
 def _typed(library, name: str, dtype):
     """The library's `name` kernel for tensors of `dtype` (float32, or bfloat16 where bf16_available())."""
     import torch

@@ -24,10 +24,9 @@ def takes(scores, mask) -> bool:
     has bf16 kernels) of rank 2 to 4, and no mask or a float one that broadcasts to them without enlarging them."""
     import torch
 
-    library = native._load()[0]
-    if library is None or not scores.is_contiguous() or not 2 <= scores.dim() <= 4 or not scores.numel():
+    if not scores.is_contiguous() or not 2 <= scores.dim() <= 4 or not scores.numel():
         return False
-    if scores.dtype != torch.float32 and not (scores.dtype == torch.bfloat16 and native.bf16_available()):
+    if scores.dtype not in (torch.float32, torch.bfloat16) or _kernel(scores.dtype) is None:
         return False
     if mask is None:
         return True
@@ -39,11 +38,10 @@ def masked_softmax_(scores, mask, scale: float):
     """softmax(scores * scale + mask) over the last axis, written into `scores` (which `takes` accepts); returns it."""
     import torch
 
-    library = native._load()[0]
     rows = (1,) * (4 - scores.dim()) + tuple(scores.shape)
     mask, strides = broadcast_mask(mask, scores.shape)
     args = _SoftmaxArgs(scores.data_ptr(), mask.data_ptr() if mask is not None else None, *rows, *strides, scale)
-    native.launch(_kernel(library, scores.dtype), args, torch.get_num_threads(), s=scores, mask=mask)
+    native.launch(_kernel(scores.dtype), args, torch.get_num_threads(), s=scores, mask=mask)
     return scores
 
 
@@ -60,8 +58,6 @@ def broadcast_mask(mask, shape) -> tuple:
     return mask, (0,) * (4 - len(shape)) + tuple(mask.expand(shape).stride())
 
 
-def _kernel(library, dtype):
-    function = native._typed(library, "kiln_masked_softmax", dtype)
-    function.argtypes = [ctypes.POINTER(_SoftmaxArgs), ctypes.c_int64]
-    function.restype = None
-    return function
+def _kernel(dtype):
+    """The library's softmax kernel for `dtype`, None where the library (or its bf16 kernels, for bf16) is absent."""
+    return native.declared_kernel("kiln_masked_softmax", _SoftmaxArgs, 1, dtype)

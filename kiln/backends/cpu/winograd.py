@@ -77,10 +77,9 @@ class WinogradConvolution:
         import torch
 
         out_channels, in_channels = weight.shape[:2]
-        self._library = native._load()[0]
-        assert self._library is not None, "WinogradConvolution needs native.available()"
         self.dtype = dtype or torch.float32  # what it reads and writes
-        self._kernel = _kernel(self._library, self.dtype)
+        self._kernel = native.declared_kernel("kiln_winograd_f2x3", _WinogradArgs, 3, self.dtype)
+        assert self._kernel is not None, f"WinogradConvolution in {self.dtype} needs the native library's kernel for it"
         self.u = _packed(np.asarray(weight), self.dtype)
         self.bias = torch.from_numpy(np.array(bias if bias is not None else np.zeros(out_channels), np.float32))
         self.out_channels, self.in_channels = out_channels, in_channels
@@ -144,9 +143,3 @@ class WinogradConvolution:
         self._plans[(input_shape, threads)] = plan
         return plan
 
-
-def _kernel(library, dtype):
-    function = native._typed(library, "kiln_winograd_f2x3", dtype)
-    function.argtypes = [ctypes.POINTER(_WinogradArgs), ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-    function.restype = None
-    return function
