@@ -370,9 +370,11 @@ def check_precision_fallback(engine, asked: list[str]) -> Finding:
     decisions = (getattr(engine.plan, "build_info", {}).get("quantization") or {}).get("layers", {})
     chosen = {name: d for name, d in decisions.items() if d.get("precision") == "fp32" and d.get("int8_ms") is not None
               and d.get("fp32_ms") is not None and d["int8_ms"] >= d["fp32_ms"]}
-    # A bf16 CPU engine's stem (a convolution of an image's few channels) may run kiln's stem kernel, fp32 math
-    # with bf16 out: more accurate than bf16, raced against oneDNN's bf16 kernel (kept by rule without a timing feed).
-    stems = [name for name, info in layers.items() if info.get("tactic") == "native-stem"] if "bf16" in asked else []
+    # A bf16 CPU engine's dilated stem (a convolution of an image's few channels) may run kiln's stem kernel in fp32
+    # math with bf16 out: more accurate than bf16, raced against oneDNN's bf16 kernel (kept by rule without a timing
+    # feed).
+    stems = [name for name, info in layers.items()
+             if info.get("tactic") == "native-stem" and info.get("precision") == "fp32"] if "bf16" in asked else []
     fallbacks = [{"layer": name, **info} for name, info in layers.items() if info.get("fallback")]
     if asked:
         # the layer computes in whatever float type reaches it (pooling, reshapes), which is no fallback

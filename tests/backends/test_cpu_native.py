@@ -1,5 +1,7 @@
 """kiln's native direct convolution (kiln/backends/cpu/native.py) against float64 torch, the layers that take it, and
 the fallback to oneDNN where the library cannot be built."""
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -156,7 +158,10 @@ def test_stem_convolution_matches_float64(stem, dtype):
     b = torch.randn(cout, generator=generator).numpy()
     conv = native.StemConvolution(w, b, [stride] * 2, [pad] * 2, [dilation] * 2, (0.0, np.inf), dtype)
     y = conv(x)
-    expected = float64_conv(x, w, b, stride, pad, dilation, clamp=(0.0, np.inf))
+    # bf16 math (undilated bf16 stems) multiplies the bf16 roundings of x and w, exactly, and sums in fp32
+    assert conv.bf16_math == (dtype == torch.bfloat16 and dilation == 1 and native.bf16_available())
+    rounded = (lambda t: torch.as_tensor(t).bfloat16().float()) if conv.bf16_math else torch.as_tensor
+    expected = float64_conv(rounded(x), rounded(w).numpy(), b, stride, pad, dilation, clamp=(0.0, np.inf))
     assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last)
     assert tuple(y.shape) == tuple(expected.shape) == conv.output_shape(x)
     # fp32 sums over at most 15 * 49 taps; bf16 adds its rounding of the result (2^-8 relative)
@@ -164,6 +169,44 @@ def test_stem_convolution_matches_float64(stem, dtype):
     assert ((y.double() - expected).abs() <= tolerance * expected.abs() + 1e-5).all()
     # NHWC and bf16 inputs give the same result
     torch.testing.assert_close(conv(x.contiguous(memory_format=torch.channels_last)), y, rtol=0, atol=0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", [3, 7])
+def test_stem_convolution_keeps_infinities_and_nans_where_they_belong(kernel, dtype):
+    """The bf16 kernel reads one element past a window's row, next to the row's odd last element, and masks it: an
+    infinity there must not turn the outputs whose windows miss it into NaN (0 * inf)."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 3, 17, 17, generator=generator)
+    x[0, 0, 5, 7], x[0, 2, 9, 4], x[1, 1, 3, 3] = math.inf, -math.inf, math.nan
+    w = torch.randn(8, 3, kernel, kernel, generator=generator).numpy() * 0.3
+    b = torch.randn(8, generator=generator).numpy()
+    conv = native.StemConvolution(w, b, [2, 2], [kernel // 2] * 2, [1, 1], (-np.inf, np.inf), dtype)
+    y = conv(x).double()
+    expected = float64_conv(x, w, b, 2, kernel // 2, 1)
+    assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
+    assert torch.equal(y[expected.isinf()], expected[expected.isinf()])
+    assert expected.isfinite().sum() > expected.numel() // 2
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", FLOAT_TYPES, ids=["fp32", "bf16"])
+def test_native_convolutions_keep_a_nan_through_their_clamp(dtype):
+    """ReLU(NaN) is NaN in torch and onnxruntime; the native kernels' clamp once made it 0."""
+    from kiln.backends.cpu import winograd
+
+    x = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(7))
+    x[0, 3, 4, 4] = math.nan
+    w = rng.standard_normal((32, 32, 3, 3)).astype(np.float32) * 0.1
+    b = np.zeros(32, np.float32)
+    expected = torch.relu(F.conv2d(x, torch.from_numpy(w), padding=1)).isnan()
+    assert expected.sum() == 9 * 32
+    kernels = [winograd.WinogradConvolution(w, b, [1] * 4, (0.0, math.inf), dtype)]
+    if dtype == torch.float32:
+        kernels.append(native.DirectConvolution(w, b, [1, 1], [1, 1], [1, 1], (0.0, math.inf)))
+    for kernel in kernels:
+        assert torch.equal(kernel(x).isnan(), expected), type(kernel).__name__
 
 
 @needs_native

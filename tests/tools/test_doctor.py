@@ -231,8 +231,9 @@ def test_bf16_build_layers_that_follow_their_input_are_no_fallback(tmp_path):
     finding = by_check(report)["precision fallback"]
     assert finding.status == "ok", finding.symptom
     assert "bf16" in finding.symptom and not report.blocked
-    # its 3-channel convolution may take the stem kernel (fp32 math, bf16 out), which the finding names
+    # its 3-channel convolution may take the stem kernel, whose undilated form computes in bf16: no fp32 stem to name
     assert ("native-stem" in finding.symptom) == bool(finding.details["fp32_stems"])
+    assert not finding.details["fp32_stems"]
 
 
 def test_int8_layers_kept_fp32_because_faster_are_no_fallback(tmp_path):

@@ -233,9 +233,10 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     Clip fused: in fp32 the AVX-512 direct kernel, which alone takes 0.5-0.75x oneDNN's time on SqueezeNet's small
     1x1 layers and 0.83-1.17x on ResNet-50's (docs/benchmarks.md, run H); in bf16 the AMX kernel, 0.43-0.82x
     oneDNN's on the light models' layers when the host is slow, 0.79-1.17x when it is fast (run J). A stem of at
-    most native.STEM_MAX_IN_CHANNELS input channels takes the flat-reduction kernel in both, fp32 math with the
-    engine's activation type out: alone 0.77x oneDNN's fp32 time on SqueezeNet's 3x3/2 and 0.85x on ResNet-50's
-    7x7/2. A 3x3 of stride 1 takes the Winograd kernel instead (winograd.py), in both precisions: alone 0.52-0.74x
+    most native.STEM_MAX_IN_CHANNELS input channels takes the stem kernel: in fp32 (and a dilated bf16 stem) a flat
+    reduction, alone 0.77x oneDNN's fp32 time on SqueezeNet's 3x3/2 and 0.85x on ResNet-50's 7x7/2; in bf16 dot
+    products over pairs of each kernel row's elements, 0.75x oneDNN's bf16 time on ResNet-50's 7x7/2 (which also
+    converts the image first). A 3x3 of stride 1 takes the Winograd kernel instead (winograd.py), in both precisions: alone 0.52-0.74x
     oneDNN's fp32 time on ResNet-50's 3x3s from 56x56 to 14x14, 1.3x at 7x7. Whether it keeps the layer the build
     decides by timing (select.py)."""
     import torch
@@ -258,7 +259,7 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
             return None
         convolve = native.StemConvolution(weight, bias, strides, pads, dilations, clamp,
                                           torch.bfloat16 if bf16 else torch.float32)
-        return Tactic(lambda x, *unused: convolve(x), "native-stem", "fp32")
+        return Tactic(lambda x, *unused: convolve(x), "native-stem", "bf16" if convolve.bf16_math else "fp32")
     amx = bf16 and native.amx_available() and not native.AmxConvolution.takes(weight.shape[1], strides, dilations)
     if amx:  # the tile units ran bf16 products at 4.2x fp32, AVX512-BF16 at 2.1x: past Winograd's 2.25x fewer
         convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"

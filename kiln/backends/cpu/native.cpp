@@ -22,6 +22,10 @@ static inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
 }
 
+// v clamped to [lo, hi], a NaN kept: AVX-512's max and min return their second operand where either is NaN, so v
+// goes second (max(v, lo) made a NaN sum lo: ReLU(NaN) 0, where torch's and onnxruntime's give NaN)
+static inline __m512 clamped(__m512 v, __m512 lo, __m512 hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, v)); }
+
 struct ConvArgs {
   const float* x; const float* w; const float* bias; const float* residual; float* y;
   int64_t n, h, w_, c;          // input, NHWC
@@ -111,7 +115,7 @@ static inline void tile(const ConvArgs& a, const Span& s, int64_t ox0) {
           acc[b][j] = _mm512_add_ps(acc[b][j], _mm512_maskz_loadu_ps(mask[b], residual + j * oc + b * 16));
     const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
     UNROLLED for (int j = 0; j < NW; ++j)
-      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_min_ps(_mm512_max_ps(acc[b][j], lo), hi);
+      UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = clamped(acc[b][j], lo, hi);
   }
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) _mm512_mask_storeu_ps(y + j * ldy + b * 16, mask[b], acc[b][j]);
@@ -368,7 +372,7 @@ static void winograd_f2x3(const WinogradArgs& a, int64_t tiles_per_task, int64_t
               const int64_t pixel = (img * a.oh + oy) * a.ow + ox;
               __m512 value = out[q];
               if (residual) value = _mm512_add_ps(value, load16(residual + pixel * a.oc + channel, 0xFFFF));
-              store16(y + pixel * a.ldy + channel, 0xFFFF, _mm512_min_ps(_mm512_max_ps(value, lo), hi));
+              store16(y + pixel * a.ldy + channel, 0xFFFF, clamped(value, lo, hi));
             }
           }
         }
@@ -427,7 +431,7 @@ static inline void stem_tile(const StemArgs& a, const float* x, T* y, int64_t ob
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) {
       const int64_t oc0 = (ob0 + b) * 16;
-      store16(y + j * a.oc + oc0, first_lanes(a.oc - oc0), _mm512_min_ps(_mm512_max_ps(acc[b][j], lo), hi));
+      store16(y + j * a.oc + oc0, first_lanes(a.oc - oc0), clamped(acc[b][j], lo, hi));
     }
 }
 
@@ -465,6 +469,147 @@ static void stem_conv(const StemArgs& a, int64_t threads) {
 }
 
 KILN_TYPED(kiln_stem_conv, stem_conv, StemArgs)
+
+#ifdef __AVX512BF16__
+// The bf16 stem: the same layer in AVX512-BF16 dot products, which take two taps a lane. A first pass rounds the NCHW
+// fp32 image into a zero-padded NHWC bf16 copy (the calling thread's scratch), where one kernel row of a window, kw
+// pixels of c channels, is c * kw consecutive elements: a dot product takes two of them at once, from one 32-bit
+// broadcast. Where c * kw is odd (3 * 7, 3 * 3), the row's last element is paired with a zero in place of the
+// element after it, which belongs to another window and may be infinite (0 * inf would be NaN). Weights packed as
+// [oc/16][kh][pairs][16][2]. A task is one output row for up to four blocks of 16 output channels, in tiles of 6
+// pixels, as in the fp32 kernel: per pair 4 weight loads and 6 broadcasts feed 24 dot products.
+struct StemPairArgs {
+  const float* x; const bf16_t* w; const float* bias; bf16_t* y;
+  int64_t n, c, h, w_;          // input, NCHW fp32
+  int64_t pt, pl, hp, wp;       // padding above and left; the padded image's height and width
+  int64_t kh, kw, oh, ow, oc, sh, sw;
+  float lo, hi;
+};
+
+// Row py of image `image` of the padded NHWC copy: zeros outside the input, the input's pixels rounded to bf16
+static void stem_pack_row(const StemPairArgs& a, bf16_t* out, int64_t image, int64_t py) {
+  const int64_t c = a.c, iy = py - a.pt;
+  if (iy < 0 || iy >= a.h) {
+    memset(out, 0, a.wp * c * sizeof(bf16_t));
+    return;
+  }
+  memset(out, 0, a.pl * c * sizeof(bf16_t));
+  const int64_t right = a.wp - a.pl - a.w_;
+  if (right > 0) memset(out + (a.pl + a.w_) * c, 0, right * c * sizeof(bf16_t));
+  const float* plane = a.x + (image * c * a.h + iy) * a.w_;  // channel 0 of this row; channel k is h * w_ further
+  bf16_t* row = out + a.pl * c;
+  int64_t ix = 0;
+  if (c == 3) {  // 16 pixels at a time: three rounded channel vectors interleaved into 48 elements
+    alignas(64) int16_t low[32], high[16];
+    for (int i = 0; i < 32; ++i) low[i] = static_cast<int16_t>((i % 3) * 16 + i / 3);
+    for (int i = 32; i < 48; ++i) high[i - 32] = static_cast<int16_t>((i % 3) * 16 + i / 3);
+    const __m512i low_index = _mm512_load_si512(low), high_index = _mm512_castsi256_si512(_mm256_load_si256(
+        reinterpret_cast<const __m256i*>(high)));
+    const int64_t stride = a.h * a.w_;
+    for (; ix + 16 <= a.w_; ix += 16) {
+      const __m256i c0 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(plane + ix));
+      const __m256i c1 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(plane + stride + ix));
+      const __m256i c2 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(plane + 2 * stride + ix));
+      const __m512i first = _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1);
+      const __m512i second = _mm512_castsi256_si512(c2);
+      _mm512_storeu_si512(row + ix * 3, _mm512_permutex2var_epi16(first, low_index, second));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + ix * 3 + 32),
+                          _mm512_castsi512_si256(_mm512_permutex2var_epi16(first, high_index, second)));
+    }
+  }
+  for (; ix < a.w_; ++ix)
+    for (int64_t k = 0; k < c; ++k) {
+      const __m128 v = _mm_set_ss(plane[k * a.h * a.w_ + ix]);
+      row[ix * c + k] = static_cast<bf16_t>(_mm_extract_epi16((__m128i)_mm_cvtneps_pbh(v), 0));
+    }
+}
+
+// The dot products of pair p of one kernel row (its weights at w, the row of pixel 0 at x); `alone`: the row's last
+// element, whose neighbour is masked to zero
+template <int NB, int NW, bool ALONE>
+__attribute__((always_inline)) static inline void stem_pair(__m512 (&acc)[NB][NW], const bf16_t* x, const bf16_t* w,
+                                                           int64_t wblock, int64_t xs, int64_t p) {
+  __m512bh wv[NB];
+  UNROLLED for (int b = 0; b < NB; ++b) wv[b] = (__m512bh)_mm512_loadu_si512(w + b * wblock + p * 32);
+  UNROLLED for (int j = 0; j < NW; ++j) {
+    int32_t both;
+    memcpy(&both, x + j * xs + 2 * p, sizeof both);
+    const __m512bh xv = (__m512bh)_mm512_set1_epi32(ALONE ? both & 0xFFFF : both);
+    UNROLLED for (int b = 0; b < NB; ++b) acc[b][j] = _mm512_dpbf16_ps(acc[b][j], wv[b], xv);
+  }
+}
+
+template <int NB, int NW>
+static inline void stem_pair_tile(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0) {
+  const int64_t elements = a.c * a.kw, whole = elements / 2, pairs = (elements + 1) / 2, wblock = a.kh * pairs * 32;
+  const int64_t xs = a.sw * a.c, row = a.wp * a.c;
+  __m512 acc[NB][NW];
+  UNROLLED for (int b = 0; b < NB; ++b) {
+    const __m512 bias = _mm512_loadu_ps(a.bias + (ob0 + b) * 16);
+    UNROLLED for (int j = 0; j < NW; ++j) acc[b][j] = bias;
+  }
+  // the output two tiles on, asked for ahead (as the fp32 kernel's)
+  UNROLLED for (int j = 2 * NW; j < 3 * NW; ++j)
+    UNROLLED for (int b = 0; b < NB; b += 2)
+      _mm_prefetch(reinterpret_cast<const char*>(y + j * a.oc + (ob0 + b) * 16), _MM_HINT_ET0);
+  const bf16_t* w = a.w + ob0 * wblock;
+  for (int64_t ky = 0; ky < a.kh; ++ky, x += row, w += pairs * 32) {
+    for (int64_t p = 0; p < whole; ++p) stem_pair<NB, NW, false>(acc, x, w, wblock, xs, p);
+    if (whole < pairs) stem_pair<NB, NW, true>(acc, x, w, wblock, xs, whole);
+  }
+  const __m512 lo = _mm512_set1_ps(a.lo), hi = _mm512_set1_ps(a.hi);
+  UNROLLED for (int j = 0; j < NW; ++j)
+    UNROLLED for (int b = 0; b < NB; ++b) {
+      const int64_t oc0 = (ob0 + b) * 16;
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(clamped(acc[b][j], lo, hi));
+      if (oc0 + 16 <= a.oc)  // unmasked where the block is whole: AMD's masked stores are slow
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j * a.oc + oc0), v);
+      else
+        _mm256_mask_storeu_epi16(y + j * a.oc + oc0, first_lanes(a.oc - oc0), v);
+    }
+}
+
+template <int NB, int NW>
+static inline void stem_pair_tile_upto(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0, int64_t count) {
+  if constexpr (NW > 1) {
+    if (count < NW) return stem_pair_tile_upto<NB, NW - 1>(a, x, y, ob0, count);
+  }
+  stem_pair_tile<NB, NW>(a, x, y, ob0);
+}
+
+template <int NB>
+static void stem_pair_row(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0) {
+  for (int64_t ox = 0; ox < a.ow; ox += 6)
+    stem_pair_tile_upto<NB, 6>(a, x + ox * a.sw * a.c, y + ox * a.oc, ob0, a.ow - ox < 6 ? a.ow - ox : 6);
+}
+
+extern "C" void kiln_stem_pairs_bf16(const StemPairArgs* args, int64_t threads) {
+  const StemPairArgs& a = *args;
+  thread_local std::vector<bf16_t> scratch;
+  const size_t image = a.hp * a.wp * a.c;
+  if (scratch.size() < a.n * image + 2) scratch.resize(a.n * image + 2);  // + 2: the last pair's 32-bit read
+  bf16_t* const padded = scratch.data();
+  const int64_t ocb = (a.oc + 15) / 16, groups = (ocb + 3) / 4;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < a.n * a.hp; ++r) stem_pack_row(a, padded + r * a.wp * a.c, r / a.hp, r % a.hp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < a.n * a.oh * groups; ++task) {
+      const int64_t g = task % groups, out_row = task / groups, image_index = out_row / a.oh, oy = out_row % a.oh;
+      const bf16_t* x = padded + image_index * image + oy * a.sh * a.wp * a.c;
+      bf16_t* y = a.y + out_row * a.ow * a.oc;
+      const int64_t ob0 = g * 4, nb = ocb - ob0 < 4 ? ocb - ob0 : 4;
+      switch (nb) {
+        case 4: stem_pair_row<4>(a, x, y, ob0); break;
+        case 3: stem_pair_row<3>(a, x, y, ob0); break;
+        case 2: stem_pair_row<2>(a, x, y, ob0); break;
+        default: stem_pair_row<1>(a, x, y, ob0); break;
+      }
+    }
+  }
+}
+#endif
 
 // Max pooling over NHWC: each output pixel takes the maximum of its window's taps inside the input (padding never
 // wins), 16 channels at a time; a NaN anywhere in the window is the result, as in torch's max_pool2d.
@@ -984,12 +1129,12 @@ static inline void affine_row(const T* x, T* y, const float* __restrict s,
   int64_t i = 0;
   for (; i + 16 <= count; i += 16) {
     const __m512 v = _mm512_fmadd_ps(load16(x + i, 0xFFFF), _mm512_loadu_ps(s + i), _mm512_loadu_ps(t + i));
-    store16(y + i, 0xFFFF, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    store16(y + i, 0xFFFF, clamped(v, lo, hi));
   }
   if (i < count) {
     const __mmask16 m = first_lanes(count - i);
     const __m512 v = _mm512_fmadd_ps(load16(x + i, m), _mm512_maskz_loadu_ps(m, s + i), _mm512_maskz_loadu_ps(m, t + i));
-    store16(y + i, m, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+    store16(y + i, m, clamped(v, lo, hi));
   }
 }
 
@@ -999,7 +1144,7 @@ static inline void affine_plane(const T* x, T* y, __m512 s, __m512 t, int64_t co
                                 __m512 lo, __m512 hi) {
   for (int64_t i = 0; i < count; i += 16) {
     const __mmask16 m = first_lanes(count - i);
-    store16(y + i, m, _mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(load16(x + i, m), s, t), lo), hi));
+    store16(y + i, m, clamped(_mm512_fmadd_ps(load16(x + i, m), s, t), lo, hi));
   }
 }
 
@@ -1137,7 +1282,7 @@ static void amx_block(const AmxConvArgs& a, int64_t image, int64_t q0, int64_t o
         v = _mm512_add_ps(v, a.residual_bf16 ? load16(static_cast<const bf16_t*>(a.residual) + at, mask)
                                              : load16(static_cast<const float*>(a.residual) + at, mask));
       }
-      store16(a.y + p * a.ldy + oc0, mask, _mm512_min_ps(_mm512_max_ps(v, lo), hi));
+      store16(a.y + p * a.ldy + oc0, mask, clamped(v, lo, hi));
     }
   }
 }

@@ -88,6 +88,15 @@ class _StemArgs(ctypes.Structure):
                [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
 
+class _StemPairArgs(ctypes.Structure):
+    """native.cpp's StemPairArgs, field for field."""
+    activations = ("x", "y")
+    _fields_ = [(name, ctypes.c_void_p) for name in ("x", "w", "bias", "y")] + \
+               [(name, ctypes.c_int64) for name in ("n", "c", "h", "w_", "pt", "pl", "hp", "wp", "kh", "kw", "oh", "ow",
+                                                   "oc", "sh", "sw")] + \
+               [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
+
+
 class _MeanArgs(ctypes.Structure):
     """native.cpp's MeanArgs, field for field."""
     activations = ("x", "y")
@@ -450,11 +459,14 @@ STEM_MAX_IN_CHANNELS = 15
 
 
 class StemConvolution:
-    """An fp32 convolution of at most STEM_MAX_IN_CHANNELS input channels (groups of 1) from an NCHW input, with
-    bias and a clamp, written NHWC in fp32 or bf16 (`dtype`): every (channel, ky, kx) is one tap of a flat
-    reduction, so the 3-channel stems run at the matrix units' pace instead of the direct kernel's, whose loop over
-    3 input channels is all overhead. Weights packed once as [out/16][tap][16]; a padded layer reads a zero-padded
-    copy of its input (torch's pad: 0.03 ms on 3x224x224)."""
+    """A convolution of at most STEM_MAX_IN_CHANNELS input channels (groups of 1) from an NCHW input, with bias and a
+    clamp, written NHWC in fp32 or bf16 (`dtype`): the 3-channel stems, whose loop over input channels is all overhead
+    in the direct kernel.
+    - fp32 math (fp32 out, and bf16 out where dilated): every (channel, ky, kx) is one tap of a flat reduction,
+      weights packed once as [out/16][tap][16]; a padded layer reads a zero-padded copy of its input (torch's pad:
+      0.03 ms on 3x224x224).
+    - bf16 (`bf16_math`, undilated): AVX512-BF16 dot products over pairs of each kernel row's (kx, channel) elements,
+      from a padded NHWC bf16 copy of the image that the kernel makes itself (native.cpp's kiln_stem_pairs_bf16)."""
 
     def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float], dtype):
         import torch
@@ -464,14 +476,23 @@ class StemConvolution:
             raise ValueError(f"a stem convolution takes at most {STEM_MAX_IN_CHANNELS} input channels, "
                              f"got {in_channels}")
         w, self.bias = _blocked(weight, bias)
-        self.weight = w.view(-1, 16, in_channels * kh * kw).permute(0, 2, 1).contiguous()
         self.out_channels, self.in_channels, self.kernel = out_channels, in_channels, (kh, kw)
         self.strides, self.pads = [int(v) for v in strides], [int(v) for v in pads]
         self.dilations = [int(v) for v in dilations]
         self.clamp, self.dtype = clamp, dtype
         self._library = _load()[0]
         assert self._library is not None, "StemConvolution needs available()"
-        self._convolve = _typed(self._library, "kiln_stem_conv", dtype)
+        self.bf16_math = dtype == torch.bfloat16 and self.dilations == [1, 1] and bool(self._library.kiln_native_bf16())
+        if self.bf16_math:
+            # [out/16][kh][pairs][16][2]: each kernel row's (kx, channel) elements in pairs, the odd one out with a zero
+            elements = kw * in_channels
+            rows = w.view(-1, 16, in_channels, kh, kw).permute(0, 3, 1, 4, 2).reshape(-1, kh, 16, elements)
+            rows = torch.nn.functional.pad(rows, (0, elements % 2))
+            self.weight = rows.view(rows.shape[0], kh, 16, -1, 2).permute(0, 1, 3, 2, 4).contiguous().to(torch.bfloat16)
+            self._convolve = _declared(self._library, "kiln_stem_pairs", _StemPairArgs, 1, torch.bfloat16)
+        else:
+            self.weight = w.view(-1, 16, in_channels * kh * kw).permute(0, 2, 1).contiguous()
+            self._convolve = _typed(self._library, "kiln_stem_conv", dtype)
         self._offsets: dict[tuple, object] = {}  # padded image (h, w) -> tap offsets
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
@@ -490,6 +511,15 @@ class StemConvolution:
         shape = self.output_shape(x)
         (ph, pw), (sh, sw) = self.pads, self.strides
         x = x.to(torch.float32).contiguous()
+        if self.bf16_math:
+            y = output_buffer(shape, self.dtype)[0]
+            if y.numel():
+                n, c, h, w = x.shape
+                args = _StemPairArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(), n, c,
+                                     h, w, ph, pw, h + 2 * ph, w + 2 * pw, *self.kernel, *shape[2:], self.out_channels,
+                                     sh, sw, *self.clamp)
+                launch(self._convolve, args, torch.get_num_threads(), x=x, y=y)
+            return y
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
         hp, wp = x.shape[2:]
