@@ -414,14 +414,14 @@ def check_native_kernels(engine) -> Finding:
     and why not: without them every such layer runs oneDNN's kernel, 10-15% slower on SqueezeNet-sized models in fp32
     and up to 2x in bf16."""
     from ..backends.cpu import native
-    from ..backends.cpu.fast import NATIVE_CONV_TACTICS
+    from ..backends.cpu.fast import NATIVE_TACTICS
 
     layers = engine.plan.layers
     convolutions = [name for name, layer in layers.items()
                     if layer.get("op") == "kiln::Conv" and layer.get("precision") in ("fp32", "bf16")]
     if engine.device != "cpu" or not convolutions:
         return Finding("native kernels", "n/a", "no fp32 or bf16 convolution on the CPU")
-    running = sum(layers[name].get("tactic") in NATIVE_CONV_TACTICS for name in convolutions)
+    running = sum(layers[name].get("tactic") in NATIVE_TACTICS for name in convolutions)
     ok, reason = native.available()
     bf16 = any(layers[name].get("precision") == "bf16" for name in convolutions)
     if ok and bf16 and not native.amx_available():

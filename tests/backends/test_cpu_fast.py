@@ -42,7 +42,7 @@ def test_onednn_conv_matches_reference(activation, params, own, monkeypatch):
         monkeypatch.setattr(onednn, "available", lambda: (False, "disabled by the test"))
     graph = conv_graph(activation, params, residual=activation == "relu")
     feed = {name: torch.randn(2, 8, 10, 10) for name in ("x", "r")}
-    tactic = fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False)
+    tactic = fast.choose(graph.nodes[0], graph, bf16=False, native=False)
     # kiln's primitive sums a residual only into a buffer nothing reads after it: a graph input's stays torch's
     assert tactic.name == ("onednn-primitive" if own and activation != "relu" else "onednn-packed")
     with torch.inference_mode():

@@ -110,13 +110,13 @@ def conv_graph(activation="relu"):
 @needs_onednn
 def test_a_layer_with_only_a_reference_kernel_keeps_torchs_call(monkeypatch):
     graph = conv_graph("sigmoid")
-    assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-primitive"
+    assert fast.choose(graph.nodes[0], graph, bf16=False, native=False).name == "onednn-primitive"
 
     def refused(self, input_shape):
         raise ValueError("oneDNN refused the convolution: only a reference kernel (ref:any) runs it")
 
     monkeypatch.setattr(onednn.Convolution, "primitive", refused)
-    assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-packed"
+    assert fast.choose(graph.nodes[0], graph, bf16=False, native=False).name == "onednn-packed"
 
 
 @needs_onednn
@@ -126,7 +126,7 @@ def test_opting_out(monkeypatch):
     try:
         assert onednn.available() == (False, "KILN_ONEDNN=0")
         graph = conv_graph("sigmoid")
-        assert fast.choose(graph.nodes[0], graph, bf16=False, native_conv=False).name == "onednn-packed"
+        assert fast.choose(graph.nodes[0], graph, bf16=False, native=False).name == "onednn-packed"
     finally:
         monkeypatch.delenv("KILN_ONEDNN")
         onednn._load.cache_clear()

@@ -20,7 +20,7 @@ from typing import Callable
 
 from ...errors import PrecisionError
 from ...ir import DType, Graph, Node, last_uses
-from . import replay
+from . import gemm, replay
 from .kernels import bind_kernel
 
 # kiln activation -> (oneDNN post-op name, algorithm)
@@ -36,6 +36,7 @@ class Tactic:
     name: str  # what `kiln inspect` shows: "onednn-packed", "torch-attention", "torch"
     precision: str  # "fp32", "bf16", or "follow" (runs in the float type its inputs arrive in; fp32 where they mix)
     direct: object | None = None  # a native convolution without a residual, which can write into a wider buffer
+    product: object | None = None  # a native bf16 product (gemm.Gemm), which the lowering links to the next one
 
 
 def bf16_supported() -> bool:
@@ -56,19 +57,19 @@ def check_bf16() -> None:
                                                     "(Intel Cooper Lake, Sapphire Rapids or newer; AMD Zen 4 or newer)")
 
 
-def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native_conv: bool = True) -> Tactic:
+def choose(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native: bool = True) -> Tactic:
     """The fastest tactic kiln has for `node`, falling back to its reference kernel; `sizes` are the dynamic
-    dimensions' opt sizes (kiln/engine/profiles.py), which weights are packed for. `native_conv` False keeps a
-    convolution on oneDNN where kiln's native kernel could run it (select.py times the two)."""
+    dimensions' opt sizes (kiln/engine/profiles.py), which weights are packed for. `native` False keeps a
+    convolution or a matrix product on oneDNN where kiln's native kernel could run it (select.py times the two)."""
     opset = graph.opsets.get(node.domain, graph.opset)
     # oneDNN's packed paths here are fp32 (or bf16 by choice); fp16 or float64 models keep the reference kernels
     fp32 = bool(node.inputs) and graph.value(node.inputs[0]).dtype is DType.float32
     if node.domain == "kiln" and node.op == "Conv" and fp32:
-        tactic = _conv(node, graph, bf16, sizes, native_conv)
+        tactic = _conv(node, graph, bf16, sizes, native)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Gemm" and fp32:
-        tactic = _gemm(node, graph, bf16, sizes)
+        tactic = _gemm(node, graph, bf16, sizes, native)
         if tactic is not None:
             return tactic
     if node.domain == "kiln" and node.op == "Attention" and fp32:
@@ -123,7 +124,7 @@ def _example_shape(graph: Graph, name: str, sizes: dict[str, int] | None = None)
     return [d if isinstance(d, int) else (sizes or {}).get(d, 1) for d in shape]
 
 
-def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native_conv: bool = True) -> Tactic | None:
+def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native: bool = True) -> Tactic | None:
     import torch
 
     weight = graph.initializers.get(node.inputs[1])
@@ -140,9 +141,9 @@ def _conv(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
     bias_array = graph.initializers.get(bias_name) if bias_name else None
     if bias_name and bias_array is None:  # a bias computed at run time: the reference kernel takes it
         return None
-    native = _native_conv(node, graph, weight, bias_array, bf16) if native_conv else None
-    if native is not None:
-        return native
+    own = _native_conv(node, graph, weight, bias_array, bf16) if native else None
+    if own is not None:
+        return own
     primitive = _onednn_primitive(node, graph, weight, bias_array, example, dtype)
     if primitive is not None:
         return primitive
@@ -222,8 +223,9 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example, dtype) ->
     return Tactic(run, "onednn-primitive", precision, direct=None if has_residual else convolution)
 
 
-# What a convolution oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on oneDNN)
-ONEDNN_CONV_TACTICS = {"onednn-packed", "onednn-linear", "onednn-primitive"}
+# What a convolution or matrix product oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on
+# oneDNN)
+ONEDNN_TACTICS = {"onednn-packed", "onednn-linear", "onednn-primitive"}
 # Activations native.cpp applies as a clamp after the residual
 _CLAMPS = {"": (-math.inf, math.inf), "relu": (0.0, math.inf)}
 
@@ -278,8 +280,8 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     return Tactic(run, name, precision, direct=None if has_residual else convolve)
 
 
-# What kiln's native convolutions are called in the plan's layers
-NATIVE_CONV_TACTICS = {"native-direct", "native-winograd", "native-amx", "native-stem"}
+# What the layers kiln's native kernels run (convolutions, bf16 products) are called in the plan's layers
+NATIVE_TACTICS = {"native-direct", "native-winograd", "native-amx", "native-stem", "native-gemm"}
 
 
 # Layers whose output is a tensor of their own, never a view of an input or a buffer another value shares
@@ -343,18 +345,24 @@ def _conv_as_linear(weight, bias, post_op: tuple, rows: int) -> Tactic:
     return Tactic(run, "onednn-linear", "fp32")
 
 
-def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None) -> Tactic | None:
+def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = None, native: bool = True) -> Tactic | None:
     import torch
 
     weight = graph.initializers.get(node.inputs[1])
     if weight is None or weight.ndim != 2 or not torch.backends.mkldnn.is_available():
         return None
+    bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
+    if bias_name and bias_name not in graph.initializers:  # a bias computed at run time: the reference kernel takes it
+        return None
+    if native and bf16:
+        own = _native_gemm(node, weight, graph.initializers.get(bias_name) if bias_name else None)
+        if own is not None:
+            return own
     dtype = torch.bfloat16 if bf16 else torch.float32
     example = _example_shape(graph, node.inputs[0], sizes)
     rows = math.prod(example[:-1]) if example else None
     w = torch.from_numpy(weight.copy()).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-    bias_name = node.inputs[2] if len(node.inputs) > 2 else ""
     bias = torch.from_numpy(graph.initializers[bias_name].copy()).to(dtype) if bias_name else None
     attr, scalars, algorithm = _post_op(node)
     linear = torch.ops.mkldnn._linear_pointwise
@@ -378,6 +386,23 @@ def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
             return linear(x, packed, bias, attr, scalars, algorithm)
 
     return Tactic(run, "onednn-packed", "bf16" if bf16 else "fp32")
+
+
+def _native_gemm(node: Node, weight, bias) -> Tactic | None:
+    """kiln's native bf16 product (gemm.py) for a bf16 engine's kiln::Gemm: alone 0.95-0.98x oneDNN's time with the
+    weights in cache and 0.85-0.88x with them in memory at BERT-base's shapes (docs/benchmarks.md); None where it does
+    not take the layer (an odd reduction, an activation it lacks)."""
+    from . import gemm
+
+    activation = node.attrs.get("activation", "")
+    if not gemm.takes(weight.shape, activation):
+        return None
+    product = gemm.Gemm(weight, bias, activation, node.attrs.get("activation_params", []))
+
+    def run(x, w_unused=None, b_unused=None, residual=None):
+        return product(x, residual)
+
+    return Tactic(run, "native-gemm", "bf16", product=product)
 
 
 def _max_pool(node: Node, graph: Graph) -> Tactic | None:
@@ -673,14 +698,14 @@ def lower(plan, profile: int = 0, shares=None):
 
     # a loaded engine follows the tactic its build chose for each convolution; a build decides by timing (select.py)
     recorded = {name: info.get("tactic") for name, info in (getattr(plan, "layers", None) or {}).items()}
-    keep_onednn = {name for name, tactic in recorded.items() if tactic in ONEDNN_CONV_TACTICS}
+    keep_onednn = {name for name, tactic in recorded.items() if tactic in ONEDNN_TACTICS}
     constants = shares.constants if shares is not None else None
 
     def program_with(onednn: set[str], chosen: dict[int, Tactic], reuse: dict[int, Tactic] | None = None):
         """A program whose convolutions in `onednn` stay on oneDNN; layers in `reuse` keep that tactic (already
         packed) instead of being chosen again."""
         def kernel_for(node: Node):
-            tactic = (reuse or {}).get(id(node)) or choose(node, graph, bf16, opt, native_conv=node.name not in onednn)
+            tactic = (reuse or {}).get(id(node)) or choose(node, graph, bf16, opt, native=node.name not in onednn)
             chosen[id(node)] = tactic
             return tactic.run
 
@@ -691,7 +716,7 @@ def lower(plan, profile: int = 0, shares=None):
     program = program_with(keep_onednn, chosen)
     constants = program.constants  # the second program, if any, shares the first one's weights
     undecided = [node.name for node in graph.nodes
-                 if chosen[id(node)].name in NATIVE_CONV_TACTICS and recorded.get(node.name) != chosen[id(node)].name]
+                 if chosen[id(node)].name in NATIVE_TACTICS and recorded.get(node.name) != chosen[id(node)].name]
     feed = select.timing_feed(graph, opt) if undecided else None
     if feed is not None:
         onednn_chosen: dict[int, Tactic] = {}
@@ -724,6 +749,8 @@ def lower(plan, profile: int = 0, shares=None):
                 chosen[id(node)] = onednn_chosen[id(node)]
     program.layer_info = {node.name: {"precision": chosen[id(node)].precision, "tactic": chosen[id(node)].name}
                           for node in graph.nodes if id(node) in chosen}
+    gemm.prefetch_in_turn([chosen[id(node)].product for node in graph.nodes
+                           if id(node) in chosen and chosen[id(node)].product is not None])
     for name in fill_in_place(program, _direct_writers(graph, chosen)):
         program.layer_info[name]["tactic"] = "native-in-place"
     replay.install(program, _activation_bytes(plan))
