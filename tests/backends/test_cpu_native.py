@@ -868,7 +868,9 @@ class FakeProgram:
 
 
 @pytest.mark.parametrize("native_s, mixed_s, winner", [(0.99, None, "onednn"), (0.97, None, "native"),
-                                                       (0.90, 0.80, "mixed"), (1.20, 0.99, "onednn")])
+                                                       (0.90, 0.80, "mixed"), (1.20, 0.99, "onednn"),
+                                                       (0.90, 0.91, "mixed"), (0.88, 0.91, "native"),
+                                                       (0.90, 0.99, "native")])
 def test_the_whole_engine_must_run_the_margin_faster_to_keep_native_kernels(monkeypatch, native_s, mixed_s, winner):
     from kiln.backends.cpu import select
 
