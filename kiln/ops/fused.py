@@ -9,6 +9,8 @@ kiln::Conv(X, W, B?, R?) -> Y
     (auto_pad resolved by the pass): dilations, group, kernel_shape, pads, strides; plus
     `activation` (str, "" for none; see ACTIVATIONS) and `activation_params` (list of floats).
     R is an optional residual of Y's shape, added before the activation (ResNet's Add + Relu).
+    With `pool_kernel_shape` (the fuse_stem_pool pass, CPU bf16 builds), Y is then max-pooled as ONNX MaxPool with
+    `pool_strides`, `pool_pads` (symmetric) and `pool_ceil_mode`: a network's stem and the pool after it.
 
 kiln::Gemm(X, W, B?, R?) -> Y
     Y = activation(X @ W^T + B + R), X of any rank >= 2 contracting its last axis, W of shape [N, K]
@@ -74,7 +76,8 @@ def apply_activation(y, activation: str, params):
 
 @register("Conv", since=1, domain="kiln")
 def conv(x, w, b=None, residual=None, *, dilations=None, group=1, kernel_shape=None, pads=None, strides=None,
-         activation="", activation_params=()):
+         activation="", activation_params=(), pool_kernel_shape=None, pool_strides=None, pool_pads=None,
+         pool_ceil_mode=0):
     import torch.nn.functional as F
 
     spatial = x.dim() - 2
@@ -88,7 +91,10 @@ def conv(x, w, b=None, residual=None, *, dilations=None, group=1, kernel_shape=N
     y = convolve(x, w, b, strides, pads[:spatial] if symmetric else 0, dilations, group)
     if residual is not None:
         y = y + residual
-    return apply_activation(y, activation, activation_params)
+    y = apply_activation(y, activation, activation_params)
+    if pool_kernel_shape:
+        y = F.max_pool2d(y, list(pool_kernel_shape), list(pool_strides), list(pool_pads)[:2], ceil_mode=bool(pool_ceil_mode))
+    return y
 
 
 @register("Gemm", since=1, domain="kiln")

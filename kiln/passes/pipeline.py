@@ -7,7 +7,8 @@ import time
 from .. import log
 from ..ir import Graph, verify
 from . import (constant_folding, cse, dead_code, fold_batchnorm, fuse_activation, fuse_conv, fuse_elementwise, fuse_gemm,
-               fuse_parallel_gemm, noop_removal, recognize_attention, recognize_gelu, recognize_layernorm)
+               fuse_parallel_gemm, fuse_stem_pool, noop_removal, recognize_attention, recognize_gelu,
+               recognize_layernorm)
 from ..quant import lower as int8_lowering
 from .context import PassContext
 
@@ -32,6 +33,7 @@ PIPELINE = ESSENTIAL + [
     ("fuse_conv", fuse_conv.run),  # Conv -> kiln::Conv
     ("fuse_gemm", fuse_gemm.run),  # Gemm, MatMul (+ bias) -> kiln::Gemm
     ("fuse_activation", fuse_activation.run),  # residual Add and activations into kiln::Conv / kiln::Gemm
+    ("fuse_stem_pool", fuse_stem_pool.run),  # CPU bf16: a 3-channel kiln::Conv + MaxPool -> one kiln::Conv
     # after fuse_activation, so each Gemm carries its own activation and residual (a Split between a Gemm and its
     # activation would stop that fusion); attention was recognised above, on Q, K and V wherever they came from
     ("fuse_parallel_gemm", fuse_parallel_gemm.run),  # kiln::Gemms sharing an input (Q, K, V) -> one kiln::Gemm + Split

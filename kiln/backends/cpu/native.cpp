@@ -540,8 +540,21 @@ __attribute__((always_inline)) static inline void stem_pair(__m512 (&acc)[NB][NW
   }
 }
 
-template <int NB, int NW>
-static inline void stem_pair_tile(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0) {
+// bf16 values as int16 keys that order as the values do, so that a max pool compares 32 lanes in one integer max:
+// a negative value's magnitude bits flipped (-0 below +0), every NaN made +NaN, above +inf. Its own inverse on
+// numbers, and a NaN comes back a NaN.
+static inline __m256i order_keys(__m256i h, __mmask16 nan) {
+  h = _mm256_mask_mov_epi16(h, nan, _mm256_set1_epi16(0x7FC0));
+  return _mm256_xor_si256(h, _mm256_and_si256(_mm256_srai_epi16(h, 15), _mm256_set1_epi16(0x7FFF)));
+}
+static inline __m512i order_keys(__m512i k) {
+  return _mm512_xor_si512(k, _mm512_and_si512(_mm512_srai_epi16(k, 15), _mm512_set1_epi16(0x7FFF)));
+}
+
+// y: the tile's first pixel at channel block ob0, its pixels ldy elements apart; blocks past oc are not stored, or,
+// with KEYS (a pooled stem's rows), all blocks are stored as order_keys
+template <int NB, int NW, bool KEYS>
+static inline void stem_pair_tile(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ldy, int64_t ob0) {
   const int64_t elements = a.c * a.kw, whole = elements / 2, pairs = (elements + 1) / 2, wblock = a.kh * pairs * 32;
   const int64_t xs = a.sw * a.c, row = a.wp * a.c;
   __m512 acc[NB][NW];
@@ -552,7 +565,7 @@ static inline void stem_pair_tile(const StemPairArgs& a, const bf16_t* x, bf16_t
   // the output two tiles on, asked for ahead (as the fp32 kernel's)
   UNROLLED for (int j = 2 * NW; j < 3 * NW; ++j)
     UNROLLED for (int b = 0; b < NB; b += 2)
-      _mm_prefetch(reinterpret_cast<const char*>(y + j * a.oc + (ob0 + b) * 16), _MM_HINT_ET0);
+      _mm_prefetch(reinterpret_cast<const char*>(y + j * ldy + b * 16), _MM_HINT_ET0);
   const bf16_t* w = a.w + ob0 * wblock;
   for (int64_t ky = 0; ky < a.kh; ++ky, x += row, w += pairs * 32) {
     for (int64_t p = 0; p < whole; ++p) stem_pair<NB, NW, false>(acc, x, w, wblock, xs, p);
@@ -562,50 +575,152 @@ static inline void stem_pair_tile(const StemPairArgs& a, const bf16_t* x, bf16_t
   UNROLLED for (int j = 0; j < NW; ++j)
     UNROLLED for (int b = 0; b < NB; ++b) {
       const int64_t oc0 = (ob0 + b) * 16;
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(clamped(acc[b][j], lo, hi));
-      if (oc0 + 16 <= a.oc)  // unmasked where the block is whole: AMD's masked stores are slow
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + j * a.oc + oc0), v);
+      const __m512 c = clamped(acc[b][j], lo, hi);
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(c);
+      __m256i* const out = reinterpret_cast<__m256i*>(y + j * ldy + b * 16);
+      if (KEYS)
+        _mm256_storeu_si256(out, order_keys(v, _mm512_cmp_ps_mask(c, c, _CMP_UNORD_Q)));
+      else if (oc0 + 16 <= a.oc)  // unmasked where the block is whole: AMD's masked stores are slow
+        _mm256_storeu_si256(out, v);
       else
-        _mm256_mask_storeu_epi16(y + j * a.oc + oc0, first_lanes(a.oc - oc0), v);
+        _mm256_mask_storeu_epi16(out, first_lanes(a.oc - oc0), v);
     }
 }
 
-template <int NB, int NW>
-static inline void stem_pair_tile_upto(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0, int64_t count) {
+template <int NB, int NW, bool KEYS>
+static inline void stem_pair_tile_upto(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ldy, int64_t ob0,
+                                       int64_t count) {
   if constexpr (NW > 1) {
-    if (count < NW) return stem_pair_tile_upto<NB, NW - 1>(a, x, y, ob0, count);
+    if (count < NW) return stem_pair_tile_upto<NB, NW - 1, KEYS>(a, x, y, ldy, ob0, count);
   }
-  stem_pair_tile<NB, NW>(a, x, y, ob0);
+  stem_pair_tile<NB, NW, KEYS>(a, x, y, ldy, ob0);
 }
 
-template <int NB>
-static void stem_pair_row(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ob0) {
-  for (int64_t ox = 0; ox < a.ow; ox += 6)
-    stem_pair_tile_upto<NB, 6>(a, x + ox * a.sw * a.c, y + ox * a.oc, ob0, a.ow - ox < 6 ? a.ow - ox : 6);
+// One output row (x: its first window's first row in the padded copy) for blocks [ob0, ob0 + nb), pixels ldy apart
+template <bool KEYS>
+static void stem_pair_row(const StemPairArgs& a, const bf16_t* x, bf16_t* y, int64_t ldy, int64_t ob0, int64_t nb) {
+  for (int64_t ox = 0; ox < a.ow; ox += 6) {
+    const bf16_t* xt = x + ox * a.sw * a.c;
+    bf16_t* yt = y + ox * ldy;
+    const int64_t count = a.ow - ox < 6 ? a.ow - ox : 6;
+    switch (nb) {
+      case 4: stem_pair_tile_upto<4, 6, KEYS>(a, xt, yt, ldy, ob0, count); break;
+      case 3: stem_pair_tile_upto<3, 6, KEYS>(a, xt, yt, ldy, ob0, count); break;
+      case 2: stem_pair_tile_upto<2, 6, KEYS>(a, xt, yt, ldy, ob0, count); break;
+      default: stem_pair_tile_upto<1, 6, KEYS>(a, xt, yt, ldy, ob0, count); break;
+    }
+  }
+}
+
+// The calling thread's padded NHWC bf16 copy of the image, filled by the team inside a parallel region
+static bf16_t* stem_scratch(const StemPairArgs& a) {
+  thread_local std::vector<bf16_t> scratch;
+  const size_t size = a.n * a.hp * a.wp * a.c + 2;  // + 2: the last pair's 32-bit read
+  if (scratch.size() < size) scratch.resize(size);
+  return scratch.data();
+}
+
+static void stem_pack(const StemPairArgs& a, bf16_t* padded) {
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < a.n * a.hp; ++r) stem_pack_row(a, padded + r * a.wp * a.c, r / a.hp, r % a.hp);
 }
 
 extern "C" void kiln_stem_pairs_bf16(const StemPairArgs* args, int64_t threads) {
   const StemPairArgs& a = *args;
-  thread_local std::vector<bf16_t> scratch;
-  const size_t image = a.hp * a.wp * a.c;
-  if (scratch.size() < a.n * image + 2) scratch.resize(a.n * image + 2);  // + 2: the last pair's 32-bit read
-  bf16_t* const padded = scratch.data();
-  const int64_t ocb = (a.oc + 15) / 16, groups = (ocb + 3) / 4;
+  bf16_t* const padded = stem_scratch(a);
+  const int64_t image = a.hp * a.wp * a.c, ocb = (a.oc + 15) / 16, groups = (ocb + 3) / 4;
 #pragma omp parallel num_threads(threads)
   {
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < a.n * a.hp; ++r) stem_pack_row(a, padded + r * a.wp * a.c, r / a.hp, r % a.hp);
+    stem_pack(a, padded);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < a.n * a.oh * groups; ++task) {
       const int64_t g = task % groups, out_row = task / groups, image_index = out_row / a.oh, oy = out_row % a.oh;
-      const bf16_t* x = padded + image_index * image + oy * a.sh * a.wp * a.c;
-      bf16_t* y = a.y + out_row * a.ow * a.oc;
       const int64_t ob0 = g * 4, nb = ocb - ob0 < 4 ? ocb - ob0 : 4;
-      switch (nb) {
-        case 4: stem_pair_row<4>(a, x, y, ob0); break;
-        case 3: stem_pair_row<3>(a, x, y, ob0); break;
-        case 2: stem_pair_row<2>(a, x, y, ob0); break;
-        default: stem_pair_row<1>(a, x, y, ob0); break;
+      stem_pair_row<false>(a, padded + image_index * image + oy * a.sh * a.wp * a.c,
+                           a.y + out_row * a.ow * a.oc + ob0 * 16, a.oc, ob0, nb);
+    }
+  }
+}
+
+// The bf16 stem with the max pool after it (fuse_stem_pool): a task is a band of pooled rows of one image for up to
+// four blocks of 16 channels. It computes each convolution row its windows reach once, into a ring of pool_k rows in
+// the thread's cache, and pools each pooled row from the ring, so the convolution's output is never written out.
+// A band recomputes the row it shares with the band above (a 3x3 window of stride 2: one row in 2 * band + 1). The
+// pool's padding never wins and a NaN in a window is the result, as in max_pool_nhwc; its sizes (ceil mode or not)
+// come from the caller.
+struct StemPoolArgs {
+  StemPairArgs conv;            // conv.y unused
+  bf16_t* y;                    // pooled, NHWC
+  int64_t pool_k, pool_s, pool_pad, poh, pow_;
+  int64_t band;                 // pooled rows a task
+};
+
+// Pooled row q from the ring's rows [y0, y1) of the convolution (order keys, lanes = ldr a pixel): the maximum down
+// each column into `columns`, then across each window of columns, 32 lanes an integer max; out: the pooled row's
+// first pixel at the task's first channel, its pixels oc apart, `valid` channels of them stored
+static void pool_row_from_ring(const StemPoolArgs& p, const bf16_t* ring, int64_t ldr, int64_t y0, int64_t y1,
+                               bf16_t* columns, bf16_t* out, int64_t valid) {
+  const StemPairArgs& a = p.conv;
+  const bf16_t* rows[16];  // the window's rows in the ring (pool_k <= 16: native.py's POOL_MAX_KERNEL)
+  for (int64_t oy = y0; oy < y1; ++oy) rows[oy - y0] = ring + (oy % p.pool_k) * a.ow * ldr;
+  const int64_t count = y1 - y0, whole = ldr / 32 * 32;  // a ring pixel of 16 or 48 lanes ends in half a vector
+  for (int64_t e = 0; e < a.ow * ldr; e += ldr) {
+    for (int64_t c = e; c < e + whole; c += 32) {
+      __m512i best = _mm512_loadu_si512(rows[0] + c);
+      for (int64_t r = 1; r < count; ++r) best = _mm512_max_epi16(best, _mm512_loadu_si512(rows[r] + c));
+      _mm512_storeu_si512(columns + c, best);
+    }
+    if (whole < ldr) {
+      const int64_t c = e + whole;
+      __m256i best = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[0] + c));
+      for (int64_t r = 1; r < count; ++r)
+        best = _mm256_max_epi16(best, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(columns + c), best);
+    }
+  }
+  for (int64_t px = 0; px < p.pow_; ++px) {
+    const int64_t x0 = px * p.pool_s - p.pool_pad > 0 ? px * p.pool_s - p.pool_pad : 0;
+    const int64_t x1 = px * p.pool_s - p.pool_pad + p.pool_k < a.ow ? px * p.pool_s - p.pool_pad + p.pool_k : a.ow;
+    for (int64_t c = 0; c < valid; c += 32) {
+      const __mmask32 m = valid - c >= 32 ? 0xFFFFFFFF : (__mmask32)((1ull << (valid - c)) - 1);
+      __m512i best = _mm512_maskz_loadu_epi16(m, columns + x0 * ldr + c);
+      for (int64_t ox = x0 + 1; ox < x1; ++ox) best = _mm512_max_epi16(best, _mm512_maskz_loadu_epi16(m, columns + ox * ldr + c));
+      if (m == 0xFFFFFFFF)
+        _mm512_storeu_si512(out + px * a.oc + c, order_keys(best));
+      else
+        _mm512_mask_storeu_epi16(out + px * a.oc + c, m, order_keys(best));
+    }
+  }
+}
+
+extern "C" void kiln_stem_pool_bf16(const StemPoolArgs* args, int64_t threads) {
+  const StemPoolArgs& p = *args;
+  const StemPairArgs& a = p.conv;
+  bf16_t* const padded = stem_scratch(a);
+  const int64_t image = a.hp * a.wp * a.c, ocb = (a.oc + 15) / 16, groups = (ocb + 3) / 4;
+  const int64_t bands = (p.poh + p.band - 1) / p.band;
+#pragma omp parallel num_threads(threads)
+  {
+    stem_pack(a, padded);
+    thread_local std::vector<bf16_t> ring_rows;  // pool_k rows of the convolution, then one of column maxima
+    if (ring_rows.size() < static_cast<size_t>((p.pool_k + 1) * a.ow * 64)) ring_rows.resize((p.pool_k + 1) * a.ow * 64);
+    bf16_t* const ring = ring_rows.data();
+    bf16_t* const columns = ring + p.pool_k * a.ow * 64;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < a.n * bands * groups; ++task) {
+      const int64_t g = task % groups, band = task / groups % bands, n = task / groups / bands;
+      const int64_t ob0 = g * 4, nb = ocb - ob0 < 4 ? ocb - ob0 : 4, ldr = nb * 16;
+      const int64_t q1 = (band + 1) * p.band < p.poh ? (band + 1) * p.band : p.poh;
+      int64_t computed = -1;  // the last convolution row in the ring
+      for (int64_t q = band * p.band; q < q1; ++q) {
+        const int64_t y0 = q * p.pool_s - p.pool_pad > 0 ? q * p.pool_s - p.pool_pad : 0;
+        const int64_t y1 = q * p.pool_s - p.pool_pad + p.pool_k < a.oh ? q * p.pool_s - p.pool_pad + p.pool_k : a.oh;
+        for (int64_t oy = computed >= y0 ? computed + 1 : y0; oy < y1; ++oy)
+          stem_pair_row<true>(a, padded + n * image + oy * a.sh * a.wp * a.c, ring + (oy % p.pool_k) * a.ow * ldr, ldr,
+                              ob0, nb);
+        computed = y1 - 1 > computed ? y1 - 1 : computed;
+        pool_row_from_ring(p, ring, ldr, y0, y1, columns, p.y + ((n * p.poh + q) * p.pow_) * a.oc + ob0 * 16,
+                           a.oc - ob0 * 16 < ldr ? a.oc - ob0 * 16 : ldr);
       }
     }
   }

@@ -97,6 +97,15 @@ class _StemPairArgs(ctypes.Structure):
                [("lo", ctypes.c_float), ("hi", ctypes.c_float)]
 
 
+class _StemPoolArgs(ctypes.Structure):
+    """native.cpp's StemPoolArgs, field for field: its StemPairArgs spelled out (that one's y unused, the pooled
+    output after it), so that a replay finds x and y by name."""
+    activations = ("x", "y")
+    _fields_ = [(name if name != "y" else "convolution_y", kind) for name, kind in _StemPairArgs._fields_] + \
+               [("y", ctypes.c_void_p)] + \
+               [(name, ctypes.c_int64) for name in ("pool_k", "pool_s", "pool_pad", "poh", "pow_", "band")]
+
+
 class _MeanArgs(ctypes.Structure):
     """native.cpp's MeanArgs, field for field."""
     activations = ("x", "y")
@@ -456,6 +465,9 @@ def _channels_last_strides(shape) -> tuple:
 
 # Below this many input channels a convolution is a stem's (an image's 3 channels): StemConvolution takes it
 STEM_MAX_IN_CHANNELS = 15
+# Tasks a thread gets in a pooled stem: more balance the threads, fewer (taller bands) recompute fewer shared rows
+POOL_TASKS_PER_THREAD = 4
+POOL_MAX_KERNEL = 16  # the pooled stem keeps a window's rows in an array of this many
 
 
 class StemConvolution:
@@ -466,9 +478,11 @@ class StemConvolution:
       weights packed once as [out/16][tap][16]; a padded layer reads a zero-padded copy of its input (torch's pad:
       0.03 ms on 3x224x224).
     - bf16 (`bf16_math`, undilated): AVX512-BF16 dot products over pairs of each kernel row's (kx, channel) elements,
-      from a padded NHWC bf16 copy of the image that the kernel makes itself (native.cpp's kiln_stem_pairs_bf16)."""
+      from a padded NHWC bf16 copy of the image that the kernel makes itself (native.cpp's kiln_stem_pairs_bf16).
+      With `pool` (kernel, stride, pad, ceil mode: a square max pool after it, the fuse_stem_pool pass) it pools the
+      rows it computes while they are in cache and writes only the pooled output (kiln_stem_pool_bf16)."""
 
-    def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float], dtype):
+    def __init__(self, weight, bias, strides, pads, dilations, clamp: tuple[float, float], dtype, pool=None):
         import torch
 
         out_channels, in_channels, kh, kw = weight.shape
@@ -483,6 +497,11 @@ class StemConvolution:
         self._library = _load()[0]
         assert self._library is not None, "StemConvolution needs available()"
         self.bf16_math = dtype == torch.bfloat16 and self.dilations == [1, 1] and bool(self._library.kiln_native_bf16())
+        self.pool = tuple(int(v) for v in pool) if pool is not None else None
+        if self.pool is not None and not self.bf16_math:
+            raise ValueError("a stem convolution pools only in bf16 math (bf16, undilated, AVX512-BF16)")
+        if self.pool is not None and not 0 < self.pool[0] <= POOL_MAX_KERNEL:
+            raise ValueError(f"a stem convolution pools windows of at most {POOL_MAX_KERNEL}, got {self.pool[0]}")
         if self.bf16_math:
             # [out/16][kh][pairs][16][2]: each kernel row's (kx, channel) elements in pairs, the odd one out with a zero
             elements = kw * in_channels
@@ -490,12 +509,21 @@ class StemConvolution:
             rows = torch.nn.functional.pad(rows, (0, elements % 2))
             self.weight = rows.view(rows.shape[0], kh, 16, -1, 2).permute(0, 1, 3, 2, 4).contiguous().to(torch.bfloat16)
             self._convolve = _declared(self._library, "kiln_stem_pairs", _StemPairArgs, 1, torch.bfloat16)
+            self._pooled = _declared(self._library, "kiln_stem_pool", _StemPoolArgs, 1, torch.bfloat16)
         else:
             self.weight = w.view(-1, 16, in_channels * kh * kw).permute(0, 2, 1).contiguous()
             self._convolve = _typed(self._library, "kiln_stem_conv", dtype)
         self._offsets: dict[tuple, object] = {}  # padded image (h, w) -> tap offsets
 
     def output_shape(self, x) -> tuple[int, int, int, int]:
+        """The output's shape for input `x` (pooled where the layer pools)."""
+        shape = self._convolution_shape(x)
+        if self.pool is None:
+            return shape
+        kernel, stride, pad, ceil_mode = self.pool
+        return (*shape[:2], *window_output_sizes(shape[2:], [kernel] * 2, [stride] * 2, [1, 1], [pad] * 2, bool(ceil_mode)))
+
+    def _convolution_shape(self, x) -> tuple[int, int, int, int]:
         return (x.shape[0], self.out_channels,
                 *window_output_sizes(x.shape[2:], self.kernel, self.strides, self.dilations, self.pads))
 
@@ -515,10 +543,19 @@ class StemConvolution:
             y = output_buffer(shape, self.dtype)[0]
             if y.numel():
                 n, c, h, w = x.shape
-                args = _StemPairArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(), n, c,
-                                     h, w, ph, pw, h + 2 * ph, w + 2 * pw, *self.kernel, *shape[2:], self.out_channels,
-                                     sh, sw, *self.clamp)
-                launch(self._convolve, args, torch.get_num_threads(), x=x, y=y)
+                convolution = (x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(), y.data_ptr(), n, c, h, w, ph,
+                               pw, h + 2 * ph, w + 2 * pw, *self.kernel, *self._convolution_shape(x)[2:],
+                               self.out_channels, sh, sw, *self.clamp)
+                threads = torch.get_num_threads()
+                if self.pool is None:
+                    launch(self._convolve, _StemPairArgs(*convolution), threads, x=x, y=y)
+                else:
+                    kernel, stride, pad, _ = self.pool
+                    # bands of pooled rows: about POOL_TASKS_PER_THREAD tasks a thread, each as tall as that allows
+                    groups = _ceil_div(_ceil_div(self.out_channels, 16), 4)
+                    band = max(1, _ceil_div(n * shape[2] * groups, POOL_TASKS_PER_THREAD * threads))
+                    args = _StemPoolArgs(*convolution, y.data_ptr(), kernel, stride, pad, *shape[2:], band)
+                    launch(self._pooled, args, threads, x=x, y=y)
             return y
         if ph or pw:
             x = F.pad(x, (pw, pw, ph, ph))
