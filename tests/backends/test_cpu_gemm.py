@@ -137,3 +137,58 @@ def test_a_bf16_engine_runs_its_products_natively_and_matches_onnxruntime():
         if node.op == "Gemm":
             assert fast.choose(node, graph, bf16=True).name == "native-gemm"
             assert fast.choose(node, graph, bf16=True, native=False).name == "onednn-packed"
+
+
+def float64_pointwise(x, w, b, residual=None, clamp=(0.0, math.inf)):
+    y = F.conv2d(x.bfloat16().double(), torch.from_numpy(w).bfloat16().double(), torch.from_numpy(b).double())
+    if residual is not None:
+        y = y + residual.double()
+    return y.clamp(*clamp)
+
+
+@pytest.mark.parametrize("residual", ["none", "summed", "in place"])
+@pytest.mark.parametrize("cin, cout", [(64, 256), (256, 64), (48, 40)])
+def test_pointwise_convolution_matches_float64(cin, cout, residual):
+    """1x1 convolutions as the product over NHWC pixels: a 64-channel output (one panel: the threads split the rows),
+    channels off the 16-channel block; a residual summed into a new buffer or its own."""
+    generator = torch.Generator().manual_seed(cin + cout)
+    x = torch.randn(2, cin, 7, 9, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(cout, cin, 1, 1, generator=generator) / math.sqrt(cin)).numpy()
+    b = torch.randn(cout, generator=generator).numpy()
+    r = torch.randn(2, cout, 7, 9, generator=generator).bfloat16().contiguous(memory_format=torch.channels_last)
+    conv = gemm.PointwiseConvolution(w, b, "relu")
+    given = r.clone() if residual != "none" else None
+    y = conv(x, given, in_place=residual == "in place")
+    expected = float64_pointwise(x, w, b, r if residual != "none" else None)
+    assert y.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    assert tuple(y.shape) == tuple(expected.shape) == conv.output_shape(x)
+    assert (given is not None and y.data_ptr() == given.data_ptr()) == (residual == "in place")
+    assert ((y.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-4).all()
+
+
+def test_pointwise_convolution_writes_a_concatenations_slice():
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 32, 5, 5, generator=generator)  # fp32 NCHW: rounded to bf16 and made NHWC first
+    w = (torch.randn(48, 32, 1, 1, generator=generator) / math.sqrt(32)).numpy()
+    b = torch.randn(48, generator=generator).numpy()
+    buffer = torch.full((1, 80, 5, 5), 7.0, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv = gemm.PointwiseConvolution(w, b, "clip", [-0.5, 0.5])
+    out = buffer[:, 16:64]
+    assert conv(x, out=out).data_ptr() == out.data_ptr()
+    expected = float64_pointwise(x, w, b, clamp=(-0.5, 0.5))
+    assert ((out.double() - expected).abs() <= 2 ** -8 * expected.abs() + 1e-4).all()
+    assert (buffer[:, :16] == 7).all() and (buffer[:, 64:] == 7).all()
+
+
+def test_which_convolutions_the_product_takes():
+    takes = gemm.PointwiseConvolution.takes
+    assert takes((64, 32, 1, 1), [1, 1], [0] * 4, [1, 1], 1, "relu")
+    for shape, strides, pads, groups, activation in [((64, 32, 1, 1), [2, 2], [0] * 4, 1, ""),
+                                                     ((64, 32, 1, 1), [1, 1], [1] * 4, 1, ""),
+                                                     ((64, 32, 3, 3), [1, 1], [0] * 4, 1, ""),
+                                                     ((64, 32, 1, 1), [1, 1], [0] * 4, 2, ""),
+                                                     ((64, 33, 1, 1), [1, 1], [0] * 4, 1, ""),
+                                                     ((64, 32, 1, 1), [1, 1], [0] * 4, 1, "sigmoid")]:
+        assert not takes(shape, strides, pads, [1, 1], groups, activation), (shape, strides, pads, groups, activation)
+    with pytest.raises(ValueError, match="32 float channels"):
+        gemm.PointwiseConvolution(np.ones((16, 32, 1, 1), np.float32), None, "")(torch.ones(1, 31, 2, 2))

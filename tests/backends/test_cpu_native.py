@@ -257,6 +257,10 @@ def test_which_convolutions_take_the_native_kernel():
         assert fast.choose(stem.nodes[0], stem, bf16=True).name == ("native-stem" if native.bf16_available() else "onednn-packed")
         for graph in (conv_node_graph(group=2), conv_node_graph(cin=24)):
             assert fast.choose(graph.nodes[0], graph, bf16=True).name == ONEDNN_CONV
+        # a 1x1 of stride 1: the native product over pixels (gemm.py), where AMX does not take it
+        pointwise = conv_node_graph(k=1)
+        assert fast.choose(pointwise.nodes[0], pointwise, bf16=True).name == \
+            ("native-amx" if native.amx_available() else "native-gemm" if native.bf16_available() else ONEDNN_CONV)
         # a 3x3 of stride 1 with channels in 16s: the Winograd kernel in bf16 too, where AMX does not take it
         winograd_graph = conv_node_graph(cout=32)
         assert fast.choose(winograd_graph.nodes[0], winograd_graph, bf16=True).name == \

@@ -307,6 +307,9 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
         dtype = torch.bfloat16 if bf16 else torch.float32
         convolve = winograd.WinogradConvolution(weight, bias, node.attrs["pads"], clamp, dtype)
         name, precision = "native-winograd", "bf16" if bf16 else "fp32"
+    elif bf16 and gemm.PointwiseConvolution.takes(weight.shape, strides, node.attrs["pads"], dilations, 1, activation):
+        convolve = gemm.PointwiseConvolution(weight, bias, activation, node.attrs.get("activation_params", []))
+        name, precision = "native-gemm", "bf16"
     elif bf16:
         return None
     else:
@@ -315,7 +318,8 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     def run(x, w_unused=None, b_unused=None, residual=None):
         return convolve(x, residual if has_residual else None, in_place)
 
-    return Tactic(run, name, precision, direct=None if has_residual else convolve)
+    return Tactic(run, name, precision, direct=None if has_residual else convolve,
+                  product=getattr(convolve, "product", None))
 
 
 # What the layers kiln's native kernels run (convolutions, bf16 products) are called in the plan's layers

@@ -84,19 +84,68 @@ class Gemm:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
             residual = residual.to(out_dtype).contiguous()
         y = torch.empty(shape, dtype=out_dtype)
-        if y.numel():
-            args = _GemmArgs(rows.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
-                             residual.data_ptr() if residual is not None else None, y.data_ptr(),
-                             rows.shape[0], self.k, self.n, self.k, self.n, self.n, self.activation, *self.bounds,
-                             *self._next_weights())
-            native.launch(self._kernels[out_dtype], args, self.rows_per_chunk, torch.get_num_threads(),
-                          x=rows, residual=residual, y=y)
+        self.launch(rows, self.k, residual, self.n, y, self.n)
         return y
+
+    def launch(self, x, ldx: int, residual, ldr: int, y, ldy: int) -> None:
+        """The product of x's rows (bf16, `ldx` elements apart; as many as y has) into y's (`ldy` apart), plus
+        residual's (`ldr` apart, y's type) where given; y bf16 or fp32."""
+        import torch
+
+        rows = y.numel() // self.n
+        if rows:
+            args = _GemmArgs(x.data_ptr(), self.weight.data_ptr(), self.bias.data_ptr(),
+                             residual.data_ptr() if residual is not None else None, y.data_ptr(),
+                             rows, self.k, self.n, ldx, ldr, ldy, self.activation, *self.bounds, *self._next_weights())
+            native.launch(self._kernels[y.dtype], args, self.rows_per_chunk, torch.get_num_threads(),
+                          x=x, residual=residual, y=y)
 
     def _next_weights(self) -> tuple:
         """GemmArgs' next_w, next_n and next_k: where the next product's weights are."""
         following = self.next
         return (following.weight.data_ptr(), following.n, following.k) if following is not None else (None, 0, 0)
+
+
+class PointwiseConvolution:
+    """A 1x1 convolution of stride 1, unpadded, in one group, as the product over NHWC pixels (bf16), with bias, a
+    residual (also summed in place into its buffer) and ReLU or Clip: the same calls as native.DirectConvolution, so a
+    layer, a concatenation's slice (`out`) or a replay takes either. Its weights join the engine's chain of products
+    (prefetch_in_turn), which a small layer's weights, arriving from memory, wait on."""
+
+    def __init__(self, weight, bias, activation: str, params=()):
+        import torch
+
+        self.product = Gemm(np.asarray(weight)[:, :, 0, 0], bias, activation, params)
+        self.out_channels, self.in_channels = self.product.n, self.product.k
+        self.dtype = torch.bfloat16  # what it writes
+
+    @staticmethod
+    def takes(weight_shape, strides, pads, dilations, groups: int, activation: str) -> bool:
+        return (len(weight_shape) == 4 and tuple(weight_shape[2:]) == (1, 1) and list(strides) == [1, 1]
+                and not any(pads) and list(dilations) == [1, 1] and groups == 1 and activation in ("", "relu", "clip")
+                and takes(weight_shape[:2], activation))
+
+    def output_shape(self, x) -> tuple:
+        n, _, h, w = getattr(x, "shape", x)
+        return (n, self.out_channels, h, w)
+
+    def __call__(self, x, residual=None, in_place: bool = False, out=None):
+        import torch
+
+        if x.dim() != 4 or x.shape[1] != self.in_channels or not x.dtype.is_floating_point:
+            raise ValueError(f"expected {self.in_channels} float channels, got {tuple(x.shape)} {x.dtype}")
+        x = native.channels_last(x.to(torch.bfloat16))
+        shape = self.output_shape(x)
+        if residual is not None:
+            if tuple(residual.shape) != shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
+            residual = native.channels_last(residual.to(torch.bfloat16))
+        if out is None and in_place and residual is not None and residual.data_ptr() != x.data_ptr():
+            y, ldy = residual, self.out_channels  # each output element reads its residual just before writing it
+        else:
+            y, ldy = native.output_buffer(shape, torch.bfloat16, out)
+        self.product.launch(x, self.in_channels, residual, self.out_channels, y, ldy)
+        return y
 
 
 def prefetch_in_turn(products: list[Gemm]) -> None:

@@ -1326,39 +1326,50 @@ static void gemm_rows(const GemmArgs& a, int64_t i0, int64_t i1, int64_t b0, con
   }
 }
 
+// A thread's share of a product: a range of the 64-column panels over all rows where there are panels enough for
+// every thread, else (a 1x1 convolution to 64 channels) a range of the rows, in whole tiles, over all panels
+struct GemmShare { int64_t panel0, panel1, row0, row1; };
+static GemmShare gemm_share(int64_t m, int64_t n, int64_t me, int64_t team) {
+  const int64_t panels = ((n + 15) / 16 + 3) / 4;
+  if (panels >= team) return {panels * me / team, panels * (me + 1) / team, 0, m};
+  const int64_t tiles = (m + 5) / 6, t0 = tiles * me / team, t1 = tiles * (me + 1) / team;
+  return {0, panels, t0 * 6 < m ? t0 * 6 : m, t1 * 6 < m ? t1 * 6 : m};
+}
+
 // The bytes [begin, end) of the panel a thread `me` of `team` runs first in a product of n columns and k (none for
 // a null w)
 static void first_panel(const bf16_t* w, int64_t n, int64_t k, int64_t me, int64_t team, const char*& begin,
                         const char*& end) {
   begin = end = nullptr;
   if (!w) return;
-  const int64_t blocks = (n + 15) / 16, panels = (blocks + 3) / 4, first = panels * me / team;
-  if (first >= panels * (me + 1) / team) return;
+  const GemmShare share = gemm_share(6 * team, n, me, team);
+  if (share.panel0 >= share.panel1) return;
+  const int64_t blocks = (n + 15) / 16;
   const char* const weights = reinterpret_cast<const char*>(w);
   const char* const weights_end = weights + blocks * 16 * k * sizeof(bf16_t);
-  begin = weights + first * 4 * 16 * k * sizeof(bf16_t);
+  begin = weights + share.panel0 * 4 * 16 * k * sizeof(bf16_t);
   end = begin + 4 * 16 * k * sizeof(bf16_t) < weights_end ? begin + 4 * 16 * k * sizeof(bf16_t) : weights_end;
 }
 
 template <typename T>
 static void gemm_bf16(const GemmArgs& a, int64_t rows_per_chunk, int64_t threads) {
-  const int64_t blocks = (a.n + 15) / 16, panels = (blocks + 3) / 4, panel_bytes = 4 * 16 * a.k * sizeof(bf16_t);
+  const int64_t blocks = (a.n + 15) / 16, panel_bytes = 4 * 16 * a.k * sizeof(bf16_t);
   const char* const weights = reinterpret_cast<const char*>(a.w);
   const char* const weights_end = weights + blocks * 16 * a.k * sizeof(bf16_t);
 #pragma omp parallel num_threads(threads)
   {
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-    const int64_t first = panels * me / team, last = panels * (me + 1) / team;
-    for (int64_t i0 = 0; i0 < a.m; i0 += rows_per_chunk) {
-      const int64_t i1 = i0 + rows_per_chunk < a.m ? i0 + rows_per_chunk : a.m;
-      for (int64_t panel = first; panel < last; ++panel) {
+    const GemmShare share = gemm_share(a.m, a.n, me, team);
+    for (int64_t i0 = share.row0; i0 < share.row1; i0 += rows_per_chunk) {
+      const int64_t i1 = i0 + rows_per_chunk < share.row1 ? i0 + rows_per_chunk : share.row1;
+      for (int64_t panel = share.panel0; panel < share.panel1; ++panel) {
         // the panel this thread runs next: the following one; for the next chunk its first again (still in cache);
         // after the last chunk, its first of the next product
         const char *ahead = nullptr, *ahead_end = nullptr;
-        if (panel + 1 < last) {
+        if (panel + 1 < share.panel1) {
           ahead = weights + (panel + 1) * panel_bytes;
           ahead_end = ahead + panel_bytes < weights_end ? ahead + panel_bytes : weights_end;
-        } else if (i1 == a.m) {
+        } else if (i1 == share.row1) {
           first_panel(a.next_w, a.next_n, a.next_k, me, team, ahead, ahead_end);
         }
         const int64_t b0 = panel * 4, nb = blocks - b0 < 4 ? blocks - b0 : 4;
