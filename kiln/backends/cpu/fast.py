@@ -431,11 +431,9 @@ def _gemm(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None = N
 
 
 def _native_gemm(node: Node, weight, bias) -> Tactic | None:
-    """kiln's native bf16 product (gemm.py) for a bf16 engine's kiln::Gemm: alone 0.95-0.98x oneDNN's time with the
-    weights in cache and 0.85-0.88x with them in memory at BERT-base's shapes (docs/benchmarks.md); None where it does
+    """kiln's native bf16 product (gemm.py) for a bf16 engine's kiln::Gemm: alone 0.95-1.0x oneDNN's time with the
+    weights in cache and 0.85-0.91x with them in memory at BERT-base's shapes (docs/benchmarks.md); None where it does
     not take the layer (an odd reduction, an activation it lacks)."""
-    from . import gemm
-
     activation = node.attrs.get("activation", "")
     if not gemm.takes(weight.shape, activation):
         return None

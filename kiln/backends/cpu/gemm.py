@@ -32,14 +32,10 @@ class _GemmArgs(ctypes.Structure):
 def takes(weight_shape, activation: str) -> bool:
     """Whether the kernel runs a product with weights of `weight_shape` ([out, in]) and `activation`: bf16 kernels
     present, an even reduction (its dot products take pairs) and an activation it applies."""
-    return (len(weight_shape) == 2 and weight_shape[1] % 2 == 0 and weight_shape[1] > 0 and activation in ACTIVATIONS
-            and native.declared_kernel("kiln_gemm", _GemmArgs, 2, _bf16()) is not None)
-
-
-def _bf16():
     import torch
 
-    return torch.bfloat16
+    return (len(weight_shape) == 2 and weight_shape[1] % 2 == 0 and weight_shape[1] > 0 and activation in ACTIVATIONS
+            and native.declared_kernel("kiln_gemm", _GemmArgs, 2, torch.bfloat16) is not None)
 
 
 class Gemm:
