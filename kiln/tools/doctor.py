@@ -438,16 +438,16 @@ def check_native_kernels(engine) -> Finding:
 
 
 def check_onednn_primitives(engine) -> Finding:
-    """Whether a CPU engine's fp32 convolutions that stay on oneDNN run kiln's own primitives (created once per layer:
-    kiln/backends/cpu/onednn.py) or torch's oneDNN call, which costs 20-22 us more per layer (about 5% of ResNet-50 at
-    batch 1), and why."""
+    """Whether a CPU engine's fp32 or bf16 convolutions that stay on oneDNN run kiln's own primitives (created once per
+    layer: kiln/backends/cpu/onednn.py) or torch's oneDNN call, which costs 20-22 us more per layer (about 5% of
+    ResNet-50 at batch 1), and why."""
     from ..backends.cpu import onednn
 
     layers = engine.plan.layers
-    on_onednn = [name for name, layer in layers.items() if layer.get("op") == "kiln::Conv" and layer.get("precision") == "fp32"
-                 and layer.get("tactic") in ("onednn-primitive", "onednn-packed")]
+    on_onednn = [name for name, layer in layers.items() if layer.get("op") == "kiln::Conv"
+                 and layer.get("precision") in ("fp32", "bf16") and layer.get("tactic") in ("onednn-primitive", "onednn-packed")]
     if engine.device != "cpu" or not on_onednn:
-        return Finding("oneDNN primitives", "n/a", "no fp32 convolution on oneDNN")
+        return Finding("oneDNN primitives", "n/a", "no fp32 or bf16 convolution on oneDNN")
     own = sum(layers[name].get("tactic") == "onednn-primitive" for name in on_onednn)
     ok, reason = onednn.available()
     if not ok:

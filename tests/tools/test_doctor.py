@@ -329,3 +329,6 @@ def test_onednn_primitives_missing_is_a_warning_with_the_way_out(tmp_path, monke
     finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig()))["oneDNN primitives"]
     assert finding.status == "warning" and "no oneDNN headers" in finding.symptom and "onednn-devel-cpu-gomp" in finding.fix
     assert by_check(doctor.diagnose(save(tmp_path, mlp()), BuilderConfig()))["oneDNN primitives"].status == "n/a"
+    if cpu_bf16():  # a bf16 engine's convolutions on oneDNN are diagnosed alike
+        finding = by_check(doctor.diagnose(save(tmp_path, conv_model()), BuilderConfig(bf16=True)))["oneDNN primitives"]
+        assert finding.status == "warning" and "no oneDNN headers" in finding.symptom
