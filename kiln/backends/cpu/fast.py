@@ -227,38 +227,33 @@ def _onednn_primitive(node: Node, graph: Graph, weight, bias, example, dtype) ->
 
 def _conv_and_pool(node: Node, graph: Graph, bf16: bool, sizes: dict[str, int] | None, native: bool) -> Tactic | None:
     """A stem fused with its max pool (fuse_stem_pool, CPU bf16 builds): the bf16 stem kernel pools the rows it
-    computes (native-stem-pool: SqueezeNet's at b8 0.71 against 0.91 ms for the two kernels one after the other,
-    ResNet-50's 7x7 at b1 a tie); otherwise the convolution's own tactic, then the native max pool on its output."""
-    import torch
-    import torch.nn.functional as F
-
-    from . import native as kernels
-
-    kernel, stride, pad = (int(node.attrs[f"pool_{key}"][0]) for key in ("kernel_shape", "strides", "pads"))
-    ceil_mode = int(node.attrs.get("pool_ceil_mode", 0))
-    activation = node.attrs.get("activation", "")
-    weight = graph.initializers[node.inputs[1]]
-    bias = graph.initializers.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
-    if native and bf16 and activation in (*_CLAMPS, "clip") and kernels.available()[0] and kernels.bf16_available() \
-            and list(node.attrs["dilations"]) == [1, 1] and kernel <= kernels.POOL_MAX_KERNEL:
-        clamp = tuple(float(p) for p in node.attrs["activation_params"]) if activation == "clip" else _CLAMPS[activation]
-        fused = kernels.StemConvolution(weight, bias, node.attrs["strides"], list(node.attrs["pads"])[:2],
-                                        node.attrs["dilations"], clamp, torch.bfloat16, pool=(kernel, stride, pad, ceil_mode))
-        return Tactic(lambda x, *unused: fused(x), "native-stem-pool", "bf16")
+    computes (native-stem-pool, from _native_conv: SqueezeNet's at b8 0.71 against 0.91 ms for the two kernels one
+    after the other, ResNet-50's 7x7 at b1 a tie); otherwise the convolution's own tactic, then the max pool."""
+    if native:
+        weight = graph.initializers[node.inputs[1]]
+        bias = graph.initializers.get(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] else None
+        fused = _native_conv(node, graph, weight, bias, bf16)
+        if fused is not None:
+            return fused
     inner = _conv(node.replace(attrs={k: v for k, v in node.attrs.items() if not k.startswith("pool_")}), graph, bf16,
                   sizes, native)
     if inner is None:
         return None  # the reference kernel convolves and pools
-    pool = kernels.MaxPool([kernel] * 2, [stride] * 2, [pad] * 2, [1, 1], bool(ceil_mode)) if kernels.available()[0] else None
-    native_dtypes = {torch.float32, torch.bfloat16} if kernels.bf16_available() else {torch.float32}
+    kernel, stride, pad, ceil_mode = _stem_pool(node)
+    pool = _max_pooling([kernel] * 2, [stride] * 2, [pad] * 2, [1, 1], bool(ceil_mode), True)[0]
 
     def run(x, *rest):
-        y = inner.run(x, *rest)
-        if pool is not None and y.dtype in native_dtypes:
-            return pool(y)
-        return F.max_pool2d(y, kernel, stride, pad, ceil_mode=bool(ceil_mode))
+        return pool(inner.run(x, *rest))
 
     return Tactic(run, inner.name, inner.precision)
+
+
+def _stem_pool(node: Node) -> tuple[int, int, int, int] | None:
+    """(kernel, stride, pad, ceil mode) of the max pool fuse_stem_pool put in a kiln::Conv, None where it put none."""
+    if not node.attrs.get("pool_kernel_shape"):
+        return None
+    kernel, stride, pad = (int(node.attrs[f"pool_{key}"][0]) for key in ("kernel_shape", "strides", "pads"))
+    return kernel, stride, pad, int(node.attrs.get("pool_ceil_mode", 0))
 
 
 # What a convolution or matrix product oneDNN runs is called in the plan's layers (a loaded engine keeps such a layer on
@@ -294,12 +289,19 @@ def _native_conv(node: Node, graph: Graph, weight, bias, bf16: bool) -> Tactic |
     strides, pads, dilations = node.attrs["strides"], list(node.attrs["pads"])[:2], node.attrs["dilations"]
     has_residual = len(node.inputs) > 3 and bool(node.inputs[3])
     in_place = has_residual and _residual_dies_here(node, graph)
-    if weight.shape[1] <= native.STEM_MAX_IN_CHANNELS:  # an image's channels: the flat-reduction kernel, fp32 math
+    pool = _stem_pool(node)
+    if weight.shape[1] <= native.STEM_MAX_IN_CHANNELS:  # an image's channels: the stem kernel
         if has_residual or (bf16 and not native.bf16_available()):
             return None
+        # it pools (fuse_stem_pool) only in bf16 math: bf16, undilated
+        if pool is not None and not (bf16 and list(dilations) == [1, 1] and pool[0] <= native.POOL_MAX_KERNEL):
+            return None
         convolve = native.StemConvolution(weight, bias, strides, pads, dilations, clamp,
-                                          torch.bfloat16 if bf16 else torch.float32)
-        return Tactic(lambda x, *unused: convolve(x), "native-stem", "bf16" if convolve.bf16_math else "fp32")
+                                          torch.bfloat16 if bf16 else torch.float32, pool)
+        return Tactic(lambda x, *unused: convolve(x), "native-stem-pool" if pool else "native-stem",
+                      "bf16" if convolve.bf16_math else "fp32")
+    if pool is not None:  # only stems fuse their pool
+        return None
     amx = bf16 and native.amx_available() and not native.AmxConvolution.takes(weight.shape[1], strides, dilations)
     if amx:  # the tile units ran bf16 products at 4.2x fp32, AVX512-BF16 at 2.1x: past Winograd's 2.25x fewer
         convolve, name, precision = native.AmxConvolution(weight, bias, strides, pads, dilations, clamp), "native-amx", "bf16"
@@ -448,9 +450,6 @@ def _native_gemm(node: Node, weight, bias) -> Tactic | None:
 def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     """MaxPool with symmetric padding as torch's own padded pooling: the reference kernel pads with a copy
     first, because ONNX allows asymmetric pads; where they are symmetric the copy is wasted."""
-    import torch
-    import torch.nn.functional as F
-
     from ...ops.nn import resolve_pads
     from . import native
 
@@ -467,22 +466,30 @@ def _max_pool(node: Node, graph: Graph) -> Tactic | None:
     # torch's output size rule must give the size ONNX shape inference gave, or the fallback runs
     if native.window_output_sizes(x.shape[2:], kernel, strides, dilations, pads[:2], ceil_mode) != tuple(y.shape[2:]):
         return None
-    padding = pads[:2]
-    if native.available()[0] and x.dtype is DType.float32:
-        pool = native.MaxPool(kernel, strides, padding, dilations, ceil_mode)
-        native_dtypes = {torch.float32, torch.bfloat16} if native.bf16_available() else {torch.float32}
+    run, name = _max_pooling(kernel, strides, pads[:2], dilations, ceil_mode, x.dtype is DType.float32)
+    return Tactic(run, name, "follow")
 
-        def run(x):  # a bf16 engine hands it bf16; torch's pool takes what the library has no kernel for
-            if x.dtype in native_dtypes:
-                return pool(x)
-            return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
 
-        return Tactic(run, "native-pool", "follow")
+def _max_pooling(kernel, strides, padding, dilations, ceil_mode: bool, float_input: bool) -> tuple[Callable, str]:
+    """(a max pool of symmetric `padding`, its tactic's name): the native kernel where the library runs and the input
+    is a float tensor, for the types it has a kernel for (a bf16 engine hands it bf16), torch's pool otherwise."""
+    import torch
+    import torch.nn.functional as F
 
-    def run(x):
+    from . import native
+
+    def by_torch(x):
         return F.max_pool2d(x, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
 
-    return Tactic(run, "torch-pool", "follow")
+    if not (native.available()[0] and float_input):
+        return by_torch, "torch-pool"
+    pool = native.MaxPool(kernel, strides, padding, dilations, ceil_mode)
+    native_dtypes = {torch.float32, torch.bfloat16} if native.bf16_available() else {torch.float32}
+
+    def run(x):
+        return pool(x) if x.dtype in native_dtypes else by_torch(x)
+
+    return run, "native-pool"
 
 
 def _native_follows(bf16: bool) -> bool:
