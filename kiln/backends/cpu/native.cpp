@@ -501,11 +501,12 @@ static void stem_pack_row(const StemPairArgs& a, bf16_t* out, int64_t image, int
   bf16_t* row = out + a.pl * c;
   int64_t ix = 0;
   if (c == 3) {  // 16 pixels at a time: three rounded channel vectors interleaved into 48 elements
-    alignas(64) int16_t low[32], high[16];
-    for (int i = 0; i < 32; ++i) low[i] = static_cast<int16_t>((i % 3) * 16 + i / 3);
-    for (int i = 32; i < 48; ++i) high[i - 32] = static_cast<int16_t>((i % 3) * 16 + i / 3);
-    const __m512i low_index = _mm512_load_si512(low), high_index = _mm512_castsi256_si512(_mm256_load_si256(
-        reinterpret_cast<const __m256i*>(high)));
+    // element i of the 48 is channel i % 3 of pixel i / 3: word (i % 3) * 16 + i / 3 of (c0, c1 | c2)
+    alignas(64) static const int16_t index[48] = {
+        0, 16, 32, 1, 17, 33, 2, 18, 34, 3, 19, 35, 4, 20, 36, 5, 21, 37, 6, 22, 38, 7, 23, 39,
+        8, 24, 40, 9, 25, 41, 10, 26, 42, 11, 27, 43, 12, 28, 44, 13, 29, 45, 14, 30, 46, 15, 31, 47};
+    const __m512i low_index = _mm512_load_si512(index);
+    const __m512i high_index = _mm512_castsi256_si512(_mm256_load_si256(reinterpret_cast<const __m256i*>(index + 32)));
     const int64_t stride = a.h * a.w_;
     for (; ix + 16 <= a.w_; ix += 16) {
       const __m256i c0 = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(plane + ix));
@@ -1342,7 +1343,7 @@ static void first_panel(const bf16_t* w, int64_t n, int64_t k, int64_t me, int64
                         const char*& end) {
   begin = end = nullptr;
   if (!w) return;
-  const GemmShare share = gemm_share(6 * team, n, me, team);
+  const GemmShare share = gemm_share(0, n, me, team);  // the panels a thread takes do not depend on the rows
   if (share.panel0 >= share.panel1) return;
   const int64_t blocks = (n + 15) / 16;
   const char* const weights = reinterpret_cast<const char*>(w);
