@@ -60,7 +60,9 @@ def test_a_stem_and_its_pool_become_one_conv():
             conv.attrs["pool_ceil_mode"]) == ([3, 3], [2, 2], [0, 0, 0, 0], 0)
 
 
-def fused_ops(model, ctx=None):
+def fused_graph(model, ctx=None):
+    """`model` parsed, folded and through fuse_conv, fuse_activation and fuse_stem_pool (a CPU bf16 build's context by
+    default), and that context."""
     from kiln.frontend.onnx import parse
     from kiln.passes import constant_folding
 
@@ -71,12 +73,20 @@ def fused_ops(model, ctx=None):
     ctx = ctx or Fusing()
     changed = fuse_stem_pool.run(graph, ctx)
     assert changed == bool(ctx.counters["fuse_stem_pool"])
+    return graph, ctx
+
+
+def fused_ops(model, ctx=None):
+    graph, ctx = fused_graph(model, ctx)
     return [n.op_key for n in graph.nodes], ctx.counters["fuse_stem_pool"]
 
 
 def test_the_counter_counts_and_a_second_run_changes_nothing():
     model, _ = stem_model()
-    assert fused_ops(model) == (["kiln::Conv"], 1)
+    graph, ctx = fused_graph(model)
+    assert [n.op_key for n in graph.nodes] == ["kiln::Conv"] and ctx.counters["fuse_stem_pool"] == 1
+    again = Fusing()
+    assert not fuse_stem_pool.run(graph, again) and not again.counters["fuse_stem_pool"]
 
 
 @pytest.mark.parametrize("why, model", [
@@ -105,12 +115,8 @@ def test_the_reference_kernel_pools_as_onnx_does():
 
     for pool in ({}, {"ceil_mode": 1, "pads": [1, 1, 1, 1]}, {"kernel_shape": [2, 2]}):
         model, feed = stem_model(pool=pool, size=20)
-        from kiln.frontend.onnx import parse
-
-        graph = parse(model)
-        for run in (fuse_conv.run, fuse_activation.run):
-            run(graph, PassContext())
-        assert fuse_stem_pool.run(graph, Fusing())
+        graph, ctx = fused_graph(model)
+        assert ctx.counters["fuse_stem_pool"] == 1
         np.testing.assert_allclose(run_graph(graph, feed)["y"], run_onnxruntime(model, feed)["y"], rtol=1e-5, atol=1e-5)
 
 
